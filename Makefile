@@ -1,0 +1,37 @@
+# byol: `make demo` and `make test` do all set-up on a fresh Debian 12 machine.
+SHELL := /bin/bash
+ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
+
+# scripts/setup writes .env.mk (LIBTORCH_USE_PYTORCH, the venv's python first on
+# PATH, the ONNX Runtime library); make remakes it when missing and restarts.
+$(ROOT)/.env.mk: $(ROOT)/scripts/setup
+	@bash $(ROOT)/scripts/setup
+-include $(ROOT)/.env.mk
+
+CARGO ?= cargo
+FMNIST ?= /usr/share/datasets/fashion-mnist
+TOOLS := $(ROOT)/target/release/byol-tools
+BYOL := $(ROOT)/target/release/byol
+
+.PHONY: setup build demo test bench fmt clippy
+
+setup:
+	@bash $(ROOT)/scripts/setup
+
+build: setup
+	$(CARGO) build --release --workspace --bins
+
+demo: build
+	@bash $(ROOT)/scripts/demo
+
+test: build
+	$(CARGO) test --release --workspace
+
+bench: build
+	@bash $(ROOT)/scripts/bench
+
+fmt:
+	$(CARGO) fmt --all
+
+clippy: setup
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings

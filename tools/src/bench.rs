@@ -1,0 +1,195 @@
+//! `byol-tools bench`: shard throughput on generated ImageNet-sized JPEGs, next to the
+//! bare per-image cost (the same `prepare` on bytes already in memory, same threads,
+//! no files, ordering or Parquet around it), measured in the same run.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use opencv::core::{Mat, MatTraitConst};
+use serde::{Deserialize, Serialize};
+
+use crate::image::{encode_jpeg, prepare, PrepareOptions};
+use crate::rng::SplitMix64;
+use crate::shard::{shard, ShardOptions};
+use crate::source::{scan, Layout, ScanOptions};
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub images: usize,
+    pub height: i32,
+    pub width: i32,
+    pub workers: usize,
+    pub quality: u8,
+    /// `--max-side` of the re-encoding case.
+    pub resize_to: u32,
+    /// Where to generate the images (a temporary folder when `None`).
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BenchCase {
+    /// `keep` (valid baseline JPEGs stored as they are, after a decode check) or
+    /// `resize-N` (decode, area-resize to N, re-encode).
+    pub case: String,
+    pub shard_images_per_s: f64,
+    pub bare_images_per_s: f64,
+    /// shard / bare: how much of the per-image ceiling the whole tool reaches.
+    pub ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BenchReport {
+    pub command: String,
+    pub images: usize,
+    pub height: i32,
+    pub width: i32,
+    pub workers: usize,
+    pub mean_jpeg_bytes: f64,
+    pub cases: Vec<BenchCase>,
+}
+
+/// A photo-like test image: smooth colour fields, edges and noise, so JPEG sizes
+/// are close to ImageNet's (about 100 KB at 500×375, quality 90).
+pub fn synthetic_image(h: i32, w: i32, seed: u64) -> anyhow::Result<Mat> {
+    let mut r = SplitMix64::new(seed);
+    let mut f =
+        |lo: f64, hi: f64| lo + (hi - lo) * (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    let (fx, fy, ph) = (f(0.005, 0.05), f(0.005, 0.05), f(0.0, 6.28));
+    let (cx, cy, rad) = (
+        f(0.2, 0.8) * w as f64,
+        f(0.2, 0.8) * h as f64,
+        f(0.1, 0.4) * h as f64,
+    );
+    let base = [f(40.0, 200.0), f(40.0, 200.0), f(40.0, 200.0)];
+    let mut noise = SplitMix64::new(seed ^ 0xA5A5);
+    let mut data = Vec::with_capacity((h * w * 3) as usize);
+    for y in 0..h {
+        for x in 0..w {
+            let (xf, yf) = (x as f64, y as f64);
+            let wave = 50.0 * ((xf * fx + ph).sin() * (yf * fy).cos());
+            let inside = ((xf - cx).powi(2) + (yf - cy).powi(2)).sqrt() < rad;
+            for (c, b) in base.iter().enumerate() {
+                let n = (noise.next_u64() % 41) as f64 - 20.0;
+                let disc = if inside { 60.0 * (c as f64 - 1.0) } else { 0.0 };
+                data.push((b + wave + disc + n).clamp(0.0, 255.0) as u8);
+            }
+        }
+    }
+    let m = Mat::new_rows_cols_with_data(h, w * 3, &data)?;
+    Ok(m.reshape(3, h)?.try_clone()?)
+}
+
+fn generate(dir: &Path, o: &BenchOptions) -> anyhow::Result<Vec<Vec<u8>>> {
+    std::fs::create_dir_all(dir.join("synthetic"))?;
+    let mut all = Vec::with_capacity(o.images);
+    for i in 0..o.images {
+        let img = synthetic_image(o.height, o.width, i as u64)?;
+        anyhow::ensure!(img.rows() == o.height);
+        let bytes = encode_jpeg(&img, o.quality).map_err(anyhow::Error::msg)?;
+        std::fs::write(dir.join("synthetic").join(format!("{i:06}.jpg")), &bytes)?;
+        all.push(bytes);
+    }
+    Ok(all)
+}
+
+/// `prepare` over in-memory bytes on `workers` threads; images/s.
+fn bare(images: &[Vec<u8>], opts: &PrepareOptions, workers: usize) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
+    let failures: usize = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..workers)
+            .map(|t| {
+                s.spawn(move || {
+                    (t..images.len())
+                        .step_by(workers)
+                        .filter(|&i| prepare(&images[i], opts).is_err())
+                        .count()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or(usize::MAX)).sum()
+    });
+    anyhow::ensure!(
+        failures == 0,
+        "{failures} generated images failed to prepare"
+    );
+    Ok(images.len() as f64 / t0.elapsed().as_secs_f64())
+}
+
+pub fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
+    let tmp;
+    let dir = match &o.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempdir()?;
+            tmp.0.clone()
+        }
+    };
+    let images = generate(&dir, o)?;
+    let mean = images.iter().map(|b| b.len()).sum::<usize>() as f64 / images.len().max(1) as f64;
+    let src = dir.join("synthetic");
+    let source = scan(&src, &Layout::ImageFolder, &ScanOptions::default())?;
+    let mut cases = Vec::new();
+    for max_side in [None, Some(o.resize_to)] {
+        let prep = PrepareOptions {
+            max_side,
+            quality: o.quality,
+        };
+        // Warm the page cache and OpenCV once, then measure.
+        let _ = bare(&images[..images.len().min(8)], &prep, 1);
+        let bare_rate = bare(&images, &prep, o.workers)?;
+        let out = dir.join("shards");
+        let opts = ShardOptions {
+            max_side,
+            quality: o.quality,
+            rows_per_shard: None,
+            shard_bytes: Some(64 << 20),
+            row_group_rows: 256,
+            workers: o.workers,
+            seed: 0,
+            force: true,
+            progress: false,
+        };
+        let t0 = Instant::now();
+        let summary = shard(&source, &src.display().to_string(), &out, &opts)?;
+        let shard_rate = summary.rows as f64 / t0.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            summary.rows as usize == images.len(),
+            "shard stored {} of {}",
+            summary.rows,
+            images.len()
+        );
+        cases.push(BenchCase {
+            case: match max_side {
+                None => "keep".into(),
+                Some(m) => format!("resize-{m}"),
+            },
+            shard_images_per_s: shard_rate,
+            bare_images_per_s: bare_rate,
+            ratio: shard_rate / bare_rate,
+        });
+    }
+    Ok(BenchReport {
+        command: "bench".into(),
+        images: images.len(),
+        height: o.height,
+        width: o.width,
+        workers: o.workers,
+        mean_jpeg_bytes: mean,
+        cases,
+    })
+}
+
+/// A temporary folder removed on drop (avoids a runtime dependency on `tempfile`).
+struct TmpDir(PathBuf);
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir() -> anyhow::Result<TmpDir> {
+    let base = std::env::temp_dir().join(format!("byol-tools-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&base)?;
+    Ok(TmpDir(base))
+}

@@ -1,0 +1,394 @@
+//! Turning one source image into the bytes stored in a shard (OpenCV).
+//!
+//! A source that is already a baseline 8-bit 3-component JPEG, upright (no EXIF
+//! rotation) and within `max_side` is stored byte-for-byte after a full decode check.
+//! Everything else OpenCV reads (grayscale, CMYK, palette, 16-bit, alpha, PNG, BMP,
+//! TIFF, WebP, progressive JPEG, rotated JPEG) is decoded to 8-bit RGB with its EXIF
+//! orientation applied, scaled down with area interpolation when its longer side
+//! exceeds `max_side`, and re-encoded as a baseline JPEG.
+
+use opencv::core::{Mat, MatTraitConst, Size, Vector, VectorToVec};
+use opencv::{imgcodecs, imgproc};
+
+/// Why an image could not be stored (goes into the manifest's `skipped` list).
+pub type Reason = String;
+
+/// The stored form of one image.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub bytes: Vec<u8>,
+    pub height: i32,
+    pub width: i32,
+    /// True when the source bytes were kept unchanged.
+    pub kept: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PrepareOptions {
+    /// Longer side above which images are scaled down (and so re-encoded).
+    pub max_side: Option<u32>,
+    /// JPEG quality for re-encoded images.
+    pub quality: u8,
+}
+
+/// What the JPEG header says (enough to decide whether the bytes can be kept).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JpegInfo {
+    /// SOF0 (baseline sequential DCT).
+    pub baseline: bool,
+    pub precision: u8,
+    pub components: u8,
+    pub height: u32,
+    pub width: u32,
+    /// EXIF orientation (1 = upright, also when there is no EXIF block).
+    pub orientation: u16,
+    /// An EOI marker follows the first scan (a truncated file has none).
+    pub complete: bool,
+}
+
+/// Calls OpenCV's `setNumThreads`: byol-tools parallelises over images itself.
+pub fn set_opencv_threads(n: i32) {
+    // Failure only means OpenCV keeps its own default; nothing to report.
+    let _ignored = opencv::core::set_num_threads(n);
+}
+
+/// Walks the JPEG marker segments up to the first scan. `None` if `b` is not a JPEG
+/// or its header is malformed.
+pub fn parse_jpeg(b: &[u8]) -> Option<JpegInfo> {
+    if b.len() < 4 || b[0] != 0xFF || b[1] != 0xD8 {
+        return None;
+    }
+    let mut i = 2;
+    let mut sof: Option<(bool, u8, u8, u32, u32)> = None;
+    let mut orientation = 1u16;
+    loop {
+        // Markers may be preceded by fill bytes 0xFF.
+        while i < b.len() && b[i] != 0xFF {
+            i += 1;
+        }
+        while i < b.len() && b[i] == 0xFF {
+            i += 1;
+        }
+        if i >= b.len() {
+            return None;
+        }
+        let m = b[i];
+        i += 1;
+        if m == 0xD8 || (0xD0..=0xD7).contains(&m) || m == 0x01 {
+            continue; // standalone markers
+        }
+        if m == 0xD9 {
+            return None; // EOI before any scan
+        }
+        if i + 2 > b.len() {
+            return None;
+        }
+        let len = u16::from_be_bytes([b[i], b[i + 1]]) as usize;
+        if len < 2 || i + len > b.len() {
+            return None;
+        }
+        let seg = &b[i + 2..i + len];
+        match m {
+            0xC0..=0xCF if m != 0xC4 && m != 0xC8 && m != 0xCC => {
+                if seg.len() < 6 {
+                    return None;
+                }
+                let precision = seg[0];
+                let height = u16::from_be_bytes([seg[1], seg[2]]) as u32;
+                let width = u16::from_be_bytes([seg[3], seg[4]]) as u32;
+                let comps = seg[5];
+                sof = Some((m == 0xC0, precision, comps, height, width));
+            }
+            0xE1 if seg.starts_with(b"Exif\0\0") => {
+                if let Some(o) = exif_orientation(&seg[6..]) {
+                    orientation = o;
+                }
+            }
+            0xDA => {
+                let (baseline, precision, components, height, width) = sof?;
+                let scan = &b[i + len..];
+                let complete = scan.windows(2).any(|w| w == [0xFF, 0xD9]);
+                return Some(JpegInfo {
+                    baseline,
+                    precision,
+                    components,
+                    height,
+                    width,
+                    orientation,
+                    complete,
+                });
+            }
+            _ => {}
+        }
+        i += len;
+    }
+}
+
+/// The orientation tag (0x0112) of IFD0 in a TIFF-structured EXIF block.
+fn exif_orientation(t: &[u8]) -> Option<u16> {
+    if t.len() < 8 {
+        return None;
+    }
+    let le = match &t[..2] {
+        b"II" => true,
+        b"MM" => false,
+        _ => return None,
+    };
+    let u16_at = |o: usize| -> Option<u16> {
+        let s = t.get(o..o + 2)?;
+        Some(if le {
+            u16::from_le_bytes([s[0], s[1]])
+        } else {
+            u16::from_be_bytes([s[0], s[1]])
+        })
+    };
+    let u32_at = |o: usize| -> Option<u32> {
+        let s = t.get(o..o + 4)?;
+        let a = [s[0], s[1], s[2], s[3]];
+        Some(if le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        })
+    };
+    let ifd = u32_at(4)? as usize;
+    let n = u16_at(ifd)? as usize;
+    for k in 0..n {
+        let e = ifd + 2 + 12 * k;
+        if u16_at(e)? == 0x0112 {
+            return u16_at(e + 8);
+        }
+    }
+    None
+}
+
+fn cv_err(e: opencv::Error) -> Reason {
+    format!("OpenCV: {}", e.message)
+}
+
+/// Decodes to 8-bit BGR with EXIF orientation applied; `reduce` is 1, 2, 4 or 8
+/// (libjpeg DCT scaling for JPEG sources).
+pub fn decode_bgr(bytes: &[u8], reduce: u32) -> Result<Mat, Reason> {
+    let flags = match reduce {
+        2 => imgcodecs::IMREAD_REDUCED_COLOR_2,
+        4 => imgcodecs::IMREAD_REDUCED_COLOR_4,
+        8 => imgcodecs::IMREAD_REDUCED_COLOR_8,
+        _ => imgcodecs::IMREAD_COLOR,
+    };
+    let buf = Mat::from_slice(bytes).map_err(cv_err)?;
+    let img = imgcodecs::imdecode(&buf, flags).map_err(cv_err)?;
+    if img.empty() || img.rows() <= 0 || img.cols() <= 0 {
+        return Err("cannot decode: corrupt or not an image".to_string());
+    }
+    Ok(img)
+}
+
+/// Size after scaling `(h, w)` so that the longer side is at most `max_side`.
+pub fn fit_size(h: i32, w: i32, max_side: Option<u32>) -> (i32, i32) {
+    let Some(m) = max_side else { return (h, w) };
+    let longer = h.max(w) as f64;
+    if longer <= m as f64 {
+        return (h, w);
+    }
+    let s = m as f64 / longer;
+    let nh = ((h as f64 * s).round() as i32).max(1);
+    let nw = ((w as f64 * s).round() as i32).max(1);
+    (nh, nw)
+}
+
+/// Area-resizes `img` to `(h, w)` unless it already has that size.
+pub fn resize_area(img: Mat, h: i32, w: i32) -> Result<Mat, Reason> {
+    if img.rows() == h && img.cols() == w {
+        return Ok(img);
+    }
+    let mut out = Mat::default();
+    imgproc::resize(
+        &img,
+        &mut out,
+        Size::new(w, h),
+        0.0,
+        0.0,
+        imgproc::INTER_AREA,
+    )
+    .map_err(cv_err)?;
+    Ok(out)
+}
+
+/// Encodes an 8-bit BGR (or gray) image as a baseline JPEG.
+pub fn encode_jpeg(img: &Mat, quality: u8) -> Result<Vec<u8>, Reason> {
+    let mut buf = Vector::<u8>::new();
+    let params = Vector::<i32>::from_slice(&[imgcodecs::IMWRITE_JPEG_QUALITY, quality as i32]);
+    let ok = imgcodecs::imencode(".jpg", img, &mut buf, &params).map_err(cv_err)?;
+    if !ok {
+        return Err("JPEG encode failed".to_string());
+    }
+    Ok(buf.to_vec())
+}
+
+/// Encodes an 8-bit single-channel image given as rows of bytes as PNG (lossless).
+pub fn encode_gray_png(pixels: &[u8], height: i32, width: i32) -> Result<Vec<u8>, Reason> {
+    if pixels.len() != (height as usize) * (width as usize) {
+        return Err(format!(
+            "{} bytes for a {height}x{width} image",
+            pixels.len()
+        ));
+    }
+    let m = Mat::new_rows_cols_with_data(height, width, pixels).map_err(cv_err)?;
+    let mut buf = Vector::<u8>::new();
+    let params = Vector::<i32>::from_slice(&[imgcodecs::IMWRITE_PNG_COMPRESSION, 6]);
+    let ok = imgcodecs::imencode(".png", &m, &mut buf, &params).map_err(cv_err)?;
+    if !ok {
+        return Err("PNG encode failed".to_string());
+    }
+    Ok(buf.to_vec())
+}
+
+/// The largest DCT reduction (1, 2, 4, 8) that keeps the longer side of a
+/// `(h, w)` JPEG at or above `target`.
+pub fn dct_reduction(h: u32, w: u32, target: u32) -> u32 {
+    let longer = h.max(w);
+    let mut r = 1;
+    while r < 8 && longer / (r * 2) >= target {
+        r *= 2;
+    }
+    r
+}
+
+/// Turns source bytes into stored bytes (see the module docs).
+pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<Prepared, Reason> {
+    if bytes.is_empty() {
+        return Err("empty file (0 bytes)".to_string());
+    }
+    let jpeg = parse_jpeg(bytes);
+    if bytes.len() >= 2 && bytes[0] == 0xFF && bytes[1] == 0xD8 {
+        match jpeg {
+            None => return Err("corrupt JPEG: malformed header".to_string()),
+            Some(j) if !j.complete => {
+                return Err("truncated JPEG: no end-of-image marker".to_string())
+            }
+            _ => {}
+        }
+    }
+    if let Some(j) = jpeg {
+        let within = opts.max_side.is_none_or(|m| j.height.max(j.width) <= m);
+        if j.baseline && j.precision == 8 && j.components == 3 && j.orientation == 1 && within {
+            let img = decode_bgr(bytes, 1)?;
+            if img.rows() as u32 != j.height || img.cols() as u32 != j.width {
+                return Err(format!(
+                    "corrupt JPEG: header says {}x{}, decoded {}x{}",
+                    j.height,
+                    j.width,
+                    img.rows(),
+                    img.cols()
+                ));
+            }
+            return Ok(Prepared {
+                bytes: bytes.to_vec(),
+                height: img.rows(),
+                width: img.cols(),
+                kept: true,
+            });
+        }
+    }
+    // Decode (with DCT scaling when a JPEG is far larger than needed), fit, re-encode.
+    let reduce = match (jpeg, opts.max_side) {
+        (Some(j), Some(m)) => dct_reduction(j.height, j.width, m),
+        _ => 1,
+    };
+    let img = decode_bgr(bytes, reduce)?;
+    let (h, w) = fit_size(img.rows(), img.cols(), opts.max_side);
+    let img = resize_area(img, h, w)?;
+    let out = encode_jpeg(&img, opts.quality)?;
+    Ok(Prepared {
+        bytes: out,
+        height: h,
+        width: w,
+        kept: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_image(h: i32, w: i32) -> Mat {
+        let mut data = Vec::with_capacity((h * w * 3) as usize);
+        for y in 0..h {
+            for x in 0..w {
+                data.extend_from_slice(&[(x * 3) as u8, (y * 5) as u8, ((x + y) * 2) as u8]);
+            }
+        }
+        let m = Mat::new_rows_cols_with_data(h, w * 3, &data).expect("mat");
+        m.reshape(3, h)
+            .expect("reshape")
+            .try_clone()
+            .expect("clone")
+    }
+
+    #[test]
+    fn baseline_jpeg_within_bounds_is_kept_byte_for_byte() {
+        let src = encode_jpeg(&test_image(40, 60), 90).expect("encode");
+        let info = parse_jpeg(&src).expect("jpeg");
+        assert_eq!((info.height, info.width, info.components), (40, 60, 3));
+        assert!(info.baseline && info.complete);
+        assert_eq!(info.orientation, 1);
+        let p = prepare(
+            &src,
+            &PrepareOptions {
+                max_side: Some(100),
+                quality: 90,
+            },
+        )
+        .expect("prepare");
+        assert!(p.kept);
+        assert_eq!(p.bytes, src);
+        assert_eq!((p.height, p.width), (40, 60));
+    }
+
+    #[test]
+    fn large_jpeg_is_resized_keeping_aspect() {
+        let src = encode_jpeg(&test_image(300, 400), 90).expect("encode");
+        let p = prepare(
+            &src,
+            &PrepareOptions {
+                max_side: Some(100),
+                quality: 80,
+            },
+        )
+        .expect("prepare");
+        assert!(!p.kept);
+        assert_eq!((p.height, p.width), (75, 100));
+        let back = decode_bgr(&p.bytes, 1).expect("decode");
+        assert_eq!((back.rows(), back.cols()), (75, 100));
+    }
+
+    #[test]
+    fn truncated_and_empty_and_garbage_are_reasons() {
+        let src = encode_jpeg(&test_image(64, 64), 90).expect("encode");
+        let opts = PrepareOptions {
+            max_side: None,
+            quality: 90,
+        };
+        let e = prepare(&src[..src.len() / 2], &opts).unwrap_err();
+        assert!(e.contains("truncated"), "{e}");
+        assert!(prepare(&[], &opts).unwrap_err().contains("empty"));
+        let e = prepare(b"hello, I am text", &opts).unwrap_err();
+        assert!(e.contains("cannot decode"), "{e}");
+    }
+
+    #[test]
+    fn dct_reduction_keeps_target() {
+        assert_eq!(dct_reduction(500, 375, 256), 1);
+        assert_eq!(dct_reduction(1000, 800, 256), 2);
+        assert_eq!(dct_reduction(4000, 3000, 256), 8);
+        assert_eq!(dct_reduction(2048, 1000, 256), 8);
+        assert_eq!(dct_reduction(2047, 1000, 256), 4);
+    }
+
+    #[test]
+    fn fit_size_rounds_and_keeps_at_least_one_pixel() {
+        assert_eq!(fit_size(375, 500, Some(256)), (192, 256));
+        assert_eq!(fit_size(10, 5000, Some(100)), (1, 100));
+        assert_eq!(fit_size(10, 20, None), (10, 20));
+    }
+}

@@ -1,0 +1,26 @@
+//! byol-tools: image datasets → byol's Parquet shards, and checks of those shards.
+//!
+//! The shard format ([`format`]) is the contract with the training pipeline.
+
+pub mod bench;
+pub mod format;
+pub mod idx;
+pub mod image;
+pub mod inspect;
+pub mod read;
+pub mod rng;
+pub mod shard;
+pub mod source;
+pub mod verify;
+
+/// An error and its causes on one line: `a: b: c`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

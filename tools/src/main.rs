@@ -1,0 +1,357 @@
+//! `byol-tools`: shard, inspect, verify and benchmark image datasets.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use byol_tools::{bench, inspect, shard, source, verify};
+
+#[derive(Parser)]
+#[command(
+    name = "byol-tools",
+    version,
+    about = "Turn image datasets into byol's Parquet shards, and check them"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LayoutArg {
+    /// One subfolder per class (ImageNet train, torchvision ImageFolder).
+    Imagefolder,
+    /// A flat folder plus --labels (CSV `key,class`, or ILSVRC ground truth + --synsets).
+    Flat,
+    /// IDX files (MNIST, Fashion-MNIST): --images and --labels.
+    Idx,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Convert a source into Parquet shards plus manifest.json.
+    Shard {
+        /// Source folder (not used with --layout idx).
+        #[arg(long)]
+        src: Option<PathBuf>,
+        /// Output dataset folder.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "imagefolder")]
+        layout: LayoutArg,
+        /// Label file (flat: CSV or ILSVRC ground truth; idx: IDX labels).
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// IDX image file (idx layout).
+        #[arg(long)]
+        images: Option<PathBuf>,
+        /// Synset list for an ILSVRC ground-truth label file (line k: WNID of class id k).
+        #[arg(long)]
+        synsets: Option<PathBuf>,
+        /// Take the class list (names and order) from this existing dataset.
+        #[arg(long)]
+        classes_from: Option<PathBuf>,
+        /// Comma-separated class names for IDX labels 0, 1, ...
+        #[arg(long)]
+        class_names: Option<String>,
+        /// Re-encode images whose longer side exceeds N, scaled to N (area interpolation).
+        #[arg(long)]
+        max_side: Option<u32>,
+        /// JPEG quality of re-encoded images.
+        #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
+        quality: u8,
+        /// Rows per shard (default: cut shards by --shard-bytes).
+        #[arg(long, conflicts_with = "shard_bytes")]
+        rows_per_shard: Option<u64>,
+        /// Image bytes per shard, e.g. 128M or 1G [default: 128M].
+        #[arg(long, value_parser = parse_bytes)]
+        shard_bytes: Option<u64>,
+        /// Rows per Parquet row group.
+        #[arg(long, default_value_t = 256)]
+        row_group_rows: usize,
+        /// Decode/encode threads [default: all cores].
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Seed of the row order (same inputs and seed: byte-identical shards).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Replace a complete or interrupted dataset in --out instead of refusing/resuming.
+        #[arg(long)]
+        force: bool,
+        /// Print one JSON summary line on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Classes, counts, shards, sizes and bytes of a dataset.
+    Inspect {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read every shard: checksums, schema, labels, keys, and that every image decodes.
+    Verify {
+        dir: PathBuf,
+        #[arg(long)]
+        workers: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shard throughput on generated ImageNet-sized JPEGs vs the bare decode+encode cost.
+    Bench {
+        #[arg(long, default_value_t = 400)]
+        images: usize,
+        #[arg(long, default_value_t = 375)]
+        height: i32,
+        #[arg(long, default_value_t = 500)]
+        width: i32,
+        #[arg(long)]
+        workers: Option<usize>,
+        /// --max-side of the re-encoding case.
+        #[arg(long, default_value_t = 256)]
+        resize_to: u32,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a size: {s:?} (examples: 4096, 64M, 1G)"))?;
+    if n == 0 {
+        return Err("size must be positive".into());
+    }
+    Ok(n * mult)
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Prints to stdout; a closed pipe (`| head`) is not an error.
+fn out(text: &str) -> Result<()> {
+    let mut o = std::io::stdout().lock();
+    match o.write_all(text.as_bytes()).and_then(|_| o.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("writing to stdout"),
+    }
+}
+
+fn json_line<T: serde::Serialize>(v: &T) -> Result<()> {
+    out(&format!("{}\n", serde_json::to_string(v)?))
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let tty = std::io::stderr().is_terminal();
+    match cli.cmd {
+        Cmd::Shard {
+            src,
+            out: out_dir,
+            layout,
+            labels,
+            images,
+            synsets,
+            classes_from,
+            class_names,
+            max_side,
+            quality,
+            rows_per_shard,
+            shard_bytes,
+            row_group_rows,
+            workers,
+            seed,
+            force,
+            json,
+        } => {
+            let (layout, src_dir, src_arg) = match layout {
+                LayoutArg::Imagefolder => {
+                    let Some(s) = src else {
+                        bail!("--src is required")
+                    };
+                    (
+                        source::Layout::ImageFolder,
+                        s.clone(),
+                        s.display().to_string(),
+                    )
+                }
+                LayoutArg::Flat => {
+                    let Some(s) = src else {
+                        bail!("--src is required")
+                    };
+                    let Some(l) = labels else {
+                        bail!("--layout flat needs --labels FILE (CSV key,class or ILSVRC ground truth)")
+                    };
+                    (
+                        source::Layout::Flat { labels: l, synsets },
+                        s.clone(),
+                        s.display().to_string(),
+                    )
+                }
+                LayoutArg::Idx => {
+                    let Some(i) = images else {
+                        bail!("--layout idx needs --images FILE")
+                    };
+                    let arg = i.display().to_string();
+                    (
+                        source::Layout::Idx { images: i, labels },
+                        PathBuf::new(),
+                        arg,
+                    )
+                }
+            };
+            let scan_opts = source::ScanOptions {
+                classes_from,
+                class_names: class_names
+                    .map(|s| s.split(',').map(|c| c.trim().to_string()).collect()),
+            };
+            let source = source::scan(&src_dir, &layout, &scan_opts)?;
+            let workers = workers.unwrap_or_else(cores).max(1);
+            byol_tools::image::set_opencv_threads(1);
+            let opts = shard::ShardOptions {
+                max_side,
+                quality,
+                shard_bytes: if rows_per_shard.is_none() {
+                    Some(shard_bytes.unwrap_or(128 << 20))
+                } else {
+                    None
+                },
+                rows_per_shard,
+                row_group_rows,
+                workers,
+                seed,
+                force,
+                progress: tty,
+            };
+            let summary = shard::shard(&source, &src_arg, &out_dir, &opts)?;
+            if json {
+                json_line(&summary)?;
+            } else {
+                out(&format!(
+                    "stored {} images in {} shard(s) at {} ({} kept as-is, {} re-encoded); {} skipped, {} ignored; {:.1} s, {:.0} images/s{}\n",
+                    summary.rows,
+                    summary.shards,
+                    summary.out,
+                    summary.kept_original,
+                    summary.reencoded,
+                    summary.skipped,
+                    summary.ignored,
+                    summary.seconds,
+                    summary.images_per_s,
+                    if summary.resumed_shards > 0 {
+                        format!("; resumed after {} shard(s) of an interrupted run", summary.resumed_shards)
+                    } else {
+                        String::new()
+                    }
+                ))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Inspect { dir, json } => {
+            let r = inspect::inspect(&dir)?;
+            if json {
+                json_line(&r)?;
+            } else {
+                out(&r.render())?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Verify { dir, workers, json } => {
+            byol_tools::image::set_opencv_threads(1);
+            let r = verify::verify(&dir, workers.unwrap_or_else(cores), tty)?;
+            if json {
+                json_line(&r)?;
+            } else {
+                for p in &r.problems {
+                    out(&format!(
+                        "{}{}: {}\n",
+                        p.shard,
+                        p.key
+                            .as_ref()
+                            .map(|k| format!(" key {k}"))
+                            .unwrap_or_default(),
+                        p.problem
+                    ))?;
+                }
+                out(&format!(
+                    "{}: {} shard(s), {} rows, {} images decoded, {} problem(s), {:.1} s\n",
+                    if r.ok { "OK" } else { "FAILED" },
+                    r.shards,
+                    r.rows,
+                    r.decoded,
+                    r.problems.len(),
+                    r.seconds
+                ))?;
+            }
+            Ok(if r.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Cmd::Bench {
+            images,
+            height,
+            width,
+            workers,
+            resize_to,
+            json,
+        } => {
+            byol_tools::image::set_opencv_threads(1);
+            let r = bench::run(&bench::BenchOptions {
+                images,
+                height,
+                width,
+                workers: workers.unwrap_or_else(cores).max(1),
+                quality: 90,
+                resize_to,
+                dir: None,
+            })?;
+            if json {
+                json_line(&r)?;
+            } else {
+                out(&format!(
+                    "{} generated {}x{} JPEGs (mean {:.0} B), {} worker(s)\n",
+                    r.images, r.height, r.width, r.mean_jpeg_bytes, r.workers
+                ))?;
+                for c in &r.cases {
+                    out(&format!(
+                        "  {:<12} shard {:>8.0} images/s   bare {:>8.0} images/s   ratio {:.2}\n",
+                        c.case, c.shard_images_per_s, c.bare_images_per_s, c.ratio
+                    ))?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BYOL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("byol-tools: error: {}", chain.join(": "));
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! byol-trainer: the libtorch side of byol.
+
+pub mod runtime;
