@@ -54,7 +54,11 @@ pub fn synthetic_image(h: i32, w: i32, seed: u64) -> anyhow::Result<Mat> {
     let mut r = SplitMix64::new(seed);
     let mut f =
         |lo: f64, hi: f64| lo + (hi - lo) * (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-    let (fx, fy, ph) = (f(0.005, 0.05), f(0.005, 0.05), f(0.0, 6.28));
+    let (fx, fy, ph) = (
+        f(0.005, 0.05),
+        f(0.005, 0.05),
+        f(0.0, std::f64::consts::TAU),
+    );
     let (cx, cy, rad) = (
         f(0.2, 0.8) * w as f64,
         f(0.2, 0.8) * h as f64,

@@ -296,7 +296,16 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<Prepared, Reason> 
         _ => 1,
     };
     let img = decode_bgr(bytes, reduce)?;
-    let (h, w) = fit_size(img.rows(), img.cols(), opts.max_side);
+    // The target size comes from the full-resolution size (a DCT-scaled decode rounds
+    // up), with the EXIF rotation applied.
+    let (full_h, full_w) = match jpeg {
+        Some(j) if reduce > 1 && (5..=8).contains(&j.orientation) => {
+            (j.width as i32, j.height as i32)
+        }
+        Some(j) if reduce > 1 => (j.height as i32, j.width as i32),
+        _ => (img.rows(), img.cols()),
+    };
+    let (h, w) = fit_size(full_h, full_w, opts.max_side);
     let img = resize_area(img, h, w)?;
     let out = encode_jpeg(&img, opts.quality)?;
     Ok(Prepared {
