@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+#[cfg(feature = "opencv")]
+mod bench_pipeline;
+
 #[derive(Parser)]
 #[command(
     name = "byol",
@@ -29,6 +32,30 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmarks; each reports a ratio against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// The loader alone (no model) vs the bare decode + fit-to-canvas ceiling.
+    #[cfg(feature = "opencv")]
+    Pipeline {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        canvas: usize,
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// Decode threads [default: all cores].
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn out(text: &str) -> Result<()> {
@@ -39,8 +66,42 @@ fn out(text: &str) -> Result<()> {
     }
 }
 
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
+        #[cfg(feature = "opencv")]
+        Cmd::Bench(BenchCmd::Pipeline {
+            data,
+            canvas,
+            batch,
+            threads,
+            seconds,
+            json,
+        }) => {
+            byol_tools::image::set_opencv_threads(1);
+            let r = bench_pipeline::run(&data, canvas, batch, threads.unwrap_or_else(cores), seconds)?;
+            if json {
+                out(&format!("{}\n", serde_json::to_string(&r)?))?;
+            } else {
+                out(&format!(
+                    "pipeline {:.0} images/s, bare ceiling {:.0} images/s, ratio {:.2}; decode only {:.0} images/s; \
+                     {} thread(s), canvas {}, batch {}; loader peak RSS {:.0} MiB; {} decode failure(s)\n",
+                    r.pipeline_images_per_s,
+                    r.bare_images_per_s,
+                    r.ratio,
+                    r.decode_only_images_per_s,
+                    r.threads,
+                    r.canvas,
+                    r.batch,
+                    r.loader_peak_rss_mib,
+                    r.decode_failures
+                ))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Info { ort_lib, json } => {
             let info = byol_trainer::runtime::probe(ort_lib.as_deref());
             if json {

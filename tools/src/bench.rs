@@ -83,14 +83,26 @@ pub fn synthetic_image(h: i32, w: i32, seed: u64) -> anyhow::Result<Mat> {
     Ok(m.reshape(3, h)?.try_clone()?)
 }
 
-fn generate(dir: &Path, o: &BenchOptions) -> anyhow::Result<Vec<Vec<u8>>> {
-    std::fs::create_dir_all(dir.join("synthetic"))?;
-    let mut all = Vec::with_capacity(o.images);
-    for i in 0..o.images {
-        let img = synthetic_image(o.height, o.width, i as u64)?;
-        anyhow::ensure!(img.rows() == o.height);
-        let bytes = encode_jpeg(&img, o.quality).map_err(anyhow::Error::msg)?;
-        std::fs::write(dir.join("synthetic").join(format!("{i:06}.jpg")), &bytes)?;
+/// Writes `n` generated JPEGs into `dir/class-KK/NNNNNN.jpg` (round-robin over
+/// `classes` folders) and returns their bytes.
+pub fn write_synthetic_folder(
+    dir: &Path,
+    n: usize,
+    (h, w): (i32, i32),
+    quality: u8,
+    classes: usize,
+) -> anyhow::Result<Vec<Vec<u8>>> {
+    let classes = classes.max(1);
+    for c in 0..classes {
+        std::fs::create_dir_all(dir.join(format!("class-{c:02}")))?;
+    }
+    let mut all = Vec::with_capacity(n);
+    for i in 0..n {
+        let img = synthetic_image(h, w, i as u64)?;
+        anyhow::ensure!(img.rows() == h);
+        let bytes = encode_jpeg(&img, quality).map_err(anyhow::Error::msg)?;
+        let p = dir.join(format!("class-{:02}", i % classes)).join(format!("{i:06}.jpg"));
+        std::fs::write(p, &bytes)?;
         all.push(bytes);
     }
     Ok(all)
@@ -128,9 +140,9 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
             tmp.0.clone()
         }
     };
-    let images = generate(&dir, o)?;
-    let mean = images.iter().map(|b| b.len()).sum::<usize>() as f64 / images.len().max(1) as f64;
     let src = dir.join("synthetic");
+    let images = write_synthetic_folder(&src, o.images, (o.height, o.width), o.quality, 1)?;
+    let mean = images.iter().map(|b| b.len()).sum::<usize>() as f64 / images.len().max(1) as f64;
     let source = scan(&src, &Layout::ImageFolder, &ScanOptions::default())?;
     let mut cases = Vec::new();
     for max_side in [None, Some(o.resize_to)] {

@@ -10,6 +10,8 @@
 use opencv::core::{Mat, MatTraitConst, Size, Vector, VectorToVec};
 use opencv::{imgcodecs, imgproc};
 
+pub use crate::jpeg::{dct_reduction, fit_size, parse_jpeg, JpegInfo};
+
 /// Why an image could not be stored (goes into the manifest's `skipped` list).
 pub type Reason = String;
 
@@ -31,135 +33,10 @@ pub struct PrepareOptions {
     pub quality: u8,
 }
 
-/// What the JPEG header says (enough to decide whether the bytes can be kept).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct JpegInfo {
-    /// SOF0 (baseline sequential DCT).
-    pub baseline: bool,
-    pub precision: u8,
-    pub components: u8,
-    pub height: u32,
-    pub width: u32,
-    /// EXIF orientation (1 = upright, also when there is no EXIF block).
-    pub orientation: u16,
-    /// An EOI marker follows the first scan (a truncated file has none).
-    pub complete: bool,
-}
-
 /// Calls OpenCV's `setNumThreads`: byol-tools parallelises over images itself.
 pub fn set_opencv_threads(n: i32) {
     // Failure only means OpenCV keeps its own default; nothing to report.
     let _ignored = opencv::core::set_num_threads(n);
-}
-
-/// Walks the JPEG marker segments up to the first scan. `None` if `b` is not a JPEG
-/// or its header is malformed.
-pub fn parse_jpeg(b: &[u8]) -> Option<JpegInfo> {
-    if b.len() < 4 || b[0] != 0xFF || b[1] != 0xD8 {
-        return None;
-    }
-    let mut i = 2;
-    let mut sof: Option<(bool, u8, u8, u32, u32)> = None;
-    let mut orientation = 1u16;
-    loop {
-        // Markers may be preceded by fill bytes 0xFF.
-        while i < b.len() && b[i] != 0xFF {
-            i += 1;
-        }
-        while i < b.len() && b[i] == 0xFF {
-            i += 1;
-        }
-        if i >= b.len() {
-            return None;
-        }
-        let m = b[i];
-        i += 1;
-        if m == 0xD8 || (0xD0..=0xD7).contains(&m) || m == 0x01 {
-            continue; // standalone markers
-        }
-        if m == 0xD9 {
-            return None; // EOI before any scan
-        }
-        if i + 2 > b.len() {
-            return None;
-        }
-        let len = u16::from_be_bytes([b[i], b[i + 1]]) as usize;
-        if len < 2 || i + len > b.len() {
-            return None;
-        }
-        let seg = &b[i + 2..i + len];
-        match m {
-            0xC0..=0xCF if m != 0xC4 && m != 0xC8 && m != 0xCC => {
-                if seg.len() < 6 {
-                    return None;
-                }
-                let precision = seg[0];
-                let height = u16::from_be_bytes([seg[1], seg[2]]) as u32;
-                let width = u16::from_be_bytes([seg[3], seg[4]]) as u32;
-                let comps = seg[5];
-                sof = Some((m == 0xC0, precision, comps, height, width));
-            }
-            0xE1 if seg.starts_with(b"Exif\0\0") => {
-                if let Some(o) = exif_orientation(&seg[6..]) {
-                    orientation = o;
-                }
-            }
-            0xDA => {
-                let (baseline, precision, components, height, width) = sof?;
-                let scan = &b[i + len..];
-                let complete = scan.windows(2).any(|w| w == [0xFF, 0xD9]);
-                return Some(JpegInfo {
-                    baseline,
-                    precision,
-                    components,
-                    height,
-                    width,
-                    orientation,
-                    complete,
-                });
-            }
-            _ => {}
-        }
-        i += len;
-    }
-}
-
-/// The orientation tag (0x0112) of IFD0 in a TIFF-structured EXIF block.
-fn exif_orientation(t: &[u8]) -> Option<u16> {
-    if t.len() < 8 {
-        return None;
-    }
-    let le = match &t[..2] {
-        b"II" => true,
-        b"MM" => false,
-        _ => return None,
-    };
-    let u16_at = |o: usize| -> Option<u16> {
-        let s = t.get(o..o + 2)?;
-        Some(if le {
-            u16::from_le_bytes([s[0], s[1]])
-        } else {
-            u16::from_be_bytes([s[0], s[1]])
-        })
-    };
-    let u32_at = |o: usize| -> Option<u32> {
-        let s = t.get(o..o + 4)?;
-        let a = [s[0], s[1], s[2], s[3]];
-        Some(if le {
-            u32::from_le_bytes(a)
-        } else {
-            u32::from_be_bytes(a)
-        })
-    };
-    let ifd = u32_at(4)? as usize;
-    let n = u16_at(ifd)? as usize;
-    for k in 0..n {
-        let e = ifd + 2 + 12 * k;
-        if u16_at(e)? == 0x0112 {
-            return u16_at(e + 8);
-        }
-    }
-    None
 }
 
 fn cv_err(e: opencv::Error) -> Reason {
@@ -181,19 +58,6 @@ pub fn decode_bgr(bytes: &[u8], reduce: u32) -> Result<Mat, Reason> {
         return Err("cannot decode: corrupt or not an image".to_string());
     }
     Ok(img)
-}
-
-/// Size after scaling `(h, w)` so that the longer side is at most `max_side`.
-pub fn fit_size(h: i32, w: i32, max_side: Option<u32>) -> (i32, i32) {
-    let Some(m) = max_side else { return (h, w) };
-    let longer = h.max(w) as f64;
-    if longer <= m as f64 {
-        return (h, w);
-    }
-    let s = m as f64 / longer;
-    let nh = ((h as f64 * s).round() as i32).max(1);
-    let nw = ((w as f64 * s).round() as i32).max(1);
-    (nh, nw)
 }
 
 /// Area-resizes `img` to `(h, w)` unless it already has that size.
@@ -241,17 +105,6 @@ pub fn encode_gray_png(pixels: &[u8], height: i32, width: i32) -> Result<Vec<u8>
         return Err("PNG encode failed".to_string());
     }
     Ok(buf.to_vec())
-}
-
-/// The largest DCT reduction (1, 2, 4, 8) that keeps the longer side of a
-/// `(h, w)` JPEG at or above `target`.
-pub fn dct_reduction(h: u32, w: u32, target: u32) -> u32 {
-    let longer = h.max(w);
-    let mut r = 1;
-    while r < 8 && longer / (r * 2) >= target {
-        r *= 2;
-    }
-    r
 }
 
 /// Turns source bytes into stored bytes (see the module docs).

@@ -2,15 +2,20 @@
 //!
 //! The shard format ([`format`]) is the contract with the training pipeline.
 
+#[cfg(feature = "opencv")]
 pub mod bench;
 pub mod format;
 pub mod idx;
+#[cfg(feature = "opencv")]
 pub mod image;
 pub mod inspect;
+pub mod jpeg;
 pub mod read;
 pub mod rng;
+#[cfg(feature = "opencv")]
 pub mod shard;
 pub mod source;
+#[cfg(feature = "opencv")]
 pub mod verify;
 
 /// An error and its causes on one line: `a: b: c`.

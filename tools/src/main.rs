@@ -101,6 +101,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write generated photo-like JPEGs into class folders (test and benchmark data).
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        images: usize,
+        #[arg(long, default_value_t = 10)]
+        classes: usize,
+        #[arg(long, default_value_t = 375)]
+        height: i32,
+        #[arg(long, default_value_t = 500)]
+        width: i32,
+        #[arg(long, default_value_t = 90)]
+        quality: u8,
+    },
     /// Shard throughput on generated ImageNet-sized JPEGs vs the bare decode+encode cost.
     Bench {
         #[arg(long, default_value_t = 1000)]
@@ -302,6 +317,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Cmd::Synth {
+            out: dir,
+            images,
+            classes,
+            height,
+            width,
+            quality,
+        } => {
+            let all = bench::write_synthetic_folder(&dir, images, (height, width), quality, classes)?;
+            let bytes: usize = all.iter().map(|b| b.len()).sum();
+            out(&format!(
+                "wrote {} JPEGs ({height}x{width}, {bytes} bytes) in {classes} class folder(s) under {}\n",
+                all.len(),
+                dir.display()
+            ))?;
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Bench {
             images,

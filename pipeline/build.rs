@@ -1,0 +1,5 @@
+include!("../scripts/build_rpath.rs");
+
+fn main() {
+    emit_rpath();
+}
