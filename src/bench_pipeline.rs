@@ -36,9 +36,11 @@ pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
@@ -73,7 +75,13 @@ fn timed_parallel(threads: usize, dur: Duration, f: &(dyn Fn(usize, &mut Vec<u8>
     counts.iter().sum::<usize>() as f64 / t0.elapsed().as_secs_f64()
 }
 
-pub fn run(data: &Path, canvas: usize, batch: usize, threads: usize, seconds: f64) -> Result<PipelineBench> {
+pub fn run(
+    data: &Path,
+    canvas: usize,
+    batch: usize,
+    threads: usize,
+    seconds: f64,
+) -> Result<PipelineBench> {
     let threads = threads.max(1);
     let cfg = LoaderConfig {
         batch,
@@ -86,7 +94,11 @@ pub fn run(data: &Path, canvas: usize, batch: usize, threads: usize, seconds: f6
     let ds = Dataset::open(data).with_context(|| format!("opening {}", data.display()))?;
     let rows = ds.rows();
     let loader = Loader::new(ds, cfg, opencv_decoder())?;
-    anyhow::ensure!(loader.batches_per_epoch() > 0, "{} has fewer rows ({rows}) than one batch ({batch})", data.display());
+    anyhow::ensure!(
+        loader.batches_per_epoch() > 0,
+        "{} has fewer rows ({rows}) than one batch ({batch})",
+        data.display()
+    );
 
     // 1. The loader alone, epoch after epoch, timed from the first batch on.
     reset_peak_rss();
@@ -125,7 +137,11 @@ pub fn run(data: &Path, canvas: usize, batch: usize, threads: usize, seconds: f6
     'load: for g in 0..ds.groups().len() {
         let lg = ds.load_group(g)?;
         for i in 0..lg.len() {
-            samples.push((lg.images.value(i).to_vec(), lg.heights.value(i), lg.widths.value(i)));
+            samples.push((
+                lg.images.value(i).to_vec(),
+                lg.heights.value(i),
+                lg.widths.value(i),
+            ));
             if samples.len() >= want {
                 break 'load;
             }

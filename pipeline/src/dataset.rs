@@ -8,7 +8,9 @@ use std::sync::Arc;
 use arrow_array::{Array, BinaryArray, Int32Array, StringArray};
 use bytes::Bytes;
 use memmap2::{Mmap, UncheckedAdvice};
-use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
 use parquet::arrow::ProjectionMask;
 
 use byol_tools::format::{Manifest, COL_HEIGHT, COL_IMAGE, COL_KEY, COL_LABEL, COL_WIDTH};
@@ -94,12 +96,13 @@ impl Dataset {
             // underneath a running loader would fault, as with any mmap reader.
             let map = Arc::new(unsafe { Mmap::map(&f) }.map_err(io)?);
             let bytes = Bytes::from_owner(SharedMap(map.clone()));
-            let meta = ArrowReaderMetadata::load(&bytes, ArrowReaderOptions::new()).map_err(|source| {
-                PipelineError::Parquet {
-                    path: path.clone(),
-                    source,
-                }
-            })?;
+            let meta =
+                ArrowReaderMetadata::load(&bytes, ArrowReaderOptions::new()).map_err(|source| {
+                    PipelineError::Parquet {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
             let md = meta.metadata();
             let mut rows_in_shard = 0;
             for g in 0..md.num_row_groups() {
@@ -128,7 +131,12 @@ impl Dataset {
                     s.rows
                 )));
             }
-            shards.push(Shard { path, map, bytes, meta });
+            shards.push(Shard {
+                path,
+                map,
+                bytes,
+                meta,
+            });
         }
         Ok(Dataset {
             dir: dir.to_path_buf(),
@@ -164,7 +172,8 @@ impl Dataset {
             path: sh.path.clone(),
             source,
         };
-        let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(sh.bytes.clone(), sh.meta.clone());
+        let builder =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(sh.bytes.clone(), sh.meta.clone());
         let mask = ProjectionMask::columns(
             builder.parquet_schema(),
             [COL_KEY, COL_LABEL, COL_IMAGE, COL_HEIGHT, COL_WIDTH],
@@ -177,7 +186,8 @@ impl Dataset {
             .map_err(perr)?;
         let mut batches = Vec::new();
         for b in reader {
-            batches.push(b.map_err(|e| perr(parquet::errors::ParquetError::External(Box::new(e))))?);
+            batches
+                .push(b.map_err(|e| perr(parquet::errors::ParquetError::External(Box::new(e))))?);
         }
         let schema = byol_tools::format::schema();
         let batch = arrow_select_concat(&schema, &batches).map_err(perr)?;
@@ -186,12 +196,37 @@ impl Dataset {
                 PipelineError::Corrupt(format!("{}: column {name:?} missing", sh.path.display()))
             })
         };
-        let typed = |name: &str| PipelineError::Corrupt(format!("{}: column {name:?} has the wrong type", sh.path.display()));
-        let keys = col(COL_KEY)?.as_any().downcast_ref::<StringArray>().ok_or_else(|| typed(COL_KEY))?.clone();
-        let labels = col(COL_LABEL)?.as_any().downcast_ref::<Int32Array>().ok_or_else(|| typed(COL_LABEL))?.clone();
-        let images = col(COL_IMAGE)?.as_any().downcast_ref::<BinaryArray>().ok_or_else(|| typed(COL_IMAGE))?.clone();
-        let heights = col(COL_HEIGHT)?.as_any().downcast_ref::<Int32Array>().ok_or_else(|| typed(COL_HEIGHT))?.clone();
-        let widths = col(COL_WIDTH)?.as_any().downcast_ref::<Int32Array>().ok_or_else(|| typed(COL_WIDTH))?.clone();
+        let typed = |name: &str| {
+            PipelineError::Corrupt(format!(
+                "{}: column {name:?} has the wrong type",
+                sh.path.display()
+            ))
+        };
+        let keys = col(COL_KEY)?
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| typed(COL_KEY))?
+            .clone();
+        let labels = col(COL_LABEL)?
+            .as_any()
+            .downcast_ref::<Int32Array>()
+            .ok_or_else(|| typed(COL_LABEL))?
+            .clone();
+        let images = col(COL_IMAGE)?
+            .as_any()
+            .downcast_ref::<BinaryArray>()
+            .ok_or_else(|| typed(COL_IMAGE))?
+            .clone();
+        let heights = col(COL_HEIGHT)?
+            .as_any()
+            .downcast_ref::<Int32Array>()
+            .ok_or_else(|| typed(COL_HEIGHT))?
+            .clone();
+        let widths = col(COL_WIDTH)?
+            .as_any()
+            .downcast_ref::<Int32Array>()
+            .ok_or_else(|| typed(COL_WIDTH))?
+            .clone();
         if keys.len() as u64 != info.span.rows {
             return Err(PipelineError::Corrupt(format!(
                 "{} row group {}: {} rows, footer says {}",
@@ -206,8 +241,11 @@ impl Dataset {
             // Safety: the mapping is read-only and shared; dropping its pages only
             // means they are read again from the page cache if touched later.
             let _ignored = unsafe {
-                sh.map
-                    .unchecked_advise_range(UncheckedAdvice::DontNeed, lo as usize, (hi - lo) as usize)
+                sh.map.unchecked_advise_range(
+                    UncheckedAdvice::DontNeed,
+                    lo as usize,
+                    (hi - lo) as usize,
+                )
             };
         }
         Ok(LoadedGroup {

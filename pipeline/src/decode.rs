@@ -32,7 +32,13 @@ pub fn reduction_for(bytes: &[u8], h: i32, w: i32, canvas: usize) -> u32 {
 
 /// Decodes `bytes` (stored size `h`×`w`) into `out`, a 3×S×S RGB canvas (CHW).
 /// Returns the valid region `(height, width)`.
-pub fn decode_to_canvas(bytes: &[u8], h: i32, w: i32, canvas: usize, out: &mut [u8]) -> Result<(i32, i32), String> {
+pub fn decode_to_canvas(
+    bytes: &[u8],
+    h: i32,
+    w: i32,
+    canvas: usize,
+    out: &mut [u8],
+) -> Result<(i32, i32), String> {
     let s = canvas;
     assert_eq!(out.len(), 3 * s * s, "canvas buffer size");
     let reduce = reduction_for(bytes, h, w, s);
@@ -40,7 +46,11 @@ pub fn decode_to_canvas(bytes: &[u8], h: i32, w: i32, canvas: usize, out: &mut [
     // The stored size is the reference: a row whose image decodes to another size
     // (at full resolution) is corrupt.
     if reduce == 1 && (img.rows(), img.cols()) != (h, w) {
-        return Err(format!("decodes to {}x{}, recorded {h}x{w}", img.rows(), img.cols()));
+        return Err(format!(
+            "decodes to {}x{}, recorded {h}x{w}",
+            img.rows(),
+            img.cols()
+        ));
     }
     let (vh, vw) = canvas_fit(h, w, s);
     let img = if (img.rows(), img.cols()) == (vh, vw) {
@@ -52,10 +62,15 @@ pub fn decode_to_canvas(bytes: &[u8], h: i32, w: i32, canvas: usize, out: &mut [
             imgproc::INTER_LINEAR
         };
         let mut r = Mat::default();
-        imgproc::resize(&img, &mut r, Size::new(vw, vh), 0.0, 0.0, interp).map_err(|e| e.message)?;
+        imgproc::resize(&img, &mut r, Size::new(vw, vh), 0.0, 0.0, interp)
+            .map_err(|e| e.message)?;
         r
     };
-    let img = if img.is_continuous() { img } else { img.try_clone().map_err(|e| e.message)? };
+    let img = if img.is_continuous() {
+        img
+    } else {
+        img.try_clone().map_err(|e| e.message)?
+    };
     let px = img.data_bytes().map_err(|e| e.message)?;
     let (vh, vw) = (vh as usize, vw as usize);
     let plane = s * s;

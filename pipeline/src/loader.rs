@@ -57,7 +57,9 @@ pub struct LoaderConfig {
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         LoaderConfig {
             batch: 256,
             canvas: 256,
@@ -253,7 +255,10 @@ impl Loader {
 
     /// The global row ids this rank reads in `epoch`, in order (no decoding).
     pub fn order(&self, epoch: u64) -> Vec<u64> {
-        epoch_order(&self.spans, &self.plan(), epoch).iter().map(|p| p.row).collect()
+        epoch_order(&self.spans, &self.plan(), epoch)
+            .iter()
+            .map(|p| p.row)
+            .collect()
     }
 
     /// Starts streaming from `cursor` to the end of its epoch.
@@ -262,7 +267,11 @@ impl Loader {
         let b = self.cfg.batch;
         let start = (cursor.consumed as usize).min(order.len());
         let remaining = order.len() - start;
-        let nbatches = if self.cfg.drop_last { remaining / b } else { remaining.div_ceil(b) };
+        let nbatches = if self.cfg.drop_last {
+            remaining / b
+        } else {
+            remaining.div_ceil(b)
+        };
         let workers = self.cfg.decode_threads.max(1);
         let (job_tx, job_rx) = bounded::<Job>(4 * workers);
         let (msg_tx, msg_rx) = bounded::<Msg>(4 * workers + 4);
@@ -364,7 +373,11 @@ struct Job {
 }
 
 enum Msg {
-    Start { batch: usize, len: usize, slot: SlotBuf },
+    Start {
+        batch: usize,
+        len: usize,
+        slot: SlotBuf,
+    },
     Done(Done),
     Fatal(PipelineError),
 }
@@ -425,7 +438,13 @@ fn reader_loop(c: &ReaderCtx) -> Result<(), PipelineError> {
         let ptr = slot.ptr;
         let len = hi - lo;
         slot.meta.failed.iter_mut().for_each(|f| *f = false);
-        if let Err(crossbeam_channel::SendError(Msg::Start { slot, .. })) = c.msg_tx.send(Msg::Start { batch: bi, len, slot }) {
+        if let Err(crossbeam_channel::SendError(Msg::Start { slot, .. })) =
+            c.msg_tx.send(Msg::Start {
+                batch: bi,
+                len,
+                slot,
+            })
+        {
             let _ = c.free_tx.try_send(slot);
             return Ok(());
         }
@@ -476,7 +495,14 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
-fn decoder(job_rx: Receiver<Job>, msg_tx: Sender<Msg>, stats: Arc<Stats>, ds: Arc<Dataset>, decode: DecodeFn, canvas: usize) {
+fn decoder(
+    job_rx: Receiver<Job>,
+    msg_tx: Sender<Msg>,
+    stats: Arc<Stats>,
+    ds: Arc<Dataset>,
+    decode: DecodeFn,
+    canvas: usize,
+) {
     let per = 3 * canvas * canvas;
     loop {
         let t = Instant::now();
@@ -490,7 +516,9 @@ fn decoder(job_rx: Receiver<Job>, msg_tx: Sender<Msg>, stats: Arc<Stats>, ds: Ar
         // Safety: `dst` is this sample's own region of a slot owned by the assembler,
         // which does not touch it until this job's `Done` arrives.
         let out = unsafe { std::slice::from_raw_parts_mut(job.dst as *mut u8, per) };
-        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode(bytes, stored.0, stored.1, canvas, out)));
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decode(bytes, stored.0, stored.1, canvas, out)
+        }));
         let valid = match res {
             Ok(Ok(v)) => Some(v),
             Ok(Err(reason)) => {
@@ -559,7 +587,9 @@ fn assembler(
             }
             Msg::Done(d) => {
                 let Some(f) = inflight.get_mut(&d.batch) else {
-                    let _ = out_tx.send(Err(PipelineError::Panic("sample for an unknown batch".into())));
+                    let _ = out_tx.send(Err(PipelineError::Panic(
+                        "sample for an unknown batch".into(),
+                    )));
                     return;
                 };
                 let m = &mut f.slot.meta;
@@ -576,7 +606,9 @@ fn assembler(
             }
         }
         while inflight.get(&next).is_some_and(|f| f.done == f.len) {
-            let Some(mut f) = inflight.remove(&next) else { break };
+            let Some(mut f) = inflight.remove(&next) else {
+                break;
+            };
             let failed = replace_failed(&mut f, per);
             stats.batches.fetch_add(1, Ordering::Relaxed);
             let ready = Ready {
@@ -585,7 +617,14 @@ fn assembler(
                 failed,
             };
             if let Err(crossbeam_channel::SendError(Ok(r))) = out_tx.send(Ok(ready)) {
-                inflight.insert(usize::MAX, InFlight { len: 0, done: 0, slot: r.slot });
+                inflight.insert(
+                    usize::MAX,
+                    InFlight {
+                        len: 0,
+                        done: 0,
+                        slot: r.slot,
+                    },
+                );
                 return;
             }
             next += 1;
@@ -608,7 +647,11 @@ fn replace_failed(f: &mut InFlight, per: usize) -> usize {
                 // Safety: both regions lie inside this slot, which the assembler owns
                 // now that every decoder is done with it; i != j so they do not overlap.
                 unsafe {
-                    std::ptr::copy_nonoverlapping((f.slot.ptr + j * per) as *const u8, (f.slot.ptr + i * per) as *mut u8, per);
+                    std::ptr::copy_nonoverlapping(
+                        (f.slot.ptr + j * per) as *const u8,
+                        (f.slot.ptr + i * per) as *mut u8,
+                        per,
+                    );
                 }
                 m.labels[i] = m.labels[j];
                 m.rows[i] = m.rows[j];
@@ -670,7 +713,8 @@ impl Iterator for Epoch {
         add_since(&self.stats.consumer_wait_ns, t);
         match r {
             Ok(Ok(ready)) => {
-                let consumed = self.cursor.consumed + (self.delivered * self.batch + ready.len) as u64;
+                let consumed =
+                    self.cursor.consumed + (self.delivered * self.batch + ready.len) as u64;
                 let index = self.delivered;
                 self.delivered += 1;
                 Some(Ok(Batch {
@@ -733,7 +777,9 @@ pub struct Batch {
 impl Batch {
     fn slot(&self) -> &SlotBuf {
         // Present from construction until drop.
-        self.slot.as_ref().unwrap_or_else(|| unreachable!("batch without slot"))
+        self.slot
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("batch without slot"))
     }
 
     /// Samples in this batch (the batch size, or fewer for a last partial batch).

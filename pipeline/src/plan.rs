@@ -64,7 +64,12 @@ pub fn per_rank(total_rows: u64, world: usize) -> u64 {
 
 /// This rank's order for `epoch`.
 pub fn epoch_order(groups: &[GroupSpan], cfg: &PlanConfig, epoch: u64) -> Vec<Planned> {
-    assert!(cfg.world >= 1 && cfg.rank < cfg.world, "rank {} of world {}", cfg.rank, cfg.world);
+    assert!(
+        cfg.world >= 1 && cfg.rank < cfg.world,
+        "rank {} of world {}",
+        cfg.rank,
+        cfg.world
+    );
     let total: u64 = groups.iter().map(|g| g.rows).sum();
     let n = per_rank(total, cfg.world);
     let (lo, hi) = (cfg.rank as u64 * n, (cfg.rank as u64 + 1) * n);
@@ -80,7 +85,9 @@ pub fn epoch_order(groups: &[GroupSpan], cfg: &PlanConfig, epoch: u64) -> Vec<Pl
             rows.clear();
             for &g in chunk {
                 let sp = groups[g as usize];
-                rows.extend((sp.first_row..sp.first_row + sp.rows).map(|row| Planned { row, group: g }));
+                rows.extend(
+                    (sp.first_row..sp.first_row + sp.rows).map(|row| Planned { row, group: g }),
+                );
             }
             epoch_rng(cfg.seed, epoch, 1 + w as u64).shuffle(&mut rows);
             let a = lo.saturating_sub(pos) as usize;
@@ -105,7 +112,10 @@ mod tests {
         sizes
             .iter()
             .map(|&rows| {
-                let g = GroupSpan { first_row: first, rows };
+                let g = GroupSpan {
+                    first_row: first,
+                    rows,
+                };
                 first += rows;
                 g
             })
@@ -115,7 +125,12 @@ mod tests {
     #[test]
     fn order_is_deterministic_and_changes_with_epoch_and_seed() {
         let g = spans(&[10, 7, 13, 10, 1, 9]);
-        let cfg = PlanConfig { seed: 3, rank: 0, world: 1, window: 2 };
+        let cfg = PlanConfig {
+            seed: 3,
+            rank: 0,
+            world: 1,
+            window: 2,
+        };
         let a = epoch_order(&g, &cfg, 0);
         assert_eq!(a, epoch_order(&g, &cfg, 0));
         assert_eq!(a.len(), 50);
@@ -146,8 +161,21 @@ mod tests {
             let mut all = HashSet::new();
             let mut count = 0;
             for rank in 0..world {
-                let o = epoch_order(&g, &PlanConfig { seed, rank, world, window }, epoch);
-                assert_eq!(o.len() as u64, total / world as u64, "sizes {sizes:?} world {world}");
+                let o = epoch_order(
+                    &g,
+                    &PlanConfig {
+                        seed,
+                        rank,
+                        world,
+                        window,
+                    },
+                    epoch,
+                );
+                assert_eq!(
+                    o.len() as u64,
+                    total / world as u64,
+                    "sizes {sizes:?} world {world}"
+                );
                 for p in &o {
                     assert!(all.insert(p.row), "row {} twice", p.row);
                 }
@@ -162,7 +190,12 @@ mod tests {
     #[test]
     fn windows_bound_open_row_groups() {
         let g = spans(&[16; 20]);
-        let cfg = PlanConfig { seed: 1, rank: 0, world: 1, window: 3 };
+        let cfg = PlanConfig {
+            seed: 1,
+            rank: 0,
+            world: 1,
+            window: 3,
+        };
         let o = epoch_order(&g, &cfg, 5);
         for chunk in o.chunks(48) {
             let groups: HashSet<u32> = chunk.iter().map(|p| p.group).collect();

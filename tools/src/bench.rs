@@ -101,7 +101,9 @@ pub fn write_synthetic_folder(
         let img = synthetic_image(h, w, i as u64)?;
         anyhow::ensure!(img.rows() == h);
         let bytes = encode_jpeg(&img, quality).map_err(anyhow::Error::msg)?;
-        let p = dir.join(format!("class-{:02}", i % classes)).join(format!("{i:06}.jpg"));
+        let p = dir
+            .join(format!("class-{:02}", i % classes))
+            .join(format!("{i:06}.jpg"));
         std::fs::write(p, &bytes)?;
         all.push(bytes);
     }

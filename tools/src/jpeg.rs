@@ -148,4 +148,3 @@ pub fn dct_reduction(h: u32, w: u32, target: u32) -> u32 {
     }
     r
 }
-

@@ -326,7 +326,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             width,
             quality,
         } => {
-            let all = bench::write_synthetic_folder(&dir, images, (height, width), quality, classes)?;
+            let all =
+                bench::write_synthetic_folder(&dir, images, (height, width), quality, classes)?;
             let bytes: usize = all.iter().map(|b| b.len()).sum();
             out(&format!(
                 "wrote {} JPEGs ({height}x{width}, {bytes} bytes) in {classes} class folder(s) under {}\n",

@@ -82,9 +82,21 @@ fn order_is_deterministic_and_matches_the_plan() {
     assert_eq!(ra, rows_from(&b, Cursor::default()));
     assert_eq!(ra, a.order(0));
     assert_eq!(ra.iter().collect::<HashSet<_>>().len(), 61);
-    let e1 = rows_from(&a, Cursor { epoch: 1, consumed: 0 });
+    let e1 = rows_from(
+        &a,
+        Cursor {
+            epoch: 1,
+            consumed: 0,
+        },
+    );
     assert_ne!(ra, e1);
-    let c = loader(&ds, LoaderConfig { seed: 6, ..cfg(4, 16) });
+    let c = loader(
+        &ds,
+        LoaderConfig {
+            seed: 6,
+            ..cfg(4, 16)
+        },
+    );
     assert_ne!(ra, rows_from(&c, Cursor::default()));
 }
 
@@ -93,13 +105,22 @@ fn resume_from_every_cursor_gives_the_remaining_sequence_without_decoding_the_re
     let tmp = tempfile::tempdir().unwrap();
     let ds = small_dataset(tmp.path(), 37, 10, 4);
     let l = loader(&ds, cfg(4, 16));
-    let full = rows_from(&l, Cursor { epoch: 2, consumed: 0 });
+    let full = rows_from(
+        &l,
+        Cursor {
+            epoch: 2,
+            consumed: 0,
+        },
+    );
     assert_eq!(full.len(), 37);
     for c in 0..=37u64 {
         let before = l.stats().images;
         let mut rows = Vec::new();
         let mut last = None;
-        for b in l.start(Cursor { epoch: 2, consumed: c }) {
+        for b in l.start(Cursor {
+            epoch: 2,
+            consumed: c,
+        }) {
             let b = b.unwrap();
             rows.extend_from_slice(b.rows());
             last = Some(b.cursor);
@@ -108,16 +129,31 @@ fn resume_from_every_cursor_gives_the_remaining_sequence_without_decoding_the_re
         // Only the remaining samples were decoded.
         assert_eq!(l.stats().images - before, 37 - c, "cursor {c}");
         if c < 37 {
-            assert_eq!(last, Some(Cursor { epoch: 2, consumed: 37 }));
+            assert_eq!(
+                last,
+                Some(Cursor {
+                    epoch: 2,
+                    consumed: 37
+                })
+            );
         }
     }
     // The cursor carried by each batch resumes right after it.
-    let mut ep = l.start(Cursor { epoch: 2, consumed: 0 });
+    let mut ep = l.start(Cursor {
+        epoch: 2,
+        consumed: 0,
+    });
     let b3 = ep.nth(2).unwrap().unwrap();
     let cur = b3.cursor;
     drop(b3);
     drop(ep);
-    assert_eq!(cur, Cursor { epoch: 2, consumed: 12 });
+    assert_eq!(
+        cur,
+        Cursor {
+            epoch: 2,
+            consumed: 12
+        }
+    );
     assert_eq!(rows_from(&l, cur), full[12..]);
 }
 
@@ -127,7 +163,15 @@ fn ranks_are_disjoint_equal_and_drop_last_keeps_batches_full() {
     let ds = small_dataset(tmp.path(), 50, 20, 8);
     let mut seen = HashSet::new();
     for rank in 0..3 {
-        let l = loader(&ds, LoaderConfig { rank, world: 3, drop_last: true, ..cfg(4, 16) });
+        let l = loader(
+            &ds,
+            LoaderConfig {
+                rank,
+                world: 3,
+                drop_last: true,
+                ..cfg(4, 16)
+            },
+        );
         assert_eq!(l.samples_per_epoch(), 16);
         assert_eq!(l.batches_per_epoch(), 4);
         let mut n = 0;
@@ -156,7 +200,13 @@ fn decoded_canvases_match_a_pil_reference_with_and_without_dct_scaling() {
     let ds = tmp.path().join("ds");
     shard_folder(&fx.join("src"), &ds, 1000, 64);
     let canvas = 64;
-    let l = loader(&ds, LoaderConfig { batch: 16, ..cfg(16, canvas) });
+    let l = loader(
+        &ds,
+        LoaderConfig {
+            batch: 16,
+            ..cfg(16, canvas)
+        },
+    );
     let mut keys = Vec::new();
     let mut raw: Vec<u8> = Vec::new();
     let dsx = Dataset::open(&ds).unwrap();
@@ -164,7 +214,10 @@ fn decoded_canvases_match_a_pil_reference_with_and_without_dct_scaling() {
     for g in 0..dsx.groups().len() {
         let lg = dsx.load_group(g).unwrap();
         for i in 0..lg.len() {
-            key_of.insert(lg.info.span.first_row + i as u64, lg.keys.value(i).to_string());
+            key_of.insert(
+                lg.info.span.first_row + i as u64,
+                lg.keys.value(i).to_string(),
+            );
         }
     }
     for b in l.start(Cursor::default()) {
@@ -181,7 +234,11 @@ fn decoded_canvases_match_a_pil_reference_with_and_without_dct_scaling() {
     assert_eq!(keys.len(), 180);
     std::fs::write(tmp.path().join("canvases.u8"), &raw).unwrap();
     let dump = tmp.path().join("dump.json");
-    std::fs::write(&dump, serde_json::json!({"canvas": canvas, "file": "canvases.u8", "rows": keys}).to_string()).unwrap();
+    std::fs::write(
+        &dump,
+        serde_json::json!({"canvas": canvas, "file": "canvases.u8", "rows": keys}).to_string(),
+    )
+    .unwrap();
     let o = Command::new(python())
         .arg(root().join("scripts/fixtures/canvas_reference.py"))
         .arg(&ds)
@@ -231,7 +288,13 @@ fn corrupt_rows_are_counted_and_replaced_so_batches_stay_full() {
     let tmp = tempfile::tempdir().unwrap();
     let ds = small_dataset(tmp.path(), 40, 40, 8);
     corrupt_rows(&ds.join("shard-00000.parquet"), &[3, 17, 30]);
-    let l = loader(&ds, LoaderConfig { drop_last: true, ..cfg(8, 16) });
+    let l = loader(
+        &ds,
+        LoaderConfig {
+            drop_last: true,
+            ..cfg(8, 16)
+        },
+    );
     let mut replaced = 0;
     let mut rows = Vec::new();
     for b in l.start(Cursor::default()) {
@@ -253,7 +316,13 @@ fn corrupt_rows_are_counted_and_replaced_so_batches_stay_full() {
 fn dropping_an_epoch_mid_way_stops_promptly_and_keeps_the_pool() {
     let tmp = tempfile::tempdir().unwrap();
     let ds = small_dataset(tmp.path(), 200, 100, 16);
-    let l = loader(&ds, LoaderConfig { slots: 2, ..cfg(4, 16) });
+    let l = loader(
+        &ds,
+        LoaderConfig {
+            slots: 2,
+            ..cfg(4, 16)
+        },
+    );
     for _ in 0..5 {
         let mut ep = l.start(Cursor::default());
         let b = ep.next().unwrap().unwrap();
@@ -271,7 +340,13 @@ fn dropping_an_epoch_mid_way_stops_promptly_and_keeps_the_pool() {
 fn a_held_batch_keeps_its_slot_and_pixels() {
     let tmp = tempfile::tempdir().unwrap();
     let ds = small_dataset(tmp.path(), 64, 64, 8);
-    let l = loader(&ds, LoaderConfig { slots: 3, ..cfg(4, 16) });
+    let l = loader(
+        &ds,
+        LoaderConfig {
+            slots: 3,
+            ..cfg(4, 16)
+        },
+    );
     let mut ep = l.start(Cursor::default());
     let held = ep.next().unwrap().unwrap();
     let before = held.images().sum(tch::Kind::Int64).int64_value(&[]);
@@ -284,7 +359,13 @@ fn a_held_batch_keeps_its_slot_and_pixels() {
     assert_eq!(held.rows(), held_rows.as_slice());
 }
 
-fn panicking_decoder(b: &[u8], h: i32, w: i32, s: usize, out: &mut [u8]) -> Result<(i32, i32), String> {
+fn panicking_decoder(
+    b: &[u8],
+    h: i32,
+    w: i32,
+    s: usize,
+    out: &mut [u8],
+) -> Result<(i32, i32), String> {
     if h > 0 && b.len() % 7 == 3 {
         panic!("decoder bug");
     }
