@@ -6,6 +6,7 @@
 //! - [`decode`] (feature `opencv`): decode into a fixed canvas;
 //! - [`loader`]: the threaded stages and the batch slot pool.
 
+pub mod augment;
 pub mod dataset;
 #[cfg(feature = "opencv")]
 pub mod decode;

@@ -11,6 +11,8 @@ use byol_pipeline::{opencv_decoder, Cursor, Dataset, Loader, LoaderConfig, Pipel
 use byol_tools::shard::{shard, ShardOptions};
 use byol_tools::source::{scan, Layout, ScanOptions};
 
+mod augment;
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
