@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod augment_cmds;
 #[cfg(feature = "opencv")]
 mod bench_pipeline;
 
@@ -35,10 +36,46 @@ enum Cmd {
     /// Benchmarks; each reports a ratio against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Write a grid of augmented pairs: each row the canvas, view 1 and view 2.
+    #[cfg(feature = "opencv")]
+    Preview {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "views.png")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        n: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 256)]
+        canvas: usize,
+        /// Output side of the views.
+        #[arg(long, default_value_t = 224)]
+        size: i64,
+    },
 }
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Two-view augmentation throughput on the current device; with --data, the loader
+    /// feeding it (shards in, both views out).
+    Augment {
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        #[arg(long, default_value_t = 224)]
+        size: i64,
+        #[arg(long, default_value_t = 256)]
+        canvas: usize,
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Decode threads with --data [default: all cores].
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// The loader alone (no model) vs the bare decode + fit-to-canvas ceiling.
     #[cfg(feature = "opencv")]
     Pipeline {
@@ -74,6 +111,76 @@ fn cores() -> usize {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
+        #[cfg(feature = "opencv")]
+        Cmd::Preview {
+            data,
+            out: path,
+            n,
+            seed,
+            canvas,
+            size,
+        } => {
+            byol_tools::image::set_opencv_threads(1);
+            let cfg = byol_pipeline::augment::AugmentConfig {
+                size,
+                ..Default::default()
+            };
+            augment_cmds::preview(&data, &path, n, seed, canvas, cfg)?;
+            out(&format!(
+                "wrote {} ({n} rows: canvas, view 1, view 2)\n",
+                path.display()
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(BenchCmd::Augment {
+            batch,
+            size,
+            canvas,
+            data,
+            threads,
+            seconds,
+            json,
+        }) => {
+            let cfg = byol_pipeline::augment::AugmentConfig {
+                size,
+                ..Default::default()
+            };
+            let r = match data {
+                #[cfg(feature = "opencv")]
+                Some(d) => {
+                    byol_tools::image::set_opencv_threads(1);
+                    augment_cmds::bench_data(
+                        &d,
+                        batch,
+                        canvas,
+                        threads.unwrap_or_else(cores),
+                        seconds,
+                        cfg,
+                    )?
+                }
+                #[cfg(not(feature = "opencv"))]
+                Some(_) => anyhow::bail!("--data needs a build with the `opencv` feature"),
+                None => augment_cmds::bench_synthetic(batch as i64, canvas as i64, seconds, cfg)?,
+            };
+            if json {
+                out(&format!("{}\n", serde_json::to_string(&r)?))?;
+            } else {
+                out(&format!(
+                    "{:.0} images/s ({:.0} views/s) on {}, batch {}, canvas {} -> {}{}\n",
+                    r.images_per_s,
+                    r.views_per_s,
+                    r.device,
+                    r.batch,
+                    r.canvas,
+                    r.size,
+                    match (&r.data, r.data_stall) {
+                        (Some(d), Some(s)) => format!(", from {d} (data stall {:.0} %)", 100.0 * s),
+                        _ => " (random canvases)".into(),
+                    }
+                ))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         #[cfg(feature = "opencv")]
         Cmd::Bench(BenchCmd::Pipeline {
             data,

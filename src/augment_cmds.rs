@@ -1,0 +1,200 @@
+//! `byol preview` and `byol bench augment`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use byol_pipeline::augment::{AugmentConfig, Augmenter, SplitMix64};
+
+/// Writes a grid: one row per sample with the canvas, view 1 and view 2.
+#[cfg(feature = "opencv")]
+pub fn preview(
+    data: &Path,
+    out: &Path,
+    n: usize,
+    seed: u64,
+    canvas: usize,
+    cfg: AugmentConfig,
+) -> Result<()> {
+    use byol_pipeline::{opencv_decoder, Cursor, Dataset, Loader, LoaderConfig};
+    let ds = Dataset::open(data).with_context(|| format!("opening {}", data.display()))?;
+    let lc = LoaderConfig {
+        batch: n,
+        canvas,
+        seed,
+        drop_last: false,
+        slots: 2,
+        ..LoaderConfig::default()
+    };
+    let loader = Loader::new(ds, lc, opencv_decoder())?;
+    let mut epoch = loader.start(Cursor::default());
+    let batch = epoch.next().context("the dataset is empty")??;
+    let dev = Device::cuda_if_available();
+    let canv = batch.images().to_device(dev);
+    let aug = Augmenter::new(cfg);
+    let mut rng = SplitMix64::new(seed);
+    let (v1, v2) = aug.views(&canv, batch.valid_sizes(), &mut rng);
+    let size = aug.cfg.size;
+    let shown = canv
+        .to_kind(Kind::Float)
+        .upsample_bilinear2d([size, size], false, None, None)
+        .round()
+        .clamp(0.0, 255.0)
+        .to_kind(Kind::Uint8);
+    let row = Tensor::cat(&[shown, aug.to_uint8(&v1), aug.to_uint8(&v2)], 3); // [n,3,size,3*size]
+    let grid = row
+        .permute([1, 0, 2, 3])
+        .reshape([3, -1, 3 * size])
+        .to_device(Device::Cpu);
+    tch::vision::image::save(&grid, out).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+pub struct AugmentBench {
+    pub command: String,
+    pub device: String,
+    pub batch: i64,
+    pub canvas: i64,
+    pub size: i64,
+    pub seconds: f64,
+    /// Samples per second, each sample giving both views.
+    pub images_per_s: f64,
+    /// Views per second (2 × images).
+    pub views_per_s: f64,
+    /// With `--data`: the loader feeding the augmentation, end to end.
+    pub data: Option<String>,
+    pub decode_threads: Option<usize>,
+    /// Share of the time the augmentation waited for the loader.
+    pub data_stall: Option<f64>,
+}
+
+fn sync(dev: Device) {
+    if let Device::Cuda(i) = dev {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Views/s on random canvases (no data) on the current device.
+pub fn bench_synthetic(
+    batch: i64,
+    canvas: i64,
+    seconds: f64,
+    cfg: AugmentConfig,
+) -> Result<AugmentBench> {
+    let dev = Device::cuda_if_available();
+    let canv =
+        (Tensor::rand([batch, 3, canvas, canvas], (Kind::Float, dev)) * 255.0).to_kind(Kind::Uint8);
+    let mut r = SplitMix64::new(0);
+    let valid: Vec<(i32, i32)> = (0..batch)
+        .map(|_| {
+            let a = canvas as i32 - (r.below(canvas as u64 / 3)) as i32;
+            if r.bernoulli(0.5) {
+                (a, canvas as i32)
+            } else {
+                (canvas as i32, a)
+            }
+        })
+        .collect();
+    let aug = Augmenter::new(cfg);
+    let size = aug.cfg.size;
+    // Warm-up (kernel selection, allocator).
+    let _ = aug.views(&canv, &valid, &mut r);
+    sync(dev);
+    let t0 = Instant::now();
+    let mut n = 0i64;
+    while t0.elapsed() < Duration::from_secs_f64(seconds) || n == 0 {
+        let (a, b) = aug.views(&canv, &valid, &mut r);
+        let _ = std::hint::black_box((a, b));
+        n += batch;
+        if dev.is_cuda() && n % (batch * 8) == 0 {
+            sync(dev);
+        }
+    }
+    sync(dev);
+    let s = t0.elapsed().as_secs_f64();
+    Ok(AugmentBench {
+        command: "bench augment".into(),
+        device: format!("{dev:?}"),
+        batch,
+        canvas,
+        size,
+        seconds: s,
+        images_per_s: n as f64 / s,
+        views_per_s: 2.0 * n as f64 / s,
+        data: None,
+        decode_threads: None,
+        data_stall: None,
+    })
+}
+
+/// Shards in, both views out: the loader feeding the augmentation.
+#[cfg(feature = "opencv")]
+pub fn bench_data(
+    data: &Path,
+    batch: usize,
+    canvas: usize,
+    threads: usize,
+    seconds: f64,
+    cfg: AugmentConfig,
+) -> Result<AugmentBench> {
+    use byol_pipeline::{opencv_decoder, Cursor, Dataset, Loader, LoaderConfig};
+    let dev = Device::cuda_if_available();
+    let ds = Dataset::open(data).with_context(|| format!("opening {}", data.display()))?;
+    let lc = LoaderConfig {
+        batch,
+        canvas,
+        decode_threads: threads,
+        ..LoaderConfig::default()
+    };
+    let loader = Loader::new(ds, lc, opencv_decoder())?;
+    anyhow::ensure!(loader.batches_per_epoch() > 0, "fewer rows than one batch");
+    let aug = Augmenter::new(cfg);
+    let size = aug.cfg.size;
+    let mut rng = SplitMix64::new(0);
+    let mut n = 0usize;
+    let mut t0: Option<Instant> = None;
+    let mut wait0 = 0.0;
+    let mut epoch = 0;
+    'outer: loop {
+        for b in loader.start(Cursor { epoch, consumed: 0 }) {
+            let mut b = b?;
+            let canv = b.to_device(dev);
+            let (v1, v2) = aug.views(&canv, b.valid_sizes(), &mut rng);
+            let _ = std::hint::black_box((v1, v2));
+            match t0 {
+                None => {
+                    sync(dev);
+                    t0 = Some(Instant::now());
+                    wait0 = loader.stats().consumer_wait_s;
+                }
+                Some(t) => {
+                    n += b.len();
+                    if t.elapsed().as_secs_f64() >= seconds {
+                        break 'outer;
+                    }
+                }
+            }
+        }
+        epoch += 1;
+    }
+    sync(dev);
+    let s = t0.map(|t| t.elapsed().as_secs_f64()).unwrap_or(1.0);
+    let stall = (loader.stats().consumer_wait_s - wait0) / s;
+    Ok(AugmentBench {
+        command: "bench augment".into(),
+        device: format!("{dev:?}"),
+        batch: batch as i64,
+        canvas: canvas as i64,
+        size,
+        seconds: s,
+        images_per_s: n as f64 / s,
+        views_per_s: 2.0 * n as f64 / s,
+        data: Some(data.display().to_string()),
+        decode_threads: Some(threads),
+        data_stall: Some(stall),
+    })
+}
