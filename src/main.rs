@@ -36,6 +36,29 @@ enum Cmd {
     /// Benchmarks; each reports a ratio against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Train (or resume) a BYOL run.
+    #[cfg(feature = "opencv")]
+    Train {
+        /// TOML config (required for a new run; on --resume compared with the run's).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        data: PathBuf,
+        /// Run folder: config.toml, metrics.jsonl, checkpoints/.
+        #[arg(long)]
+        out: PathBuf,
+        /// Override a config value, e.g. --set optim.base_lr=0.3 (repeatable).
+        #[arg(long = "set")]
+        sets: Vec<String>,
+        /// Stop (with a checkpoint) when the global step reaches N.
+        #[arg(long)]
+        max_steps: Option<u64>,
+        /// Continue from the run's latest checkpoint.
+        #[arg(long)]
+        resume: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a grid of augmented pairs: each row the canvas, view 1 and view 2.
     #[cfg(feature = "opencv")]
     Preview {
@@ -111,6 +134,64 @@ fn cores() -> usize {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
+        #[cfg(feature = "opencv")]
+        Cmd::Train {
+            config,
+            data,
+            out: run_dir,
+            sets,
+            max_steps,
+            resume,
+            json,
+        } => {
+            use byol_trainer::config::TrainConfig;
+            use std::io::IsTerminal;
+            byol_tools::image::set_opencv_threads(1);
+            byol_trainer::train::install_signal_handlers();
+            let cfg = match &config {
+                Some(p) => {
+                    let text = std::fs::read_to_string(p)
+                        .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?;
+                    Some(
+                        TrainConfig::from_toml(&text, &sets)
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+                    )
+                }
+                None if !sets.is_empty() && resume => {
+                    let saved = std::fs::read_to_string(run_dir.join("config.toml"))?;
+                    Some(TrainConfig::from_toml(&saved, &sets)?)
+                }
+                None => None,
+            };
+            let opts = byol_trainer::train::TrainOptions {
+                max_steps,
+                resume,
+                progress: std::io::stderr().is_terminal(),
+            };
+            let s = byol_trainer::train::train(
+                cfg,
+                &data,
+                &run_dir,
+                &opts,
+                byol_pipeline::opencv_decoder(),
+            )?;
+            if json {
+                out(&format!("{}\n", serde_json::to_string(&s)?))?;
+            } else {
+                out(&format!(
+                    "{} step {}/{} (epoch {}), loss {:.4}, {:.1} images/s, data stall {:.0} %, checkpoint {}\n",
+                    if s.stopped_by_signal { "stopped by signal at" } else { "done:" },
+                    s.steps,
+                    s.total_steps,
+                    s.epoch,
+                    s.last_loss,
+                    s.images_per_s,
+                    100.0 * s.data_stall,
+                    s.checkpoint.as_deref().unwrap_or("none")
+                ))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         #[cfg(feature = "opencv")]
         Cmd::Preview {
             data,

@@ -1,3 +1,9 @@
-//! byol-trainer: the libtorch side of byol.
+//! byol-trainer: the libtorch side of byol: ResNet encoders, BYOL (online/target
+//! networks, loss, EMA, LARS, schedules), the training loop with checkpoints, and the
+//! native runtimes.
 
+pub mod byol;
+pub mod config;
+pub mod model;
 pub mod runtime;
+pub mod train;

@@ -1,0 +1,222 @@
+//! BYOL: online and target networks, the loss, the EMA update, LARS and schedules.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::model::{EncoderConfig, HeadConfig, Mlp, ResNet};
+
+/// One network (encoder + projector [+ predictor]) in its own `VarStore`.
+pub struct Network {
+    pub vs: nn::VarStore,
+    pub encoder: ResNet,
+    pub projector: Mlp,
+    pub predictor: Option<Mlp>,
+}
+
+impl Network {
+    pub fn new(
+        device: Device,
+        enc: &EncoderConfig,
+        proj: &HeadConfig,
+        pred: Option<&HeadConfig>,
+    ) -> Network {
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let encoder = ResNet::new(&(&root / "encoder"), enc);
+        let projector = Mlp::new(&(&root / "projector"), encoder.out_dim(), proj);
+        let predictor = pred.map(|p| Mlp::new(&(&root / "predictor"), proj.out, p));
+        Network {
+            vs,
+            encoder,
+            projector,
+            predictor,
+        }
+    }
+
+    /// # Shapes
+    /// `x`: `[N, 3, H, W]` → (embedding `[N, D]`, projection `[N, P]`, prediction `[N, P]` if any).
+    pub fn forward(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Option<Tensor>) {
+        let y = self.encoder.forward_t(x, train);
+        let z = self.projector.forward_t(&y, train);
+        let p = self.predictor.as_ref().map(|m| m.forward_t(&z, train));
+        (y, z, p)
+    }
+}
+
+/// `2 − 2·cos(p, z)` per row, `[N]`.
+pub fn regression_loss(p: &Tensor, z: &Tensor) -> Tensor {
+    let pn = p / p
+        .norm_scalaropt_dim(2, [1i64].as_slice(), true)
+        .clamp_min(1e-12);
+    let zn = z / z
+        .norm_scalaropt_dim(2, [1i64].as_slice(), true)
+        .clamp_min(1e-12);
+    let cos = (pn * zn).sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
+    cos.neg() * 2.0 + 2.0
+}
+
+/// Symmetric BYOL loss: mean over the batch of `loss(p1, sg(z2')) + loss(p2, sg(z1'))`.
+pub fn byol_loss(p1: &Tensor, p2: &Tensor, zt1: &Tensor, zt2: &Tensor) -> Tensor {
+    (regression_loss(p1, &zt2.detach()) + regression_loss(p2, &zt1.detach())).mean(Kind::Float)
+}
+
+/// τ at step k of K: `1 − (1 − τ_base)·(cos(πk/K) + 1)/2`.
+pub fn tau_at(base: f64, step: u64, total: u64) -> f64 {
+    let k = step.min(total) as f64 / total.max(1) as f64;
+    1.0 - (1.0 - base) * ((std::f64::consts::PI * k).cos() + 1.0) / 2.0
+}
+
+/// Learning rate at `step`: linear warm-up from 0 over `warmup` steps, then cosine to 0.
+pub fn lr_at(peak: f64, step: u64, warmup: u64, total: u64) -> f64 {
+    if step < warmup {
+        return peak * step as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    let k = (step - warmup).min(total.saturating_sub(warmup)) as f64 / span;
+    peak * 0.5 * (1.0 + (std::f64::consts::PI * k).cos())
+}
+
+/// `ξ ← τ ξ + (1 − τ) θ` for every target variable, paired with the online one by name
+/// (BatchNorm running statistics included; the target's BN runs on batch statistics
+/// in training, so those only matter if the target is ever evaluated).
+pub fn ema_update(target: &nn::VarStore, online: &nn::VarStore, tau: f64) {
+    let on = online.variables();
+    tch::no_grad(|| {
+        for (name, mut t) in target.variables() {
+            if let Some(o) = on.get(&name) {
+                if t.is_floating_point() {
+                    let _ = t.lerp_(o, 1.0 - tau);
+                } else {
+                    t.copy_(o);
+                }
+            }
+        }
+    });
+}
+
+/// Copies every online variable into the target with the same name.
+pub fn copy_into(target: &nn::VarStore, online: &nn::VarStore) {
+    let on = online.variables();
+    tch::no_grad(|| {
+        for (name, mut t) in target.variables() {
+            if let Some(o) = on.get(&name) {
+                t.copy_(o);
+            }
+        }
+    });
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Lars,
+    Sgd,
+}
+
+/// LARS as BYOL's official code defines it: weight decay added to the gradient, then
+/// scaled by `η‖w‖/‖g + wd·w‖` (unscaled when either norm is 0), then momentum:
+/// `m ← μm + g'`, and the step `w ← w − lr·m`.
+/// Biases and normalisation parameters (every 1-D tensor) are excluded from both weight
+/// decay and adaptation. `Sgd` is the same without adaptation.
+pub struct Lars {
+    pub kind: OptimizerKind,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub trust: f64,
+    /// Momentum buffers by variable name.
+    pub buffers: HashMap<String, Tensor>,
+}
+
+impl Lars {
+    pub fn new(kind: OptimizerKind, momentum: f64, weight_decay: f64, trust: f64) -> Lars {
+        Lars {
+            kind,
+            momentum,
+            weight_decay,
+            trust,
+            buffers: HashMap::new(),
+        }
+    }
+
+    /// True for parameters excluded from weight decay and adaptation.
+    pub fn excluded(t: &Tensor) -> bool {
+        t.dim() <= 1
+    }
+
+    /// One step over the trainable variables of `vs`, using their gradients.
+    pub fn step(&mut self, vs: &nn::VarStore, lr: f64) {
+        let mut names: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        tch::no_grad(|| {
+            for (name, mut w) in names {
+                let g = w.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let mut u = g.shallow_clone();
+                if !Lars::excluded(&w) {
+                    if self.weight_decay != 0.0 {
+                        u = &u + &w * self.weight_decay;
+                    }
+                    if self.kind == OptimizerKind::Lars {
+                        let wn = w.norm().double_value(&[]);
+                        let un = u.norm().double_value(&[]);
+                        if wn > 0.0 && un > 0.0 {
+                            u = u * (self.trust * wn / un);
+                        }
+                    }
+                }
+                let m = match self.buffers.get_mut(&name) {
+                    Some(m) => {
+                        *m *= self.momentum;
+                        *m += &u;
+                        m.shallow_clone()
+                    }
+                    None => {
+                        let m = u.copy();
+                        self.buffers.insert(name.clone(), m.shallow_clone());
+                        m
+                    }
+                };
+                w -= m * lr;
+            }
+        });
+    }
+
+    /// Momentum buffers as named tensors (for checkpoints).
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self
+            .buffers
+            .iter()
+            .map(|(k, t)| (format!("momentum.{k}"), t.shallow_clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    pub fn load_state(&mut self, named: Vec<(String, Tensor)>, device: Device) {
+        self.buffers.clear();
+        for (k, t) in named {
+            if let Some(name) = k.strip_prefix("momentum.") {
+                self.buffers.insert(name.to_string(), t.to_device(device));
+            }
+        }
+    }
+}
+
+/// Zeroes every gradient of `vs`.
+pub fn zero_grad(vs: &nn::VarStore) {
+    for mut t in vs.trainable_variables() {
+        let mut g = t.grad();
+        if g.defined() {
+            let _ = g.detach_().zero_();
+        }
+        let _ = &mut t;
+    }
+}

@@ -1,0 +1,205 @@
+//! The training config: one TOML file holds every hyper-parameter of a run.
+
+use serde::{Deserialize, Serialize};
+
+use byol_pipeline::augment::AugmentConfig;
+
+use crate::byol::OptimizerKind;
+use crate::model::{EncoderConfig, HeadConfig};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub encoder: EncoderConfig,
+    pub projector: HeadConfig,
+    pub predictor: HeadConfig,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            encoder: EncoderConfig::default(),
+            projector: HeadConfig::default(),
+            predictor: HeadConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    pub kind: OptimizerKind,
+    /// Learning rate at batch 256 (scaled by batch/256).
+    pub base_lr: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    /// LARS trust coefficient η.
+    pub trust: f64,
+    pub warmup_epochs: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            kind: OptimizerKind::Lars,
+            base_lr: 0.2,
+            weight_decay: 1.5e-6,
+            momentum: 0.9,
+            trust: 1e-3,
+            warmup_epochs: 10.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub batch: usize,
+    pub epochs: u64,
+    pub seed: u64,
+    /// `auto` (CUDA when available), `cpu` or `cuda`.
+    pub device: String,
+    /// τ_base of the target's moving average.
+    pub tau_base: f64,
+    /// Steps between metrics rows.
+    pub log_every: u64,
+    /// Steps between checkpoints (one is also written at each epoch end).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept.
+    pub keep: usize,
+    /// Steps of a collapse-monitor value below `collapse_threshold` that trigger a warning.
+    pub collapse_span: u64,
+    pub collapse_threshold: f64,
+    /// CPU threads for libtorch (0: libtorch's default).
+    pub torch_threads: i32,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            batch: 256,
+            epochs: 100,
+            seed: 0,
+            device: "auto".into(),
+            tau_base: 0.99,
+            log_every: 10,
+            checkpoint_every: 500,
+            keep: 3,
+            collapse_span: 200,
+            collapse_threshold: 0.05,
+            torch_threads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Side of the decode canvas.
+    pub canvas: usize,
+    /// Decode threads (0: all cores).
+    pub decode_threads: usize,
+    /// Row groups shuffled together.
+    pub window: usize,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            canvas: 256,
+            decode_threads: 0,
+            window: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub model: ModelConfig,
+    pub optim: OptimConfig,
+    pub train: TrainSection,
+    pub data: DataSection,
+    pub augment: AugmentConfig,
+}
+
+/// Settings that may change when a run is resumed (they do not alter the result).
+pub const RESUMABLE_CHANGES: &[&str] = &[
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep",
+    "train.torch_threads",
+    "data.decode_threads",
+    "train.collapse_span",
+    "train.collapse_threshold",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Parse(String),
+    #[error("--set {0}: expected key=value (for example optim.base_lr=0.3)")]
+    BadSet(String),
+}
+
+impl TrainConfig {
+    /// Parses TOML text, then applies `key=value` overrides (dotted keys; values in TOML
+    /// syntax, bare words taken as strings).
+    pub fn from_toml(text: &str, sets: &[String]) -> Result<TrainConfig, ConfigError> {
+        let mut v: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        for s in sets {
+            let (k, val) = s
+                .split_once('=')
+                .ok_or_else(|| ConfigError::BadSet(s.clone()))?;
+            let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("x = {val}"))
+                .ok()
+                .and_then(|t| t.get("x").cloned())
+                .unwrap_or_else(|| toml::Value::String(val.to_string()));
+            let parts: Vec<&str> = k.trim().split('.').collect();
+            let mut cur = &mut v;
+            for p in &parts[..parts.len() - 1] {
+                let e = cur
+                    .entry(p.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                cur = e
+                    .as_table_mut()
+                    .ok_or_else(|| ConfigError::BadSet(s.clone()))?;
+            }
+            cur.insert(parts[parts.len() - 1].to_string(), parsed);
+        }
+        v.try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// Dotted keys whose values differ between two configs.
+    pub fn differences(&self, other: &TrainConfig) -> Vec<String> {
+        fn flat(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, x) in m {
+                        let p = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        flat(&p, x, out);
+                    }
+                }
+                _ => out.push((prefix.to_string(), v.clone())),
+            }
+        }
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        flat("", &serde_json::to_value(self).unwrap_or_default(), &mut a);
+        flat("", &serde_json::to_value(other).unwrap_or_default(), &mut b);
+        let bm: std::collections::HashMap<_, _> = b.into_iter().collect();
+        a.into_iter()
+            .filter(|(k, v)| bm.get(k) != Some(v))
+            .map(|(k, _)| k)
+            .collect()
+    }
+}

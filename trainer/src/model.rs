@@ -1,0 +1,265 @@
+//! ResNet encoders in torchvision's layout and parameter names, and BYOL's MLP heads.
+//!
+//! Every layer is built from its own sub-path (`encoder.layer1.0.conv1`), so the keys
+//! of a checkpoint match a torchvision `state_dict` (minus `num_batches_tracked` and
+//! `fc`), and a torchvision ResNet saved as safetensors loads.
+
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module, ModuleT};
+use tch::Tensor;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Resnet18,
+    Resnet34,
+    Resnet50,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncoderConfig {
+    pub arch: Arch,
+    /// 3×3 stride-1 first convolution and no max-pool (small images).
+    pub cifar_stem: bool,
+    /// Channel width multiplier (1.0 = torchvision's widths).
+    pub width: f64,
+}
+
+impl Default for EncoderConfig {
+    fn default() -> Self {
+        EncoderConfig {
+            arch: Arch::Resnet50,
+            cifar_stem: false,
+            width: 1.0,
+        }
+    }
+}
+
+fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
+    let cfg = nn::ConvConfig {
+        stride,
+        padding,
+        bias: false,
+        // torchvision: kaiming normal, fan_out, relu
+        ws_init: nn::Init::Kaiming {
+            dist: nn::init::NormalOrUniform::Normal,
+            fan: nn::init::FanInOut::FanOut,
+            non_linearity: nn::init::NonLinearity::ReLU,
+        },
+        ..Default::default()
+    };
+    nn::conv2d(p, cin, cout, k, cfg)
+}
+
+fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
+    nn::batch_norm2d(
+        p,
+        c,
+        nn::BatchNormConfig {
+            ws_init: nn::Init::Const(1.0),
+            ..Default::default()
+        },
+    )
+}
+
+#[derive(Debug)]
+struct Block {
+    convs: Vec<nn::Conv2D>,
+    bns: Vec<nn::BatchNorm>,
+    down: Option<(nn::Conv2D, nn::BatchNorm)>,
+}
+
+impl Block {
+    fn basic(p: &nn::Path, cin: i64, cout: i64, stride: i64) -> Block {
+        let down = (stride != 1 || cin != cout).then(|| {
+            (
+                conv(p / "downsample" / "0", cin, cout, 1, stride, 0),
+                bn(p / "downsample" / "1", cout),
+            )
+        });
+        Block {
+            convs: vec![
+                conv(p / "conv1", cin, cout, 3, stride, 1),
+                conv(p / "conv2", cout, cout, 3, 1, 1),
+            ],
+            bns: vec![bn(p / "bn1", cout), bn(p / "bn2", cout)],
+            down,
+        }
+    }
+
+    fn bottleneck(p: &nn::Path, cin: i64, width: i64, stride: i64) -> Block {
+        let cout = width * 4;
+        let down = (stride != 1 || cin != cout).then(|| {
+            (
+                conv(p / "downsample" / "0", cin, cout, 1, stride, 0),
+                bn(p / "downsample" / "1", cout),
+            )
+        });
+        Block {
+            convs: vec![
+                conv(p / "conv1", cin, width, 1, 1, 0),
+                conv(p / "conv2", width, width, 3, stride, 1),
+                conv(p / "conv3", width, cout, 1, 1, 0),
+            ],
+            bns: vec![
+                bn(p / "bn1", width),
+                bn(p / "bn2", width),
+                bn(p / "bn3", cout),
+            ],
+            down,
+        }
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut y = x.shallow_clone();
+        let n = self.convs.len();
+        for (i, (c, b)) in self.convs.iter().zip(&self.bns).enumerate() {
+            y = y.apply(c).apply_t(b, train);
+            if i + 1 < n {
+                y = y.relu();
+            }
+        }
+        let id = match &self.down {
+            Some((c, b)) => x.apply(c).apply_t(b, train),
+            None => x.shallow_clone(),
+        };
+        (y + id).relu()
+    }
+}
+
+/// A ResNet without its classifier: images `[N, 3, H, W]` → features `[N, D]`.
+#[derive(Debug)]
+pub struct ResNet {
+    conv1: nn::Conv2D,
+    bn1: nn::BatchNorm,
+    cifar_stem: bool,
+    blocks: Vec<Block>,
+    out_dim: i64,
+}
+
+impl ResNet {
+    /// Builds the encoder under `p` (its keys are `p/conv1.weight`, `p/layer1.0.conv1.weight`, …).
+    pub fn new(p: &nn::Path, cfg: &EncoderConfig) -> ResNet {
+        let w = |c: i64| ((c as f64 * cfg.width).round() as i64).max(1);
+        let (layers, bottleneck) = match cfg.arch {
+            Arch::Resnet18 => ([2, 2, 2, 2], false),
+            Arch::Resnet34 => ([3, 4, 6, 3], false),
+            Arch::Resnet50 => ([3, 4, 6, 3], true),
+        };
+        let stem = w(64);
+        let conv1 = if cfg.cifar_stem {
+            conv(p / "conv1", 3, stem, 3, 1, 1)
+        } else {
+            conv(p / "conv1", 3, stem, 7, 2, 3)
+        };
+        let bn1 = bn(p / "bn1", stem);
+        let mut blocks = Vec::new();
+        let mut cin = stem;
+        for (li, (&n, base)) in layers.iter().zip([64, 128, 256, 512]).enumerate() {
+            let lp = p / format!("layer{}", li + 1);
+            for bi in 0..n {
+                let stride = if bi == 0 && li > 0 { 2 } else { 1 };
+                let bp = &lp / bi.to_string();
+                let b = if bottleneck {
+                    Block::bottleneck(&bp, cin, w(base), stride)
+                } else {
+                    Block::basic(&bp, cin, w(base), stride)
+                };
+                cin = if bottleneck { w(base) * 4 } else { w(base) };
+                blocks.push(b);
+            }
+        }
+        ResNet {
+            conv1,
+            bn1,
+            cifar_stem: cfg.cifar_stem,
+            blocks,
+            out_dim: cin,
+        }
+    }
+
+    /// Feature dimension (2048 for ResNet-50, 512 for ResNet-18/34, times the width).
+    pub fn out_dim(&self) -> i64 {
+        self.out_dim
+    }
+
+    /// # Shapes
+    /// `x`: `[N, 3, H, W]` → `[N, out_dim]` (global average pool).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut y = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
+        if !self.cifar_stem {
+            y = y.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        }
+        for b in &self.blocks {
+            y = b.forward_t(&y, train);
+        }
+        y.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeadConfig {
+    pub hidden: i64,
+    pub out: i64,
+}
+
+impl Default for HeadConfig {
+    fn default() -> Self {
+        HeadConfig {
+            hidden: 4096,
+            out: 256,
+        }
+    }
+}
+
+/// BYOL's projector/predictor: Linear(bias) → BatchNorm → ReLU → Linear(no bias).
+/// Keys: `0.weight`, `0.bias`, `1.*` (BN), `3.weight`, as an `nn.Sequential`.
+#[derive(Debug)]
+pub struct Mlp {
+    l1: nn::Linear,
+    bn: nn::BatchNorm,
+    l2: nn::Linear,
+}
+
+impl Mlp {
+    pub fn new(p: &nn::Path, cin: i64, cfg: &HeadConfig) -> Mlp {
+        Mlp {
+            l1: nn::linear(p / "0", cin, cfg.hidden, Default::default()),
+            bn: nn::batch_norm1d(
+                p / "1",
+                cfg.hidden,
+                nn::BatchNormConfig {
+                    ws_init: nn::Init::Const(1.0),
+                    ..Default::default()
+                },
+            ),
+            l2: nn::linear(
+                p / "3",
+                cfg.hidden,
+                cfg.out,
+                nn::LinearConfig {
+                    bias: false,
+                    ..Default::default()
+                },
+            ),
+        }
+    }
+
+    /// # Shapes
+    /// `[N, cin]` → `[N, out]`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.l1
+            .forward(x)
+            .apply_t(&self.bn, train)
+            .relu()
+            .apply(&self.l2)
+    }
+}
+
+impl ModuleT for ResNet {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        ResNet::forward_t(self, xs, train)
+    }
+}

@@ -1,0 +1,479 @@
+//! `byol train`: the training loop, checkpoints and exact resume.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use byol_pipeline::augment::{Augmenter, SplitMix64};
+use byol_pipeline::loader::DecodeFn;
+use byol_pipeline::{Cursor, Dataset, Loader, LoaderConfig};
+
+use crate::byol::{byol_loss, copy_into, ema_update, lr_at, tau_at, zero_grad, Lars, Network};
+use crate::config::{TrainConfig, RESUMABLE_CHANGES};
+
+/// Set by SIGINT/SIGTERM: finish the step, checkpoint, exit.
+pub static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Installs the SIGINT/SIGTERM handler that sets [`STOP`].
+pub fn install_signal_handlers() {
+    // Safety: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    pub max_steps: Option<u64>,
+    pub resume: bool,
+    /// Draw a progress bar.
+    pub progress: bool,
+}
+
+/// What a checkpoint's `state.json` holds besides the tensors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointState {
+    pub step: u64,
+    pub cursor: Cursor,
+    pub aug_rng: u64,
+    pub last_loss: f64,
+    pub config: TrainConfig,
+}
+
+/// One metrics row (`RUN/metrics.jsonl`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metrics {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub tau: f64,
+    pub images_per_s: f64,
+    /// Share of the interval the step loop waited for data.
+    pub stall: f64,
+    /// std of the L2-normalised projections × √d: about 1 when healthy, 0 when collapsed.
+    pub collapse: f64,
+}
+
+/// The `--json` summary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub command: String,
+    pub run: String,
+    pub steps: u64,
+    pub total_steps: u64,
+    pub epoch: u64,
+    pub last_loss: f64,
+    pub images_per_s: f64,
+    pub data_stall: f64,
+    pub checkpoint: Option<String>,
+    pub stopped_by_signal: bool,
+    pub seconds: f64,
+}
+
+pub fn device_of(s: &str) -> Result<Device> {
+    Ok(match s {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => {
+            if !tch::Cuda::is_available() {
+                bail!("config asks for device \"cuda\" but CUDA is not available");
+            }
+            Device::Cuda(0)
+        }
+        other => bail!("unknown device {other:?} (auto, cpu or cuda)"),
+    })
+}
+
+fn checkpoints_dir(run: &Path) -> PathBuf {
+    run.join("checkpoints")
+}
+
+/// Checkpoint folders, oldest first.
+pub fn list_checkpoints(run: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(checkpoints_dir(run))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .map(|n| n.to_string_lossy().starts_with("step-"))
+                        .unwrap_or(false)
+                        && p.join("state.json").exists()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Writes a checkpoint atomically: a temporary folder, renamed when complete.
+fn save_checkpoint(
+    run: &Path,
+    online: &Network,
+    target: &Network,
+    opt: &Lars,
+    st: &CheckpointState,
+    keep: usize,
+) -> Result<PathBuf> {
+    let dir = checkpoints_dir(run);
+    std::fs::create_dir_all(&dir)?;
+    let name = format!("step-{:09}", st.step);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    online.vs.save(tmp.join("online.safetensors"))?;
+    target.vs.save(tmp.join("target.safetensors"))?;
+    let state = opt.state();
+    if !state.is_empty() {
+        Tensor::write_safetensors(&state, tmp.join("optimizer.safetensors"))?;
+    }
+    std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(st)?)?;
+    let fin = dir.join(&name);
+    let _ = std::fs::remove_dir_all(&fin);
+    std::fs::rename(&tmp, &fin)?;
+    let all = list_checkpoints(run);
+    if all.len() > keep.max(1) {
+        for old in &all[..all.len() - keep.max(1)] {
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+    Ok(fin)
+}
+
+fn load_checkpoint(
+    dir: &Path,
+    online: &mut Network,
+    target: &mut Network,
+    opt: &mut Lars,
+    device: Device,
+) -> Result<CheckpointState> {
+    online
+        .vs
+        .load(dir.join("online.safetensors"))
+        .with_context(|| format!("loading {}", dir.display()))?;
+    target
+        .vs
+        .load(dir.join("target.safetensors"))
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let o = dir.join("optimizer.safetensors");
+    if o.exists() {
+        opt.load_state(Tensor::read_safetensors(&o)?, device);
+    }
+    let st: CheckpointState =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
+    Ok(st)
+}
+
+/// Std of the L2-normalised rows × √d.
+fn collapse_monitor(z: &Tensor) -> f64 {
+    let d = z.size()[1] as f64;
+    let zn = z / z
+        .norm_scalaropt_dim(2, [1i64].as_slice(), true)
+        .clamp_min(1e-12);
+    zn.std_dim([0i64].as_slice(), true, false)
+        .mean(Kind::Float)
+        .double_value(&[])
+        * d.sqrt()
+}
+
+/// Trains (or resumes) a run. `config` is required for a new run; on `--resume` it may be
+/// given and is then compared with the run's.
+pub fn train(
+    config: Option<TrainConfig>,
+    data: &Path,
+    run: &Path,
+    opts: &TrainOptions,
+    decode: DecodeFn,
+) -> Result<TrainSummary> {
+    let t_start = Instant::now();
+    std::fs::create_dir_all(run).with_context(|| format!("creating {}", run.display()))?;
+    let cfg_path = run.join("config.toml");
+    let latest = list_checkpoints(run).pop();
+    let cfg = if opts.resume {
+        let saved_text = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("--resume: no config in {}", run.display()))?;
+        let saved = TrainConfig::from_toml(&saved_text, &[])?;
+        if let Some(c) = &config {
+            let diff: Vec<String> = saved
+                .differences(c)
+                .into_iter()
+                .filter(|k| !RESUMABLE_CHANGES.contains(&k.as_str()))
+                .collect();
+            if !diff.is_empty() {
+                bail!(
+                    "--resume: the config differs from the run's in {} (only {} may change); start a new run for other settings",
+                    diff.join(", "),
+                    RESUMABLE_CHANGES.join(", ")
+                );
+            }
+            c.clone()
+        } else {
+            saved
+        }
+    } else {
+        let Some(c) = config else {
+            bail!("--config is required for a new run")
+        };
+        if latest.is_some() {
+            bail!(
+                "{} already holds checkpoints; use --resume to continue it, or another --out",
+                run.display()
+            );
+        }
+        c
+    };
+    // The config is written before training starts.
+    let tmp = run.join(".config.toml.tmp");
+    std::fs::write(&tmp, cfg.to_toml())?;
+    std::fs::rename(&tmp, &cfg_path)?;
+
+    if cfg.train.torch_threads > 0 {
+        tch::set_num_threads(cfg.train.torch_threads);
+    }
+    let device = device_of(&cfg.train.device)?;
+    tch::manual_seed(cfg.train.seed as i64);
+    let mut online = Network::new(
+        device,
+        &cfg.model.encoder,
+        &cfg.model.projector,
+        Some(&cfg.model.predictor),
+    );
+    let mut target = Network::new(device, &cfg.model.encoder, &cfg.model.projector, None);
+    copy_into(&target.vs, &online.vs);
+    let o = &cfg.optim;
+    let mut opt = Lars::new(o.kind, o.momentum, o.weight_decay, o.trust);
+
+    let ds = Dataset::open(data).with_context(|| format!("opening {}", data.display()))?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let lc = LoaderConfig {
+        batch: cfg.train.batch,
+        canvas: cfg.data.canvas,
+        seed: cfg.train.seed,
+        window: cfg.data.window,
+        decode_threads: if cfg.data.decode_threads == 0 {
+            cores
+        } else {
+            cfg.data.decode_threads
+        },
+        drop_last: true,
+        ..LoaderConfig::default()
+    };
+    let loader = Loader::new(ds, lc, decode)?;
+    let spe = loader.batches_per_epoch();
+    if spe == 0 {
+        bail!(
+            "{} has {} rows per rank, fewer than one batch of {}",
+            data.display(),
+            loader.samples_per_epoch(),
+            cfg.train.batch
+        );
+    }
+    let total = spe * cfg.train.epochs;
+    let warmup = (o.warmup_epochs * spe as f64).round() as u64;
+    let peak_lr = o.base_lr * cfg.train.batch as f64 / 256.0;
+    let aug = Augmenter::new(cfg.augment.clone());
+
+    let mut step = 0u64;
+    let mut cursor = Cursor::default();
+    let mut rng = SplitMix64::new(cfg.train.seed ^ 0x00A5_5A00_B10B_5EED);
+    let mut last_loss = f64::NAN;
+    if opts.resume {
+        if let Some(dir) = &latest {
+            let st = load_checkpoint(dir, &mut online, &mut target, &mut opt, device)?;
+            step = st.step;
+            cursor = st.cursor;
+            rng = SplitMix64::new(st.aug_rng);
+            last_loss = st.last_loss;
+        }
+    }
+    let stop_at = opts.max_steps.unwrap_or(total).min(total);
+    let metrics_path = run.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)?;
+    let bar = if opts.progress {
+        indicatif::ProgressBar::with_draw_target(
+            Some(stop_at),
+            indicatif::ProgressDrawTarget::stderr(),
+        )
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("train {bar:25} {pos}/{len} steps  {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(step);
+
+    let mut last_ckpt: Option<PathBuf> = None;
+    let mut low_collapse = 0u64;
+    let mut win_t = Instant::now();
+    let mut win_imgs = 0u64;
+    let mut win_wait0 = loader.stats().consumer_wait_s;
+    let run_t0 = Instant::now();
+    let run_step0 = step;
+    let run_wait0 = loader.stats().consumer_wait_s;
+    let state_of = |step: u64, cursor: Cursor, rng: &SplitMix64, loss: f64| CheckpointState {
+        step,
+        cursor,
+        aug_rng: rng.state(),
+        last_loss: loss,
+        config: cfg.clone(),
+    };
+    'epochs: while step < stop_at {
+        let mut epoch = loader.start(cursor);
+        let at_epoch_end: bool;
+        loop {
+            if step >= stop_at || STOP.load(Ordering::SeqCst) {
+                break 'epochs;
+            }
+            let Some(b) = epoch.next() else {
+                at_epoch_end = true;
+                break;
+            };
+            let mut b = b?;
+            let canvas = b.to_device(device);
+            let (v1, v2) = aug.views(&canvas, b.valid_sizes(), &mut rng);
+            let lr = lr_at(peak_lr, step, warmup, total);
+            let tau = tau_at(cfg.train.tau_base, step, total);
+            let (_, z1, p1) = online.forward(&v1, true);
+            let (_, _, p2) = online.forward(&v2, true);
+            let (zt1, zt2) =
+                tch::no_grad(|| (target.forward(&v1, true).1, target.forward(&v2, true).1));
+            let (Some(p1), Some(p2)) = (p1, p2) else {
+                bail!("online network without predictor")
+            };
+            let loss = byol_loss(&p1, &p2, &zt1, &zt2);
+            let lv = loss.double_value(&[]);
+            if !lv.is_finite() {
+                bail!(
+                    "loss is {lv} at step {step}; stopping. The last good checkpoint is {}",
+                    last_ckpt
+                        .as_ref()
+                        .or(latest.as_ref())
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "none".into())
+                );
+            }
+            zero_grad(&online.vs);
+            loss.backward();
+            opt.step(&online.vs, lr);
+            ema_update(&target.vs, &online.vs, tau);
+            step += 1;
+            cursor = b.cursor;
+            last_loss = lv;
+            win_imgs += b.len() as u64;
+            drop(b);
+            let collapse = tch::no_grad(|| collapse_monitor(&z1));
+            if collapse < cfg.train.collapse_threshold {
+                low_collapse += 1;
+                if low_collapse == cfg.train.collapse_span {
+                    tracing::error!(
+                        step,
+                        collapse,
+                        "COLLAPSE: the projections have had almost no spread for {} steps",
+                        cfg.train.collapse_span
+                    );
+                    eprintln!("byol: warning: representation collapse suspected at step {step} (monitor {collapse:.4})");
+                }
+            } else {
+                low_collapse = 0;
+            }
+            bar.set_position(step);
+            if step % cfg.train.log_every.max(1) == 0 || step == stop_at {
+                let dt = win_t.elapsed().as_secs_f64().max(1e-9);
+                let wait = loader.stats().consumer_wait_s;
+                let m = Metrics {
+                    step,
+                    epoch: cursor.epoch,
+                    loss: lv,
+                    lr,
+                    tau,
+                    images_per_s: win_imgs as f64 / dt,
+                    stall: ((wait - win_wait0) / dt).clamp(0.0, 1.0),
+                    collapse,
+                };
+                writeln!(metrics, "{}", serde_json::to_string(&m)?)?;
+                bar.set_message(format!(
+                    "loss {lv:.4} lr {lr:.4} tau {tau:.4} {:.0} img/s stall {:.0}%",
+                    m.images_per_s,
+                    100.0 * m.stall
+                ));
+                win_t = Instant::now();
+                win_imgs = 0;
+                win_wait0 = wait;
+            }
+            if step % cfg.train.checkpoint_every.max(1) == 0 {
+                last_ckpt = Some(save_checkpoint(
+                    run,
+                    &online,
+                    &target,
+                    &opt,
+                    &state_of(step, cursor, &rng, lv),
+                    cfg.train.keep,
+                )?);
+            }
+        }
+        drop(epoch);
+        if at_epoch_end {
+            cursor = Cursor {
+                epoch: cursor.epoch + 1,
+                consumed: 0,
+            };
+            last_ckpt = Some(save_checkpoint(
+                run,
+                &online,
+                &target,
+                &opt,
+                &state_of(step, cursor, &rng, last_loss),
+                cfg.train.keep,
+            )?);
+        }
+    }
+    bar.finish_and_clear();
+    let stopped = STOP.load(Ordering::SeqCst);
+    // Always leave a checkpoint at the step we stopped at.
+    let have = last_ckpt
+        .as_ref()
+        .is_some_and(|p| p.ends_with(format!("step-{step:09}")));
+    if !have && step > 0 {
+        last_ckpt = Some(save_checkpoint(
+            run,
+            &online,
+            &target,
+            &opt,
+            &state_of(step, cursor, &rng, last_loss),
+            cfg.train.keep,
+        )?);
+    }
+    let secs = run_t0.elapsed().as_secs_f64().max(1e-9);
+    Ok(TrainSummary {
+        command: "train".into(),
+        run: run.display().to_string(),
+        steps: step,
+        total_steps: total,
+        epoch: cursor.epoch,
+        last_loss,
+        images_per_s: ((step - run_step0) * cfg.train.batch as u64) as f64 / secs,
+        data_stall: ((loader.stats().consumer_wait_s - run_wait0) / secs).clamp(0.0, 1.0),
+        checkpoint: last_ckpt
+            .map(|p| p.display().to_string())
+            .or_else(|| latest.map(|p| p.display().to_string())),
+        stopped_by_signal: stopped,
+        seconds: t_start.elapsed().as_secs_f64(),
+    })
+}
