@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+mod train;
+
 const BIN: &str = env!("CARGO_BIN_EXE_byol");
 
 /// The binary finds libtorch through its RPATH and ONNX Runtime through the path

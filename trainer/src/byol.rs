@@ -168,7 +168,7 @@ impl Lars {
                         let wn = w.norm().double_value(&[]);
                         let un = u.norm().double_value(&[]);
                         if wn > 0.0 && un > 0.0 {
-                            u = u * (self.trust * wn / un);
+                            u *= self.trust * wn / un;
                         }
                     }
                 }

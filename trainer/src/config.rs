@@ -7,22 +7,12 @@ use byol_pipeline::augment::AugmentConfig;
 use crate::byol::OptimizerKind;
 use crate::model::{EncoderConfig, HeadConfig};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     pub encoder: EncoderConfig,
     pub projector: HeadConfig,
     pub predictor: HeadConfig,
-}
-
-impl Default for ModelConfig {
-    fn default() -> Self {
-        ModelConfig {
-            encoder: EncoderConfig::default(),
-            projector: HeadConfig::default(),
-            predictor: HeadConfig::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

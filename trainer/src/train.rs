@@ -394,7 +394,7 @@ pub fn train(
                 low_collapse = 0;
             }
             bar.set_position(step);
-            if step % cfg.train.log_every.max(1) == 0 || step == stop_at {
+            if step.is_multiple_of(cfg.train.log_every.max(1)) || step == stop_at {
                 let dt = win_t.elapsed().as_secs_f64().max(1e-9);
                 let wait = loader.stats().consumer_wait_s;
                 let m = Metrics {
@@ -417,7 +417,7 @@ pub fn train(
                 win_imgs = 0;
                 win_wait0 = wait;
             }
-            if step % cfg.train.checkpoint_every.max(1) == 0 {
+            if step.is_multiple_of(cfg.train.checkpoint_every.max(1)) {
                 last_ckpt = Some(save_checkpoint(
                     run,
                     &online,

@@ -1,0 +1,243 @@
+//! `byol train` end to end on generated shards: learning, exact resume, signals, errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use super::BIN;
+
+const TINY: &str = r#"
+[model.encoder]
+arch = "resnet18"
+cifar_stem = true
+width = 0.125
+[model.projector]
+hidden = 64
+out = 32
+[model.predictor]
+hidden = 64
+out = 32
+[optim]
+base_lr = 1.0
+warmup_epochs = 1.0
+[train]
+batch = 16
+epochs = 3
+seed = 1
+device = "cpu"
+log_every = 1
+checkpoint_every = 4
+keep = 2
+torch_threads = 1
+[data]
+canvas = 32
+decode_threads = 1
+[augment]
+size = 16
+"#;
+
+/// 128 generated 32×32 JPEGs in 4 classes, sharded.
+fn dataset(dir: &Path) -> PathBuf {
+    let src = dir.join("src");
+    byol_tools::bench::write_synthetic_folder(&src, 128, (32, 32), 90, 4).unwrap();
+    let source = byol_tools::source::scan(
+        &src,
+        &byol_tools::source::Layout::ImageFolder,
+        &Default::default(),
+    )
+    .unwrap();
+    let out = dir.join("ds");
+    let opts = byol_tools::shard::ShardOptions {
+        max_side: None,
+        quality: 90,
+        rows_per_shard: Some(64),
+        shard_bytes: None,
+        row_group_rows: 16,
+        workers: 1,
+        seed: 0,
+        force: true,
+        progress: false,
+    };
+    byol_tools::shard::shard(&source, "src", &out, &opts).unwrap();
+    std::fs::write(dir.join("tiny.toml"), TINY).unwrap();
+    out
+}
+
+fn train(dir: &Path, data: &Path, run: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "--data", data.to_str().unwrap(), "--out"];
+    let run = dir.join(run);
+    args.push(run.to_str().unwrap());
+    let cfg = dir.join("tiny.toml");
+    if !extra.contains(&"--resume") {
+        args.extend(["--config", cfg.to_str().unwrap()]);
+    }
+    args.extend(extra);
+    args.push("--json");
+    Command::new(BIN).args(&args).output().unwrap()
+}
+
+fn summary(o: &Output) -> Value {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn interrupted_and_resumed_run_repeats_the_uninterrupted_losses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    let a = summary(&train(tmp.path(), &data, "a", &["--max-steps", "13"]));
+    assert_eq!(a["steps"], 13);
+    let b1 = summary(&train(tmp.path(), &data, "b", &["--max-steps", "6"]));
+    assert_eq!(b1["steps"], 6);
+    let b2 = summary(&train(
+        tmp.path(),
+        &data,
+        "b",
+        &["--resume", "--max-steps", "13"],
+    ));
+    assert_eq!(b2["steps"], 13);
+    assert_eq!(a["last_loss"], b2["last_loss"]);
+    let la = losses(&tmp.path().join("a"));
+    let lb = losses(&tmp.path().join("b"));
+    assert_eq!(la.len(), 13);
+    assert_eq!(la, lb, "loss sequences differ");
+    // Old checkpoints are pruned to `keep`.
+    let n = std::fs::read_dir(tmp.path().join("b/checkpoints"))
+        .unwrap()
+        .count();
+    assert!(n <= 2, "{n} checkpoints kept");
+}
+
+#[test]
+fn a_short_run_lowers_the_loss_without_collapse() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    let s = summary(&train(tmp.path(), &data, "r", &[]));
+    assert_eq!(s["steps"], 24); // 3 epochs × 8 batches
+    let rows: Vec<Value> = std::fs::read_to_string(tmp.path().join("r/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mean =
+        |r: &[Value]| r.iter().map(|v| v["loss"].as_f64().unwrap()).sum::<f64>() / r.len() as f64;
+    let (first, last) = (mean(&rows[..4]), mean(&rows[rows.len() - 4..]));
+    assert!(last < first - 0.2, "loss {first:.3} -> {last:.3}");
+    for r in &rows {
+        assert!(r["collapse"].as_f64().unwrap() > 0.05, "{r}");
+        assert!(r["tau"].as_f64().unwrap() >= 0.99);
+    }
+    // lr warms up over the first epoch (8 steps) to 1.0 × 16/256.
+    assert!((rows[7]["lr"].as_f64().unwrap() - 0.0625 * 7.0 / 8.0).abs() < 1e-9);
+    let cfg = std::fs::read_to_string(tmp.path().join("r/config.toml")).unwrap();
+    assert!(cfg.contains("width = 0.125"));
+}
+
+#[test]
+fn sigint_finishes_the_step_and_leaves_a_resumable_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    let run = tmp.path().join("s");
+    let child = Command::new(BIN)
+        .args([
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--json",
+            "--config",
+        ])
+        .arg(tmp.path().join("tiny.toml"))
+        .args(["--set", "train.epochs=100"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while losses_len(&run) < 3 && t0.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    let s = summary(&o);
+    assert_eq!(s["stopped_by_signal"], true);
+    let step = s["steps"].as_u64().unwrap();
+    assert!((3..800).contains(&step));
+    assert!(s["checkpoint"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("step-{step:09}")));
+    let r = summary(&train(
+        tmp.path(),
+        &data,
+        "s",
+        &["--resume", "--max-steps", &(step + 2).to_string()],
+    ));
+    assert_eq!(r["steps"].as_u64().unwrap(), step + 2);
+}
+
+fn losses_len(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn incompatible_resume_and_diverging_loss_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    summary(&train(tmp.path(), &data, "c", &["--max-steps", "2"]));
+    let o = train(
+        tmp.path(),
+        &data,
+        "c",
+        &["--resume", "--set", "optim.base_lr=0.5"],
+    );
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("optim.base_lr"), "{e}");
+    // Changing the logging interval is allowed.
+    summary(&train(
+        tmp.path(),
+        &data,
+        "c",
+        &["--resume", "--set", "train.log_every=2", "--max-steps", "3"],
+    ));
+    // A new run over an existing one is refused.
+    let o = train(tmp.path(), &data, "c", &[]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+
+    let o = train(
+        tmp.path(),
+        &data,
+        "nan",
+        &[
+            "--set",
+            "optim.kind=\"sgd\"",
+            "--set",
+            "optim.base_lr=1e30",
+            "--set",
+            "optim.warmup_epochs=0.0",
+            "--set",
+            "train.checkpoint_every=1",
+        ],
+    );
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("loss is") && e.contains("last good checkpoint"),
+        "{e}"
+    );
+}

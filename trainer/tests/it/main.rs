@@ -1,0 +1,182 @@
+//! The trainer's pieces against PyTorch/torchvision (golden files from the venv).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use byol_trainer::byol::{byol_loss, ema_update, lr_at, tau_at, Lars, OptimizerKind};
+use byol_trainer::model::{Arch, EncoderConfig, ResNet};
+use tch::{nn, Device, Kind, Tensor};
+
+fn golden() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let o = Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("scripts/fixtures/trainer_golden.py"))
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p = tmp.path().to_path_buf();
+    (tmp, p)
+}
+
+fn st(path: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+fn r18() -> EncoderConfig {
+    EncoderConfig {
+        arch: Arch::Resnet18,
+        cifar_stem: false,
+        width: 1.0,
+    }
+}
+
+#[test]
+fn resnet_keys_match_torchvision_and_its_weights_load() {
+    let (_t, d) = golden();
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let net = ResNet::new(&vs.root(), &r18());
+    let ours: BTreeSet<String> = vs.variables().into_keys().collect();
+    let theirs: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(d.join("resnet18_keys.json")).unwrap())
+            .unwrap();
+    assert_eq!(ours, theirs.iter().cloned().collect::<BTreeSet<_>>());
+    // 20 convolutions (3 in downsample paths) and 20 BatchNorms of 4 tensors each.
+    assert_eq!(ours.len(), 100);
+    vs.load(d.join("resnet18.safetensors")).unwrap();
+    let io = st(&d.join("resnet18_io.safetensors"));
+    let y = tch::no_grad(|| net.forward_t(&io["x"], false));
+    let e = max_diff(&y, &io["y"]);
+    assert!(
+        e < 1e-4,
+        "eval-mode features differ from torchvision by {e}"
+    );
+}
+
+/// The full key list of ResNet-50 (pinned: a change in names breaks checkpoints).
+#[test]
+fn resnet50_and_heads_key_list_is_pinned() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let enc = EncoderConfig {
+        arch: Arch::Resnet50,
+        cifar_stem: false,
+        width: 1.0,
+    };
+    let net = ResNet::new(&(vs.root() / "encoder"), &enc);
+    assert_eq!(net.out_dim(), 2048);
+    let keys: BTreeSet<String> = vs.variables().into_keys().collect();
+    // torchvision ResNet-50: 53 conv/bn pairs → 53 conv weights + 53×4 BN tensors.
+    assert_eq!(keys.len(), 53 + 53 * 4);
+    for k in [
+        "encoder.conv1.weight",
+        "encoder.bn1.running_var",
+        "encoder.layer1.0.downsample.0.weight",
+        "encoder.layer1.0.downsample.1.bias",
+        "encoder.layer3.5.conv3.weight",
+        "encoder.layer4.2.bn3.running_mean",
+    ] {
+        assert!(keys.contains(k), "{k}");
+    }
+    let n = byol_trainer::byol::Network::new(
+        Device::Cpu,
+        &EncoderConfig {
+            arch: Arch::Resnet18,
+            cifar_stem: true,
+            width: 0.25,
+        },
+        &Default::default(),
+        Some(&Default::default()),
+    );
+    let keys: BTreeSet<String> = n.vs.variables().into_keys().collect();
+    for k in [
+        "projector.0.weight",
+        "projector.0.bias",
+        "projector.1.running_mean",
+        "projector.3.weight",
+        "predictor.3.weight",
+    ] {
+        assert!(keys.contains(k), "{k}");
+    }
+    assert!(
+        !keys.contains("projector.3.bias"),
+        "no bias on the last layer"
+    );
+}
+
+#[test]
+fn loss_matches_pytorch() {
+    let (_t, d) = golden();
+    let l = st(&d.join("loss.safetensors"));
+    let ours = byol_loss(&l["p1"], &l["p2"], &l["z1"], &l["z2"]);
+    let e = (ours.double_value(&[]) - l["loss"].double_value(&[0])).abs();
+    assert!(e < 1e-5, "{e}");
+}
+
+#[test]
+fn lars_steps_match_the_reference() {
+    let (_t, d) = golden();
+    let g = st(&d.join("lars.safetensors"));
+    let p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("lars.json")).unwrap()).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let w = vs.root().var_copy("w", &g["w0"]);
+    let b = vs.root().var_copy("b", &g["b0"]);
+    let mut opt = Lars::new(
+        OptimizerKind::Lars,
+        p["momentum"].as_f64().unwrap(),
+        p["wd"].as_f64().unwrap(),
+        p["eta"].as_f64().unwrap(),
+    );
+    let lrs: Vec<f64> = p["lrs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    for (step, lr) in lrs.iter().enumerate() {
+        byol_trainer::byol::zero_grad(&vs);
+        // d/dw of sum(w·g) is g: the gradients of the reference.
+        let loss = (&w * &g[&format!("g{}w", step + 1)]).sum(Kind::Float)
+            + (&b * &g[&format!("g{}b", step + 1)]).sum(Kind::Float);
+        loss.backward();
+        opt.step(&vs, *lr);
+        let ew = max_diff(&w, &g[&format!("w{}", step + 1)]);
+        let eb = max_diff(&b, &g[&format!("b{}", step + 1)]);
+        assert!(ew < 1e-6 && eb < 1e-6, "step {step}: w {ew} b {eb}");
+    }
+}
+
+#[test]
+fn schedules_at_known_steps() {
+    assert!((tau_at(0.99, 0, 100) - 0.99).abs() < 1e-12);
+    assert!((tau_at(0.99, 50, 100) - 0.995).abs() < 1e-12);
+    assert!((tau_at(0.99, 100, 100) - 1.0).abs() < 1e-12);
+    assert_eq!(lr_at(1.0, 0, 10, 110), 0.0);
+    assert!((lr_at(1.0, 5, 10, 110) - 0.5).abs() < 1e-12);
+    assert!((lr_at(1.0, 10, 10, 110) - 1.0).abs() < 1e-12);
+    assert!((lr_at(1.0, 60, 10, 110) - 0.5).abs() < 1e-12);
+    assert!(lr_at(1.0, 110, 10, 110).abs() < 1e-12);
+}
+
+#[test]
+fn ema_moves_the_target_towards_the_online_network_by_name() {
+    let on = nn::VarStore::new(Device::Cpu);
+    let ta = nn::VarStore::new(Device::Cpu);
+    let _a =
+        (on.root() / "layer").var_copy("weight", &Tensor::ones([3], (Kind::Float, Device::Cpu)));
+    let t =
+        (ta.root() / "layer").var_copy("weight", &Tensor::zeros([3], (Kind::Float, Device::Cpu)));
+    ema_update(&ta, &on, 0.9);
+    assert!(max_diff(&t, &Tensor::from_slice(&[0.1f32, 0.1, 0.1])) < 1e-7);
+    ema_update(&ta, &on, 0.5);
+    assert!(max_diff(&t, &Tensor::from_slice(&[0.55f32, 0.55, 0.55])) < 1e-7);
+}
