@@ -59,6 +59,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Linear probe and kNN on frozen features: BYOL vs random init vs raw pixels.
+    #[cfg(feature = "opencv")]
+    Eval {
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long)]
+        train: PathBuf,
+        #[arg(long)]
+        test: PathBuf,
+        /// A checkpoint folder [default: the run's latest].
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a grid of augmented pairs: each row the canvas, view 1 and view 2.
     #[cfg(feature = "opencv")]
     Preview {
@@ -134,6 +149,23 @@ fn cores() -> usize {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
+        #[cfg(feature = "opencv")]
+        Cmd::Eval {
+            run: run_dir,
+            train,
+            test,
+            checkpoint,
+            json,
+        } => {
+            byol_tools::image::set_opencv_threads(1);
+            let r = byol_trainer::eval::evaluate(&run_dir, &train, &test, checkpoint.as_deref(), byol_pipeline::opencv_decoder())?;
+            if json {
+                out(&format!("{}\n", serde_json::to_string(&r)?))?;
+            } else {
+                out(&r.table())?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         #[cfg(feature = "opencv")]
         Cmd::Train {
             config,

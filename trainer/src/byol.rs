@@ -35,6 +35,26 @@ impl Network {
         }
     }
 
+    /// Stores every 4-D weight in channels-last layout (NHWC strides, NCHW shape);
+    /// libtorch's convolutions then run in that layout when the input has it too.
+    pub fn to_channels_last(&mut self) {
+        tch::no_grad(|| {
+            for (_, mut t) in self.vs.variables() {
+                if t.dim() == 4 {
+                    let cl = channels_last(&t);
+                    t.set_data(&cl);
+                }
+            }
+        });
+    }
+
+    /// Writes every variable (contiguous copies) to a safetensors file.
+    pub fn save(&self, path: &std::path::Path) -> Result<(), tch::TchError> {
+        let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().map(|(k, t)| (k, t.contiguous())).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        Tensor::write_safetensors(&named, path)
+    }
+
     /// # Shapes
     /// `x`: `[N, 3, H, W]` → (embedding `[N, D]`, projection `[N, P]`, prediction `[N, P]` if any).
     pub fn forward(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Option<Tensor>) {
@@ -43,6 +63,11 @@ impl Network {
         let p = self.predictor.as_ref().map(|m| m.forward_t(&z, train));
         (y, z, p)
     }
+}
+
+/// The same values in channels-last layout: `[N, C, H, W]` with NHWC strides.
+pub fn channels_last(t: &Tensor) -> Tensor {
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
 /// `2 − 2·cos(p, z)` per row, `[N]`.
@@ -194,7 +219,7 @@ impl Lars {
         let mut v: Vec<(String, Tensor)> = self
             .buffers
             .iter()
-            .map(|(k, t)| (format!("momentum.{k}"), t.shallow_clone()))
+            .map(|(k, t)| (format!("momentum.{k}"), t.contiguous()))
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v

@@ -62,6 +62,8 @@ pub struct TrainSection {
     pub collapse_threshold: f64,
     /// CPU threads for libtorch (0: libtorch's default).
     pub torch_threads: i32,
+    /// Run convolutions in channels-last layout (faster on CPU and on recent GPUs).
+    pub channels_last: bool,
 }
 
 impl Default for TrainSection {
@@ -78,6 +80,7 @@ impl Default for TrainSection {
             collapse_span: 200,
             collapse_threshold: 0.05,
             torch_threads: 0,
+            channels_last: true,
         }
     }
 }
@@ -119,6 +122,7 @@ pub const RESUMABLE_CHANGES: &[&str] = &[
     "train.checkpoint_every",
     "train.keep",
     "train.torch_threads",
+    "train.channels_last",
     "data.decode_threads",
     "train.collapse_span",
     "train.collapse_threshold",

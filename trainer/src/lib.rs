@@ -4,6 +4,7 @@
 
 pub mod byol;
 pub mod config;
+pub mod eval;
 pub mod model;
 pub mod runtime;
 pub mod train;

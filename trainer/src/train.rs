@@ -13,7 +13,7 @@ use byol_pipeline::augment::{Augmenter, SplitMix64};
 use byol_pipeline::loader::DecodeFn;
 use byol_pipeline::{Cursor, Dataset, Loader, LoaderConfig};
 
-use crate::byol::{byol_loss, copy_into, ema_update, lr_at, tau_at, zero_grad, Lars, Network};
+use crate::byol::{byol_loss, channels_last, copy_into, ema_update, lr_at, tau_at, zero_grad, Lars, Network};
 use crate::config::{TrainConfig, RESUMABLE_CHANGES};
 
 /// Set by SIGINT/SIGTERM: finish the step, checkpoint, exit.
@@ -132,8 +132,8 @@ fn save_checkpoint(
     let tmp = dir.join(format!(".{name}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
-    online.vs.save(tmp.join("online.safetensors"))?;
-    target.vs.save(tmp.join("target.safetensors"))?;
+    online.save(&tmp.join("online.safetensors"))?;
+    target.save(&tmp.join("target.safetensors"))?;
     let state = opt.state();
     if !state.is_empty() {
         Tensor::write_safetensors(&state, tmp.join("optimizer.safetensors"))?;
@@ -251,6 +251,10 @@ pub fn train(
     );
     let mut target = Network::new(device, &cfg.model.encoder, &cfg.model.projector, None);
     copy_into(&target.vs, &online.vs);
+    if cfg.train.channels_last {
+        online.to_channels_last();
+        target.to_channels_last();
+    }
     let o = &cfg.optim;
     let mut opt = Lars::new(o.kind, o.momentum, o.weight_decay, o.trust);
 
@@ -347,7 +351,11 @@ pub fn train(
             };
             let mut b = b?;
             let canvas = b.to_device(device);
-            let (v1, v2) = aug.views(&canvas, b.valid_sizes(), &mut rng);
+            let (mut v1, mut v2) = aug.views(&canvas, b.valid_sizes(), &mut rng);
+            if cfg.train.channels_last {
+                v1 = channels_last(&v1);
+                v2 = channels_last(&v2);
+            }
             let lr = lr_at(peak_lr, step, warmup, total);
             let tau = tau_at(cfg.train.tau_base, step, total);
             let (_, z1, p1) = online.forward(&v1, true);

@@ -1,0 +1,259 @@
+//! Evaluation of frozen features: a linear probe (softmax regression) and a weighted
+//! kNN, for the trained encoder, a randomly initialised one and raw pixels.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+
+use byol_pipeline::augment::{normalize, resized_crop_flip, CropBox};
+use byol_pipeline::loader::DecodeFn;
+use byol_pipeline::{Cursor, Dataset, Loader, LoaderConfig};
+
+use crate::byol::{channels_last, Network};
+use crate::config::TrainConfig;
+use crate::train::{device_of, list_checkpoints};
+
+/// Accuracies of one feature set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProbeResult {
+    pub linear_top1: f64,
+    pub linear_top5: f64,
+    pub knn20_top1: f64,
+    pub knn200_top1: f64,
+    pub dim: i64,
+}
+
+/// `RUN/eval.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub command: String,
+    pub run: String,
+    pub checkpoint: String,
+    pub step: u64,
+    pub train_rows: i64,
+    pub test_rows: i64,
+    pub byol: ProbeResult,
+    pub random_init: ProbeResult,
+    pub raw_pixels: ProbeResult,
+    pub seconds: f64,
+}
+
+/// Un-augmented model inputs of a whole dataset: the centred square of each valid
+/// region resized to `size`, in [0, 1], with labels. Returns (`[N,3,size,size]` uint8, labels).
+fn load_inputs(data: &Path, canvas: usize, size: i64, decode: DecodeFn) -> Result<(Tensor, Tensor)> {
+    let ds = Dataset::open(data).with_context(|| format!("opening {}", data.display()))?;
+    let lc = LoaderConfig {
+        batch: 512,
+        canvas,
+        drop_last: false,
+        pin_memory: false,
+        ..LoaderConfig::default()
+    };
+    let loader = Loader::new(ds, lc, decode)?;
+    let mut imgs = Vec::new();
+    let mut labels = Vec::new();
+    for b in loader.start(Cursor::default()) {
+        let b = b?;
+        let x = b.images().to_kind(Kind::Float) / 255.0;
+        let boxes: Vec<CropBox> = b
+            .valid_sizes()
+            .iter()
+            .map(|&(h, w)| {
+                let s = h.min(w) as i64;
+                CropBox {
+                    top: (h as i64 - s) / 2,
+                    left: (w as i64 - s) / 2,
+                    height: s,
+                    width: s,
+                }
+            })
+            .collect();
+        let flips = vec![false; boxes.len()];
+        let y = resized_crop_flip(&x, &boxes, &flips, size, byol_pipeline::augment::Interpolation::Bilinear);
+        imgs.push((y * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8));
+        labels.extend_from_slice(b.labels());
+    }
+    if labels.iter().any(|&l| l < 0) {
+        bail!("{} has unlabeled rows; evaluation needs labels", data.display());
+    }
+    Ok((Tensor::cat(&imgs, 0), Tensor::from_slice(&labels)))
+}
+
+/// Encoder features in eval mode, in chunks.
+fn features(net: &Network, x: &Tensor, cfg: &TrainConfig, device: Device) -> Tensor {
+    let n = x.size()[0];
+    let mut out = Vec::new();
+    tch::no_grad(|| {
+        let mut i = 0;
+        while i < n {
+            let len = (n - i).min(512);
+            let xb = x.narrow(0, i, len).to_device(device).to_kind(Kind::Float) / 255.0;
+            let mut xb = normalize(&xb, cfg.augment.mean, cfg.augment.std);
+            if cfg.train.channels_last {
+                xb = channels_last(&xb);
+            }
+            out.push(net.encoder.forward_t(&xb, false).to_device(Device::Cpu));
+            i += len;
+        }
+    });
+    Tensor::cat(&out, 0)
+}
+
+/// Raw-pixel features: luminance at (at most) 28×28, in [0, 1].
+fn raw_pixels(x: &Tensor) -> Tensor {
+    let s = x.size()[2].min(28);
+    let xf = x.to_kind(Kind::Float) / 255.0;
+    let xf = if x.size()[2] != s { xf.upsample_bilinear2d([s, s], false, None, None) } else { xf };
+    let g = byol_pipeline::augment::rgb_to_grayscale(&xf);
+    g.flatten(1, -1)
+}
+
+/// Softmax regression on standardised features, full-batch Adam with a cosine
+/// schedule (deterministic). Returns (top-1, top-5) on the test set.
+pub fn linear_probe(train: &Tensor, ytr: &Tensor, test: &Tensor, yte: &Tensor, classes: i64) -> (f64, f64) {
+    tch::manual_seed(0);
+    let mean = train.mean_dim([0i64].as_slice(), true, Kind::Float);
+    let std = train.std_dim([0i64].as_slice(), true, false) + 1e-6;
+    let tr = (train - &mean) / &std;
+    let te = (test - &mean) / &std;
+    let d = tr.size()[1];
+    let vs = nn::VarStore::new(Device::Cpu);
+    let lin = nn::linear(vs.root() / "probe", d, classes, nn::LinearConfig { ws_init: nn::Init::Const(0.0), ..Default::default() });
+    let mut opt = nn::Adam { wd: 0.0, ..Default::default() }.build(&vs, 0.0).expect("adam");
+    let iters = 300;
+    let lr0 = 0.05;
+    for it in 0..iters {
+        let lr = lr0 * 0.5 * (1.0 + (std::f64::consts::PI * it as f64 / iters as f64).cos());
+        opt.set_lr(lr);
+        let logits = tr.apply(&lin);
+        let l2: Tensor = lin.ws.pow_tensor_scalar(2).sum(Kind::Float) * 1e-4;
+        let loss = logits.cross_entropy_for_logits(ytr) + l2;
+        opt.backward_step(&loss);
+    }
+    let logits = tch::no_grad(|| te.apply(&lin));
+    accuracy(&logits, yte)
+}
+
+fn accuracy(logits: &Tensor, y: &Tensor) -> (f64, f64) {
+    let k = logits.size()[1].min(5);
+    let top = logits.topk(k, 1, true, true).1;
+    let hit = top.eq_tensor(&y.unsqueeze(1));
+    let top1 = hit.narrow(1, 0, 1).to_kind(Kind::Float).sum(Kind::Float).double_value(&[]);
+    let top5 = hit.to_kind(Kind::Float).sum(Kind::Float).double_value(&[]);
+    let n = y.size()[0] as f64;
+    (top1 / n, top5 / n)
+}
+
+/// Weighted kNN (cosine similarity, weights exp(sim/T)): top-1 for each k.
+pub fn knn(train: &Tensor, ytr: &Tensor, test: &Tensor, yte: &Tensor, classes: i64, ks: &[i64], temperature: f64) -> Vec<f64> {
+    let norm = |t: &Tensor| t / t.norm_scalaropt_dim(2, [1i64].as_slice(), true).clamp_min(1e-12);
+    let tr = norm(train);
+    let te = norm(test);
+    let kmax = *ks.iter().max().unwrap_or(&1);
+    let kmax = kmax.min(tr.size()[0]);
+    let n = te.size()[0];
+    let mut correct = vec![0f64; ks.len()];
+    tch::no_grad(|| {
+        let mut i = 0;
+        while i < n {
+            let len = (n - i).min(1024);
+            let sim = te.narrow(0, i, len).matmul(&tr.transpose(0, 1));
+            let (vals, idx) = sim.topk(kmax, 1, true, true);
+            let nl = ytr.index_select(0, &idx.flatten(0, -1)).view([len, kmax]);
+            let w = (vals / temperature).exp();
+            for (j, &k) in ks.iter().enumerate() {
+                let k = k.min(kmax);
+                let scores = Tensor::zeros([len, classes], (Kind::Float, Device::Cpu)).scatter_add(1, &nl.narrow(1, 0, k), &w.narrow(1, 0, k));
+                let pred = scores.argmax(1, false);
+                correct[j] += pred.eq_tensor(&yte.narrow(0, i, len)).to_kind(Kind::Float).sum(Kind::Float).double_value(&[]);
+            }
+            i += len;
+        }
+    });
+    correct.iter().map(|c| c / n as f64).collect()
+}
+
+fn probe(tr: &Tensor, ytr: &Tensor, te: &Tensor, yte: &Tensor, classes: i64) -> ProbeResult {
+    let (l1, l5) = linear_probe(tr, ytr, te, yte, classes);
+    let k = knn(tr, ytr, te, yte, classes, &[20, 200], 0.07);
+    ProbeResult {
+        linear_top1: l1,
+        linear_top5: l5,
+        knn20_top1: k[0],
+        knn200_top1: k[1],
+        dim: tr.size()[1],
+    }
+}
+
+/// `byol eval`.
+pub fn evaluate(run: &Path, train: &Path, test: &Path, checkpoint: Option<&Path>, decode: DecodeFn) -> Result<EvalReport> {
+    let t0 = std::time::Instant::now();
+    let cfg = TrainConfig::from_toml(&std::fs::read_to_string(run.join("config.toml")).with_context(|| format!("{}: not a run folder", run.display()))?, &[])?;
+    let ckpt: PathBuf = match checkpoint {
+        Some(c) => c.to_path_buf(),
+        None => list_checkpoints(run).pop().with_context(|| format!("{} has no checkpoint", run.display()))?,
+    };
+    let st: crate::train::CheckpointState = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)?;
+    let device = device_of(&cfg.train.device)?;
+    let classes = Dataset::open(train)?.manifest.classes.len() as i64;
+    if classes == 0 {
+        bail!("{} has no classes", train.display());
+    }
+    let size = cfg.augment.size;
+    let (xtr, ytr) = load_inputs(train, cfg.data.canvas, size, decode)?;
+    let (xte, yte) = load_inputs(test, cfg.data.canvas, size, decode)?;
+
+    let mut net = Network::new(device, &cfg.model.encoder, &cfg.model.projector, Some(&cfg.model.predictor));
+    net.vs.load(ckpt.join("online.safetensors")).with_context(|| format!("loading {}", ckpt.display()))?;
+    if cfg.train.channels_last {
+        net.to_channels_last();
+    }
+    let byol = probe(&features(&net, &xtr, &cfg, device), &ytr, &features(&net, &xte, &cfg, device), &yte, classes);
+
+    tch::manual_seed(cfg.train.seed as i64 + 1);
+    let mut rnd = Network::new(device, &cfg.model.encoder, &cfg.model.projector, None);
+    if cfg.train.channels_last {
+        rnd.to_channels_last();
+    }
+    let random_init = probe(&features(&rnd, &xtr, &cfg, device), &ytr, &features(&rnd, &xte, &cfg, device), &yte, classes);
+    let raw = probe(&raw_pixels(&xtr), &ytr, &raw_pixels(&xte), &yte, classes);
+    let report = EvalReport {
+        command: "eval".into(),
+        run: run.display().to_string(),
+        checkpoint: ckpt.display().to_string(),
+        step: st.step,
+        train_rows: ytr.size()[0],
+        test_rows: yte.size()[0],
+        byol,
+        random_init,
+        raw_pixels: raw,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    let tmp = run.join(".eval.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&report)?)?;
+    std::fs::rename(&tmp, run.join("eval.json"))?;
+    Ok(report)
+}
+
+impl EvalReport {
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "evaluation of {} (step {}), {} train / {} test images\n{:<14} {:>6} {:>9} {:>9} {:>9} {:>9}\n",
+            self.checkpoint, self.step, self.train_rows, self.test_rows, "features", "dim", "linear@1", "linear@5", "kNN20@1", "kNN200@1"
+        );
+        for (name, r) in [("byol", &self.byol), ("random init", &self.random_init), ("raw pixels", &self.raw_pixels)] {
+            s.push_str(&format!(
+                "{:<14} {:>6} {:>8.2}% {:>8.2}% {:>8.2}% {:>8.2}%\n",
+                name,
+                r.dim,
+                100.0 * r.linear_top1,
+                100.0 * r.linear_top5,
+                100.0 * r.knn20_top1,
+                100.0 * r.knn200_top1
+            ));
+        }
+        s
+    }
+}
