@@ -56,6 +56,9 @@ enum Cmd {
         /// Continue from the run's latest checkpoint.
         #[arg(long)]
         resume: bool,
+        /// Labelled held-out shards for the kNN monitor (each `train.knn_every_epochs`).
+        #[arg(long)]
+        val: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -95,6 +98,29 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Training images/s: compute only, with augmentation on random canvases
+    /// (--synthetic, always measured), with --data the whole pipeline; and a plain
+    /// PyTorch BYOL script with the same config on the same device.
+    Train {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long = "set")]
+        sets: Vec<String>,
+        /// Feed random canvases instead of shards (the default without --data).
+        #[arg(long)]
+        synthetic: bool,
+        #[arg(long, conflicts_with = "synthetic")]
+        data: Option<PathBuf>,
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Python with torch for the reference [default: $BYOL_PYTHON, the venv's, python3].
+        #[arg(long)]
+        python: Option<PathBuf>,
+        #[arg(long)]
+        no_reference: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Two-view augmentation throughput on the current device; with --data, the loader
     /// feeding it (shards in, both views out).
     Augment {
@@ -147,8 +173,78 @@ fn cores() -> usize {
         .unwrap_or(1)
 }
 
+fn default_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("BYOL_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let exe_root = std::env::current_exe().ok().and_then(|e| {
+        e.parent()
+            .and_then(|p| p.parent())
+            .and_then(|p| p.parent())
+            .map(|p| p.join(".venv/bin/python"))
+    });
+    match exe_root {
+        Some(p) if p.exists() => p,
+        _ => PathBuf::from("python3"),
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
+        Cmd::Bench(BenchCmd::Train {
+            config,
+            sets,
+            synthetic: _,
+            data,
+            steps,
+            python,
+            no_reference,
+            json,
+        }) => {
+            let text = std::fs::read_to_string(&config)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", config.display()))?;
+            let cfg = byol_trainer::config::TrainConfig::from_toml(&text, &sets)?;
+            #[cfg(feature = "opencv")]
+            let decode = Some(byol_pipeline::opencv_decoder());
+            #[cfg(not(feature = "opencv"))]
+            let decode: Option<byol_pipeline::loader::DecodeFn> = None;
+            if data.is_some() && decode.is_none() {
+                anyhow::bail!("--data needs a build with the `opencv` feature; use --synthetic");
+            }
+            #[cfg(feature = "opencv")]
+            byol_tools::image::set_opencv_threads(1);
+            let py = (!no_reference).then(|| python.unwrap_or_else(default_python));
+            let r = byol_trainer::bench::bench_train(
+                &cfg,
+                &config,
+                steps,
+                data.as_deref(),
+                decode,
+                py.as_deref(),
+            )?;
+            if json {
+                out(&format!("{}\n", serde_json::to_string(&r)?))?;
+            } else {
+                out(&format!(
+                    "{} batch {} size {}: compute only {:.1} images/s; with augmentation {:.1}{}; ratio to compute {:.2}{}\n",
+                    r.device,
+                    r.batch,
+                    r.size,
+                    r.compute_images_per_s,
+                    r.synthetic_images_per_s,
+                    match (r.data_images_per_s, r.data_stall) {
+                        (Some(d), Some(s)) => format!("; from shards {d:.1} (stall {:.0} %)", 100.0 * s),
+                        _ => String::new(),
+                    },
+                    r.ratio_to_compute,
+                    match (&r.reference, r.ratio_to_reference) {
+                        (Some(v), Some(x)) => format!("; PyTorch reference {:.1} images/s, byol/PyTorch {x:.2}", v["images_per_s"].as_f64().unwrap_or(0.0)),
+                        _ => String::new(),
+                    }
+                ))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         #[cfg(feature = "opencv")]
         Cmd::Eval {
             run: run_dir,
@@ -158,7 +254,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             byol_tools::image::set_opencv_threads(1);
-            let r = byol_trainer::eval::evaluate(&run_dir, &train, &test, checkpoint.as_deref(), byol_pipeline::opencv_decoder())?;
+            let r = byol_trainer::eval::evaluate(
+                &run_dir,
+                &train,
+                &test,
+                checkpoint.as_deref(),
+                byol_pipeline::opencv_decoder(),
+            )?;
             if json {
                 out(&format!("{}\n", serde_json::to_string(&r)?))?;
             } else {
@@ -174,6 +276,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             sets,
             max_steps,
             resume,
+            val,
             json,
         } => {
             use byol_trainer::config::TrainConfig;
@@ -197,6 +300,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let opts = byol_trainer::train::TrainOptions {
                 max_steps,
+                val,
                 resume,
                 progress: std::io::stderr().is_terminal(),
             };

@@ -82,13 +82,17 @@ fn summary(o: &Output) -> Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-fn losses(run: &Path) -> Vec<(u64, f64)> {
+fn losses(run: &Path) -> Vec<(u64, f64, Option<f64>)> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| {
             let v: Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap(),
+                v["probe_acc"].as_f64(),
+            )
         })
         .collect()
 }
@@ -112,7 +116,11 @@ fn interrupted_and_resumed_run_repeats_the_uninterrupted_losses() {
     let la = losses(&tmp.path().join("a"));
     let lb = losses(&tmp.path().join("b"));
     assert_eq!(la.len(), 13);
-    assert_eq!(la, lb, "loss sequences differ");
+    assert!(
+        la.iter().all(|r| r.2.is_some()),
+        "the online probe reports accuracy"
+    );
+    assert_eq!(la, lb, "loss (and online-probe) sequences differ");
     // Old checkpoints are pruned to `keep`.
     let n = std::fs::read_dir(tmp.path().join("b/checkpoints"))
         .unwrap()

@@ -50,7 +50,12 @@ impl Network {
 
     /// Writes every variable (contiguous copies) to a safetensors file.
     pub fn save(&self, path: &std::path::Path) -> Result<(), tch::TchError> {
-        let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().map(|(k, t)| (k, t.contiguous())).collect();
+        let mut named: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(k, t)| (k, t.contiguous()))
+            .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         Tensor::write_safetensors(&named, path)
     }
@@ -244,4 +249,29 @@ pub fn zero_grad(vs: &nn::VarStore) {
         }
         let _ = &mut t;
     }
+}
+
+/// One BYOL training step on two views (already on the device, in the network's
+/// layout). Returns the loss (scalar), the online projection and the embedding of view 1.
+pub fn train_step(
+    online: &Network,
+    target: &Network,
+    opt: &mut Lars,
+    v1: &Tensor,
+    v2: &Tensor,
+    lr: f64,
+    tau: f64,
+) -> (Tensor, Tensor, Tensor) {
+    let (y1, z1, p1) = online.forward(v1, true);
+    let (_, _, p2) = online.forward(v2, true);
+    let (zt1, zt2) = tch::no_grad(|| (target.forward(v1, true).1, target.forward(v2, true).1));
+    let (Some(p1), Some(p2)) = (p1, p2) else {
+        unreachable!("online network built without predictor")
+    };
+    let loss = byol_loss(&p1, &p2, &zt1, &zt2);
+    zero_grad(&online.vs);
+    loss.backward();
+    opt.step(&online.vs, lr);
+    ema_update(&target.vs, &online.vs, tau);
+    (loss, z1, y1.detach())
 }

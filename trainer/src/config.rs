@@ -64,6 +64,12 @@ pub struct TrainSection {
     pub torch_threads: i32,
     /// Run convolutions in channels-last layout (faster on CPU and on recent GPUs).
     pub channels_last: bool,
+    /// kNN monitor every N epochs when `--val` is given (0: never).
+    pub knn_every_epochs: u64,
+    /// Training images in the kNN monitor's bank.
+    pub knn_bank: usize,
+    /// Held-out images it classifies.
+    pub knn_queries: usize,
 }
 
 impl Default for TrainSection {
@@ -81,6 +87,9 @@ impl Default for TrainSection {
             collapse_threshold: 0.05,
             torch_threads: 0,
             channels_last: true,
+            knn_every_epochs: 1,
+            knn_bank: 10000,
+            knn_queries: 2000,
         }
     }
 }
@@ -123,6 +132,9 @@ pub const RESUMABLE_CHANGES: &[&str] = &[
     "train.keep",
     "train.torch_threads",
     "train.channels_last",
+    "train.knn_every_epochs",
+    "train.knn_bank",
+    "train.knn_queries",
     "data.decode_threads",
     "train.collapse_span",
     "train.collapse_threshold",

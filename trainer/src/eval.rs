@@ -42,7 +42,13 @@ pub struct EvalReport {
 
 /// Un-augmented model inputs of a whole dataset: the centred square of each valid
 /// region resized to `size`, in [0, 1], with labels. Returns (`[N,3,size,size]` uint8, labels).
-fn load_inputs(data: &Path, canvas: usize, size: i64, decode: DecodeFn) -> Result<(Tensor, Tensor)> {
+pub fn load_inputs(
+    data: &Path,
+    canvas: usize,
+    size: i64,
+    decode: DecodeFn,
+    limit: Option<usize>,
+) -> Result<(Tensor, Tensor)> {
     let ds = Dataset::open(data).with_context(|| format!("opening {}", data.display()))?;
     let lc = LoaderConfig {
         batch: 512,
@@ -71,18 +77,42 @@ fn load_inputs(data: &Path, canvas: usize, size: i64, decode: DecodeFn) -> Resul
             })
             .collect();
         let flips = vec![false; boxes.len()];
-        let y = resized_crop_flip(&x, &boxes, &flips, size, byol_pipeline::augment::Interpolation::Bilinear);
+        let y = resized_crop_flip(
+            &x,
+            &boxes,
+            &flips,
+            size,
+            byol_pipeline::augment::Interpolation::Bilinear,
+        );
         imgs.push((y * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8));
         labels.extend_from_slice(b.labels());
+        if limit.is_some_and(|l| labels.len() >= l) {
+            break;
+        }
+    }
+    if let Some(l) = limit {
+        let n = labels.len().min(l);
+        labels.truncate(n);
+        let x = Tensor::cat(&imgs, 0).narrow(0, 0, n as i64);
+        if labels.iter().any(|&v| v < 0) {
+            bail!(
+                "{} has unlabeled rows; evaluation needs labels",
+                data.display()
+            );
+        }
+        return Ok((x, Tensor::from_slice(&labels)));
     }
     if labels.iter().any(|&l| l < 0) {
-        bail!("{} has unlabeled rows; evaluation needs labels", data.display());
+        bail!(
+            "{} has unlabeled rows; evaluation needs labels",
+            data.display()
+        );
     }
     Ok((Tensor::cat(&imgs, 0), Tensor::from_slice(&labels)))
 }
 
 /// Encoder features in eval mode, in chunks.
-fn features(net: &Network, x: &Tensor, cfg: &TrainConfig, device: Device) -> Tensor {
+pub fn features(net: &Network, x: &Tensor, cfg: &TrainConfig, device: Device) -> Tensor {
     let n = x.size()[0];
     let mut out = Vec::new();
     tch::no_grad(|| {
@@ -105,14 +135,24 @@ fn features(net: &Network, x: &Tensor, cfg: &TrainConfig, device: Device) -> Ten
 fn raw_pixels(x: &Tensor) -> Tensor {
     let s = x.size()[2].min(28);
     let xf = x.to_kind(Kind::Float) / 255.0;
-    let xf = if x.size()[2] != s { xf.upsample_bilinear2d([s, s], false, None, None) } else { xf };
+    let xf = if x.size()[2] != s {
+        xf.upsample_bilinear2d([s, s], false, None, None)
+    } else {
+        xf
+    };
     let g = byol_pipeline::augment::rgb_to_grayscale(&xf);
     g.flatten(1, -1)
 }
 
 /// Softmax regression on standardised features, full-batch Adam with a cosine
 /// schedule (deterministic). Returns (top-1, top-5) on the test set.
-pub fn linear_probe(train: &Tensor, ytr: &Tensor, test: &Tensor, yte: &Tensor, classes: i64) -> (f64, f64) {
+pub fn linear_probe(
+    train: &Tensor,
+    ytr: &Tensor,
+    test: &Tensor,
+    yte: &Tensor,
+    classes: i64,
+) -> (f64, f64) {
     tch::manual_seed(0);
     let mean = train.mean_dim([0i64].as_slice(), true, Kind::Float);
     let std = train.std_dim([0i64].as_slice(), true, false) + 1e-6;
@@ -120,8 +160,21 @@ pub fn linear_probe(train: &Tensor, ytr: &Tensor, test: &Tensor, yte: &Tensor, c
     let te = (test - &mean) / &std;
     let d = tr.size()[1];
     let vs = nn::VarStore::new(Device::Cpu);
-    let lin = nn::linear(vs.root() / "probe", d, classes, nn::LinearConfig { ws_init: nn::Init::Const(0.0), ..Default::default() });
-    let mut opt = nn::Adam { wd: 0.0, ..Default::default() }.build(&vs, 0.0).expect("adam");
+    let lin = nn::linear(
+        vs.root() / "probe",
+        d,
+        classes,
+        nn::LinearConfig {
+            ws_init: nn::Init::Const(0.0),
+            ..Default::default()
+        },
+    );
+    let mut opt = nn::Adam {
+        wd: 0.0,
+        ..Default::default()
+    }
+    .build(&vs, 0.0)
+    .expect("adam");
     let iters = 300;
     let lr0 = 0.05;
     for it in 0..iters {
@@ -140,15 +193,31 @@ fn accuracy(logits: &Tensor, y: &Tensor) -> (f64, f64) {
     let k = logits.size()[1].min(5);
     let top = logits.topk(k, 1, true, true).1;
     let hit = top.eq_tensor(&y.unsqueeze(1));
-    let top1 = hit.narrow(1, 0, 1).to_kind(Kind::Float).sum(Kind::Float).double_value(&[]);
+    let top1 = hit
+        .narrow(1, 0, 1)
+        .to_kind(Kind::Float)
+        .sum(Kind::Float)
+        .double_value(&[]);
     let top5 = hit.to_kind(Kind::Float).sum(Kind::Float).double_value(&[]);
     let n = y.size()[0] as f64;
     (top1 / n, top5 / n)
 }
 
 /// Weighted kNN (cosine similarity, weights exp(sim/T)): top-1 for each k.
-pub fn knn(train: &Tensor, ytr: &Tensor, test: &Tensor, yte: &Tensor, classes: i64, ks: &[i64], temperature: f64) -> Vec<f64> {
-    let norm = |t: &Tensor| t / t.norm_scalaropt_dim(2, [1i64].as_slice(), true).clamp_min(1e-12);
+pub fn knn(
+    train: &Tensor,
+    ytr: &Tensor,
+    test: &Tensor,
+    yte: &Tensor,
+    classes: i64,
+    ks: &[i64],
+    temperature: f64,
+) -> Vec<f64> {
+    let norm = |t: &Tensor| {
+        t / t
+            .norm_scalaropt_dim(2, [1i64].as_slice(), true)
+            .clamp_min(1e-12)
+    };
     let tr = norm(train);
     let te = norm(test);
     let kmax = *ks.iter().max().unwrap_or(&1);
@@ -165,9 +234,17 @@ pub fn knn(train: &Tensor, ytr: &Tensor, test: &Tensor, yte: &Tensor, classes: i
             let w = (vals / temperature).exp();
             for (j, &k) in ks.iter().enumerate() {
                 let k = k.min(kmax);
-                let scores = Tensor::zeros([len, classes], (Kind::Float, Device::Cpu)).scatter_add(1, &nl.narrow(1, 0, k), &w.narrow(1, 0, k));
+                let scores = Tensor::zeros([len, classes], (Kind::Float, Device::Cpu)).scatter_add(
+                    1,
+                    &nl.narrow(1, 0, k),
+                    &w.narrow(1, 0, k),
+                );
                 let pred = scores.argmax(1, false);
-                correct[j] += pred.eq_tensor(&yte.narrow(0, i, len)).to_kind(Kind::Float).sum(Kind::Float).double_value(&[]);
+                correct[j] += pred
+                    .eq_tensor(&yte.narrow(0, i, len))
+                    .to_kind(Kind::Float)
+                    .sum(Kind::Float)
+                    .double_value(&[]);
             }
             i += len;
         }
@@ -188,36 +265,68 @@ fn probe(tr: &Tensor, ytr: &Tensor, te: &Tensor, yte: &Tensor, classes: i64) -> 
 }
 
 /// `byol eval`.
-pub fn evaluate(run: &Path, train: &Path, test: &Path, checkpoint: Option<&Path>, decode: DecodeFn) -> Result<EvalReport> {
+pub fn evaluate(
+    run: &Path,
+    train: &Path,
+    test: &Path,
+    checkpoint: Option<&Path>,
+    decode: DecodeFn,
+) -> Result<EvalReport> {
     let t0 = std::time::Instant::now();
-    let cfg = TrainConfig::from_toml(&std::fs::read_to_string(run.join("config.toml")).with_context(|| format!("{}: not a run folder", run.display()))?, &[])?;
+    let cfg = TrainConfig::from_toml(
+        &std::fs::read_to_string(run.join("config.toml"))
+            .with_context(|| format!("{}: not a run folder", run.display()))?,
+        &[],
+    )?;
     let ckpt: PathBuf = match checkpoint {
         Some(c) => c.to_path_buf(),
-        None => list_checkpoints(run).pop().with_context(|| format!("{} has no checkpoint", run.display()))?,
+        None => list_checkpoints(run)
+            .pop()
+            .with_context(|| format!("{} has no checkpoint", run.display()))?,
     };
-    let st: crate::train::CheckpointState = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)?;
+    let st: crate::train::CheckpointState =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)?;
     let device = device_of(&cfg.train.device)?;
     let classes = Dataset::open(train)?.manifest.classes.len() as i64;
     if classes == 0 {
         bail!("{} has no classes", train.display());
     }
     let size = cfg.augment.size;
-    let (xtr, ytr) = load_inputs(train, cfg.data.canvas, size, decode)?;
-    let (xte, yte) = load_inputs(test, cfg.data.canvas, size, decode)?;
+    let (xtr, ytr) = load_inputs(train, cfg.data.canvas, size, decode, None)?;
+    let (xte, yte) = load_inputs(test, cfg.data.canvas, size, decode, None)?;
 
-    let mut net = Network::new(device, &cfg.model.encoder, &cfg.model.projector, Some(&cfg.model.predictor));
-    net.vs.load(ckpt.join("online.safetensors")).with_context(|| format!("loading {}", ckpt.display()))?;
+    let mut net = Network::new(
+        device,
+        &cfg.model.encoder,
+        &cfg.model.projector,
+        Some(&cfg.model.predictor),
+    );
+    net.vs
+        .load(ckpt.join("online.safetensors"))
+        .with_context(|| format!("loading {}", ckpt.display()))?;
     if cfg.train.channels_last {
         net.to_channels_last();
     }
-    let byol = probe(&features(&net, &xtr, &cfg, device), &ytr, &features(&net, &xte, &cfg, device), &yte, classes);
+    let byol = probe(
+        &features(&net, &xtr, &cfg, device),
+        &ytr,
+        &features(&net, &xte, &cfg, device),
+        &yte,
+        classes,
+    );
 
     tch::manual_seed(cfg.train.seed as i64 + 1);
     let mut rnd = Network::new(device, &cfg.model.encoder, &cfg.model.projector, None);
     if cfg.train.channels_last {
         rnd.to_channels_last();
     }
-    let random_init = probe(&features(&rnd, &xtr, &cfg, device), &ytr, &features(&rnd, &xte, &cfg, device), &yte, classes);
+    let random_init = probe(
+        &features(&rnd, &xtr, &cfg, device),
+        &ytr,
+        &features(&rnd, &xte, &cfg, device),
+        &yte,
+        classes,
+    );
     let raw = probe(&raw_pixels(&xtr), &ytr, &raw_pixels(&xte), &yte, classes);
     let report = EvalReport {
         command: "eval".into(),
@@ -243,7 +352,11 @@ impl EvalReport {
             "evaluation of {} (step {}), {} train / {} test images\n{:<14} {:>6} {:>9} {:>9} {:>9} {:>9}\n",
             self.checkpoint, self.step, self.train_rows, self.test_rows, "features", "dim", "linear@1", "linear@5", "kNN20@1", "kNN200@1"
         );
-        for (name, r) in [("byol", &self.byol), ("random init", &self.random_init), ("raw pixels", &self.raw_pixels)] {
+        for (name, r) in [
+            ("byol", &self.byol),
+            ("random init", &self.random_init),
+            ("raw pixels", &self.raw_pixels),
+        ] {
             s.push_str(&format!(
                 "{:<14} {:>6} {:>8.2}% {:>8.2}% {:>8.2}% {:>8.2}%\n",
                 name,

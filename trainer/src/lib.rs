@@ -2,9 +2,11 @@
 //! networks, loss, EMA, LARS, schedules), the training loop with checkpoints, and the
 //! native runtimes.
 
+pub mod bench;
 pub mod byol;
 pub mod config;
 pub mod eval;
 pub mod model;
+pub mod plot;
 pub mod runtime;
 pub mod train;

@@ -13,7 +13,7 @@ use byol_pipeline::augment::{Augmenter, SplitMix64};
 use byol_pipeline::loader::DecodeFn;
 use byol_pipeline::{Cursor, Dataset, Loader, LoaderConfig};
 
-use crate::byol::{byol_loss, channels_last, copy_into, ema_update, lr_at, tau_at, zero_grad, Lars, Network};
+use crate::byol::{channels_last, copy_into, lr_at, tau_at, train_step, Lars, Network};
 use crate::config::{TrainConfig, RESUMABLE_CHANGES};
 
 /// Set by SIGINT/SIGTERM: finish the step, checkpoint, exit.
@@ -35,6 +35,8 @@ pub fn install_signal_handlers() {
 #[derive(Debug, Clone, Default)]
 pub struct TrainOptions {
     pub max_steps: Option<u64>,
+    /// Labelled held-out shards for the kNN monitor.
+    pub val: Option<PathBuf>,
     pub resume: bool,
     /// Draw a progress bar.
     pub progress: bool,
@@ -63,6 +65,87 @@ pub struct Metrics {
     pub stall: f64,
     /// std of the L2-normalised projections × √d: about 1 when healthy, 0 when collapsed.
     pub collapse: f64,
+    /// Accuracy of the online linear probe on this interval's training batches (view 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_acc: Option<f64>,
+}
+
+/// A kNN-monitor row in `RUN/metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KnnRow {
+    pub step: u64,
+    pub epoch: u64,
+    /// Weighted kNN (k = 20) top-1 of held-out images against a bank of training images.
+    pub knn_top1: f64,
+}
+
+/// The online linear probe: a linear classifier on the detached embedding, trained with
+/// SGD alongside the networks (its state is part of the checkpoint).
+struct Probe {
+    vs: tch::nn::VarStore,
+    lin: tch::nn::Linear,
+    opt: Lars,
+}
+
+impl Probe {
+    fn new(device: Device, dim: i64, classes: i64) -> Probe {
+        let vs = tch::nn::VarStore::new(device);
+        let lin = tch::nn::linear(vs.root() / "probe", dim, classes, Default::default());
+        Probe {
+            vs,
+            lin,
+            opt: Lars::new(crate::byol::OptimizerKind::Sgd, 0.9, 0.0, 0.0),
+        }
+    }
+
+    /// One SGD step on (embedding, labels); returns correct predictions before the step.
+    fn step(&mut self, y: &Tensor, labels: &Tensor) -> f64 {
+        use tch::nn::Module;
+        let logits = self.lin.forward(y);
+        let correct = logits
+            .argmax(1, false)
+            .eq_tensor(labels)
+            .to_kind(Kind::Float)
+            .sum(Kind::Float)
+            .double_value(&[]);
+        let loss = logits.cross_entropy_for_logits(labels);
+        crate::byol::zero_grad(&self.vs);
+        loss.backward();
+        self.opt.step(&self.vs, 0.05);
+        correct
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        let mut named: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(k, t)| (k, t.contiguous()))
+            .collect();
+        named.extend(self.opt.state());
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        Tensor::write_safetensors(&named, path)?;
+        Ok(())
+    }
+
+    fn load(&mut self, path: &Path, device: Device) -> Result<()> {
+        let named = Tensor::read_safetensors(path)?;
+        let vars = self.vs.variables();
+        let mut buffers = Vec::new();
+        tch::no_grad(|| {
+            for (k, t) in named {
+                match vars.get(&k) {
+                    Some(v) => {
+                        let mut v = v.shallow_clone();
+                        v.copy_(&t);
+                    }
+                    None => buffers.push((k, t)),
+                }
+            }
+        });
+        self.opt.load_state(buffers, device);
+        Ok(())
+    }
 }
 
 /// The `--json` summary.
@@ -123,6 +206,7 @@ fn save_checkpoint(
     online: &Network,
     target: &Network,
     opt: &Lars,
+    probe: Option<&Probe>,
     st: &CheckpointState,
     keep: usize,
 ) -> Result<PathBuf> {
@@ -137,6 +221,9 @@ fn save_checkpoint(
     let state = opt.state();
     if !state.is_empty() {
         Tensor::write_safetensors(&state, tmp.join("optimizer.safetensors"))?;
+    }
+    if let Some(p) = probe {
+        p.save(&tmp.join("probe.safetensors"))?;
     }
     std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(st)?)?;
     let fin = dir.join(&name);
@@ -156,6 +243,7 @@ fn load_checkpoint(
     online: &mut Network,
     target: &mut Network,
     opt: &mut Lars,
+    probe: Option<&mut Probe>,
     device: Device,
 ) -> Result<CheckpointState> {
     online
@@ -169,6 +257,12 @@ fn load_checkpoint(
     let o = dir.join("optimizer.safetensors");
     if o.exists() {
         opt.load_state(Tensor::read_safetensors(&o)?, device);
+    }
+    if let Some(p) = probe {
+        let f = dir.join("probe.safetensors");
+        if f.exists() {
+            p.load(&f, device)?;
+        }
     }
     let st: CheckpointState =
         serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
@@ -275,7 +369,10 @@ pub fn train(
         drop_last: true,
         ..LoaderConfig::default()
     };
+    let classes = ds.manifest.classes.len() as i64;
+    let labelled = classes > 0 && ds.manifest.totals.unlabeled == 0;
     let loader = Loader::new(ds, lc, decode)?;
+    let mut probe = labelled.then(|| Probe::new(device, online.encoder.out_dim(), classes));
     let spe = loader.batches_per_epoch();
     if spe == 0 {
         bail!(
@@ -296,7 +393,14 @@ pub fn train(
     let mut last_loss = f64::NAN;
     if opts.resume {
         if let Some(dir) = &latest {
-            let st = load_checkpoint(dir, &mut online, &mut target, &mut opt, device)?;
+            let st = load_checkpoint(
+                dir,
+                &mut online,
+                &mut target,
+                &mut opt,
+                probe.as_mut(),
+                device,
+            )?;
             step = st.step;
             cursor = st.cursor;
             rng = SplitMix64::new(st.aug_rng);
@@ -327,6 +431,7 @@ pub fn train(
     let mut low_collapse = 0u64;
     let mut win_t = Instant::now();
     let mut win_imgs = 0u64;
+    let mut win_correct = 0.0f64;
     let mut win_wait0 = loader.stats().consumer_wait_s;
     let run_t0 = Instant::now();
     let run_step0 = step;
@@ -358,14 +463,11 @@ pub fn train(
             }
             let lr = lr_at(peak_lr, step, warmup, total);
             let tau = tau_at(cfg.train.tau_base, step, total);
-            let (_, z1, p1) = online.forward(&v1, true);
-            let (_, _, p2) = online.forward(&v2, true);
-            let (zt1, zt2) =
-                tch::no_grad(|| (target.forward(&v1, true).1, target.forward(&v2, true).1));
-            let (Some(p1), Some(p2)) = (p1, p2) else {
-                bail!("online network without predictor")
-            };
-            let loss = byol_loss(&p1, &p2, &zt1, &zt2);
+            let (loss, z1, y1) = train_step(&online, &target, &mut opt, &v1, &v2, lr, tau);
+            if let Some(p) = probe.as_mut() {
+                let labels = Tensor::from_slice(b.labels()).to_device(device);
+                win_correct += p.step(&y1, &labels);
+            }
             let lv = loss.double_value(&[]);
             if !lv.is_finite() {
                 bail!(
@@ -377,10 +479,6 @@ pub fn train(
                         .unwrap_or_else(|| "none".into())
                 );
             }
-            zero_grad(&online.vs);
-            loss.backward();
-            opt.step(&online.vs, lr);
-            ema_update(&target.vs, &online.vs, tau);
             step += 1;
             cursor = b.cursor;
             last_loss = lv;
@@ -414,6 +512,7 @@ pub fn train(
                     images_per_s: win_imgs as f64 / dt,
                     stall: ((wait - win_wait0) / dt).clamp(0.0, 1.0),
                     collapse,
+                    probe_acc: probe.as_ref().map(|_| win_correct / win_imgs.max(1) as f64),
                 };
                 writeln!(metrics, "{}", serde_json::to_string(&m)?)?;
                 bar.set_message(format!(
@@ -423,6 +522,7 @@ pub fn train(
                 ));
                 win_t = Instant::now();
                 win_imgs = 0;
+                win_correct = 0.0;
                 win_wait0 = wait;
             }
             if step.is_multiple_of(cfg.train.checkpoint_every.max(1)) {
@@ -431,6 +531,7 @@ pub fn train(
                     &online,
                     &target,
                     &opt,
+                    probe.as_ref(),
                     &state_of(step, cursor, &rng, lv),
                     cfg.train.keep,
                 )?);
@@ -442,17 +543,40 @@ pub fn train(
                 epoch: cursor.epoch + 1,
                 consumed: 0,
             };
+            if let Some(val) = &opts.val {
+                if cfg.train.knn_every_epochs > 0
+                    && cursor.epoch.is_multiple_of(cfg.train.knn_every_epochs)
+                {
+                    let acc = knn_monitor(&online, &cfg, data, val, decode, device)?;
+                    let row = KnnRow {
+                        step,
+                        epoch: cursor.epoch,
+                        knn_top1: acc,
+                    };
+                    writeln!(metrics, "{}", serde_json::to_string(&row)?)?;
+                    bar.println(format!(
+                        "epoch {}: kNN top-1 {:.2} %",
+                        cursor.epoch,
+                        100.0 * acc
+                    ));
+                }
+            }
+            if let Err(e) = draw_curves(run) {
+                tracing::warn!("curves.png not written: {e}");
+            }
             last_ckpt = Some(save_checkpoint(
                 run,
                 &online,
                 &target,
                 &opt,
+                probe.as_ref(),
                 &state_of(step, cursor, &rng, last_loss),
                 cfg.train.keep,
             )?);
         }
     }
     bar.finish_and_clear();
+    let _ = draw_curves(run);
     let stopped = STOP.load(Ordering::SeqCst);
     // Always leave a checkpoint at the step we stopped at.
     let have = last_ckpt
@@ -464,6 +588,7 @@ pub fn train(
             &online,
             &target,
             &opt,
+            probe.as_ref(),
             &state_of(step, cursor, &rng, last_loss),
             cfg.train.keep,
         )?);
@@ -484,4 +609,75 @@ pub fn train(
         stopped_by_signal: stopped,
         seconds: t_start.elapsed().as_secs_f64(),
     })
+}
+
+/// kNN (k = 20) top-1 of the first `knn_queries` held-out images against the first
+/// `knn_bank` training images, with the online encoder in eval mode.
+fn knn_monitor(
+    online: &Network,
+    cfg: &TrainConfig,
+    data: &Path,
+    val: &Path,
+    decode: DecodeFn,
+    device: Device,
+) -> Result<f64> {
+    use crate::eval::{features, knn, load_inputs};
+    let size = cfg.augment.size;
+    let (xb, yb) = load_inputs(
+        data,
+        cfg.data.canvas,
+        size,
+        decode,
+        Some(cfg.train.knn_bank),
+    )?;
+    let (xq, yq) = load_inputs(
+        val,
+        cfg.data.canvas,
+        size,
+        decode,
+        Some(cfg.train.knn_queries),
+    )?;
+    let classes = yb.max().int64_value(&[]).max(yq.max().int64_value(&[])) + 1;
+    let fb = features(online, &xb, cfg, device);
+    let fq = features(online, &xq, cfg, device);
+    Ok(knn(&fb, &yb, &fq, &yq, classes, &[20], 0.07)[0])
+}
+
+/// Redraws `RUN/curves.png` from `RUN/metrics.jsonl`: loss (left); online-probe and
+/// kNN accuracy (right).
+pub fn draw_curves(run: &Path) -> Result<()> {
+    use crate::plot::{save_curves, Series, BLUE, GREEN, ORANGE};
+    let text = std::fs::read_to_string(run.join("metrics.jsonl"))?;
+    let (mut loss, mut probe, mut knn) = (Vec::new(), Vec::new(), Vec::new());
+    for l in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(l)?;
+        let step = v["step"].as_f64().unwrap_or(0.0);
+        if let Some(x) = v["loss"].as_f64() {
+            loss.push((step, x));
+        }
+        if let Some(x) = v["probe_acc"].as_f64() {
+            probe.push((step, x));
+        }
+        if let Some(x) = v["knn_top1"].as_f64() {
+            knn.push((step, x));
+        }
+    }
+    save_curves(
+        &run.join("curves.png"),
+        &[Series {
+            color: BLUE,
+            points: &loss,
+        }],
+        &[
+            Series {
+                color: ORANGE,
+                points: &probe,
+            },
+            Series {
+                color: GREEN,
+                points: &knn,
+            },
+        ],
+    )?;
+    Ok(())
 }

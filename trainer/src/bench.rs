@@ -1,0 +1,256 @@
+//! `byol bench train`: training images/s (an image = both views) against the
+//! compute-only ceiling and a plain PyTorch BYOL script, measured in the same run.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use byol_pipeline::augment::{Augmenter, SplitMix64};
+use byol_pipeline::loader::DecodeFn;
+use byol_pipeline::{Cursor, Dataset, Loader, LoaderConfig};
+
+use crate::byol::{channels_last, copy_into, train_step, Lars, Network};
+use crate::config::TrainConfig;
+use crate::train::device_of;
+
+#[derive(Debug, Serialize)]
+pub struct TrainBench {
+    pub command: String,
+    pub device: String,
+    pub batch: usize,
+    pub size: i64,
+    pub steps: usize,
+    /// Steps on two fixed views already on the device: model compute alone.
+    pub compute_images_per_s: f64,
+    /// Augmentation + step on random canvases already on the device (`--synthetic`).
+    pub synthetic_images_per_s: f64,
+    /// Shards → loader → augmentation → step (`--data`).
+    pub data_images_per_s: Option<f64>,
+    pub data_stall: Option<f64>,
+    /// data (or synthetic) images/s ÷ compute-only images/s.
+    pub ratio_to_compute: f64,
+    /// The PyTorch reference script's output, when it ran.
+    pub reference: Option<serde_json::Value>,
+    /// compute-only images/s ÷ the reference's.
+    pub ratio_to_reference: Option<f64>,
+}
+
+fn sync(dev: Device) {
+    if let Device::Cuda(i) = dev {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+struct Model {
+    online: Network,
+    target: Network,
+    opt: Lars,
+}
+
+fn model(cfg: &TrainConfig, device: Device) -> Model {
+    tch::manual_seed(cfg.train.seed as i64);
+    let mut online = Network::new(
+        device,
+        &cfg.model.encoder,
+        &cfg.model.projector,
+        Some(&cfg.model.predictor),
+    );
+    let mut target = Network::new(device, &cfg.model.encoder, &cfg.model.projector, None);
+    copy_into(&target.vs, &online.vs);
+    if cfg.train.channels_last {
+        online.to_channels_last();
+        target.to_channels_last();
+    }
+    let o = &cfg.optim;
+    Model {
+        online,
+        target,
+        opt: Lars::new(o.kind, o.momentum, o.weight_decay, o.trust),
+    }
+}
+
+/// Times `steps` calls of `f` after `warmup` untimed ones; returns images/s.
+fn timed(
+    batch: usize,
+    warmup: usize,
+    steps: usize,
+    dev: Device,
+    mut f: impl FnMut() -> Result<Tensor>,
+) -> Result<f64> {
+    for _ in 0..warmup {
+        let _ = f()?;
+    }
+    sync(dev);
+    let t0 = Instant::now();
+    let mut last = None;
+    for _ in 0..steps {
+        last = Some(f()?);
+    }
+    if let Some(l) = last {
+        l.double_value(&[]);
+    }
+    sync(dev);
+    Ok((steps * batch) as f64 / t0.elapsed().as_secs_f64())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn bench_train(
+    cfg: &TrainConfig,
+    config_path: &Path,
+    steps: usize,
+    data: Option<&Path>,
+    decode: Option<DecodeFn>,
+    python: Option<&Path>,
+) -> Result<TrainBench> {
+    if cfg.train.torch_threads > 0 {
+        tch::set_num_threads(cfg.train.torch_threads);
+    }
+    let dev = device_of(&cfg.train.device)?;
+    let b = cfg.train.batch;
+    let size = cfg.augment.size;
+    let warmup = 3;
+    let cl = |t: Tensor| {
+        if cfg.train.channels_last {
+            channels_last(&t)
+        } else {
+            t
+        }
+    };
+
+    // 1. Compute only: fixed views on the device.
+    let mut m = model(cfg, dev);
+    let v1 = cl(Tensor::randn([b as i64, 3, size, size], (Kind::Float, dev)));
+    let v2 = cl(Tensor::randn([b as i64, 3, size, size], (Kind::Float, dev)));
+    let compute = timed(b, warmup, steps, dev, || {
+        Ok(train_step(&m.online, &m.target, &mut m.opt, &v1, &v2, 0.1, 0.99).0)
+    })?;
+
+    // 2. Synthetic canvases: augmentation + step.
+    let mut m = model(cfg, dev);
+    let canvas = cfg.data.canvas as i64;
+    let canv = (Tensor::rand([b as i64, 3, canvas, canvas], (Kind::Float, dev)) * 255.0)
+        .to_kind(Kind::Uint8);
+    let valid = vec![(canvas as i32, canvas as i32); b];
+    let aug = Augmenter::new(cfg.augment.clone());
+    let mut rng = SplitMix64::new(0);
+    let synthetic = timed(b, warmup, steps, dev, || {
+        let (a, c) = aug.views(&canv, &valid, &mut rng);
+        Ok(train_step(&m.online, &m.target, &mut m.opt, &cl(a), &cl(c), 0.1, 0.99).0)
+    })?;
+
+    // 3. Real data through the loader.
+    let (data_rate, stall) = match (data, decode) {
+        (Some(d), Some(dec)) => {
+            let mut m = model(cfg, dev);
+            let ds = Dataset::open(d).with_context(|| format!("opening {}", d.display()))?;
+            let cores = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1);
+            let lc = LoaderConfig {
+                batch: b,
+                canvas: cfg.data.canvas,
+                decode_threads: if cfg.data.decode_threads == 0 {
+                    cores
+                } else {
+                    cfg.data.decode_threads
+                },
+                ..LoaderConfig::default()
+            };
+            let loader = Loader::new(ds, lc, dec)?;
+            anyhow::ensure!(loader.batches_per_epoch() > 0, "fewer rows than one batch");
+            let mut epoch = 0;
+            let mut it = loader.start(Cursor { epoch, consumed: 0 });
+            let mut wait0 = 0.0;
+            let mut t0 = Instant::now();
+            let mut done = 0;
+            let mut last = None;
+            while done < steps + warmup {
+                let batch = match it.next() {
+                    Some(x) => x?,
+                    None => {
+                        epoch += 1;
+                        it = loader.start(Cursor { epoch, consumed: 0 });
+                        continue;
+                    }
+                };
+                let mut batch = batch;
+                let c = batch.to_device(dev);
+                let (a, v) = aug.views(&c, batch.valid_sizes(), &mut rng);
+                last =
+                    Some(train_step(&m.online, &m.target, &mut m.opt, &cl(a), &cl(v), 0.1, 0.99).0);
+                done += 1;
+                if done == warmup {
+                    sync(dev);
+                    t0 = Instant::now();
+                    wait0 = loader.stats().consumer_wait_s;
+                }
+            }
+            if let Some(l) = last {
+                l.double_value(&[]);
+            }
+            sync(dev);
+            let s = t0.elapsed().as_secs_f64();
+            (
+                Some((steps * b) as f64 / s),
+                Some(((loader.stats().consumer_wait_s - wait0) / s).clamp(0.0, 1.0)),
+            )
+        }
+        _ => (None, None),
+    };
+
+    // 4. The PyTorch reference, same config, same device.
+    let reference = match python {
+        Some(py) => {
+            let local = Path::new("benches/reference/byol_torch.py");
+            let script = if local.exists() {
+                local.to_path_buf()
+            } else {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/reference/byol_torch.py")
+            };
+            let o = std::process::Command::new(py)
+                .arg(&script)
+                .arg("--config")
+                .arg(config_path)
+                .args([
+                    "--steps",
+                    &steps.to_string(),
+                    "--warmup",
+                    &warmup.to_string(),
+                    "--json",
+                ])
+                .output()
+                .with_context(|| format!("running {} {}", py.display(), script.display()))?;
+            if !o.status.success() {
+                anyhow::bail!(
+                    "reference script failed: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+            Some(serde_json::from_slice::<serde_json::Value>(
+                o.stdout.trim_ascii(),
+            )?)
+        }
+        None => None,
+    };
+    let ratio_to_reference = reference
+        .as_ref()
+        .and_then(|r| r["images_per_s"].as_f64())
+        .map(|r| compute / r);
+    Ok(TrainBench {
+        command: "bench train".into(),
+        device: format!("{dev:?}"),
+        batch: b,
+        size,
+        steps,
+        compute_images_per_s: compute,
+        synthetic_images_per_s: synthetic,
+        data_images_per_s: data_rate,
+        data_stall: stall,
+        ratio_to_compute: data_rate.unwrap_or(synthetic) / compute,
+        reference,
+        ratio_to_reference,
+    })
+}
