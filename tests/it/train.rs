@@ -249,3 +249,36 @@ fn incompatible_resume_and_diverging_loss_are_clear_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn eval_writes_the_report_schema() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    summary(&train(tmp.path(), &data, "e", &["--max-steps", "4"]));
+    let run = tmp.path().join("e");
+    let o = Command::new(BIN)
+        .args([
+            "eval",
+            "--run",
+            run.to_str().unwrap(),
+            "--train",
+            data.to_str().unwrap(),
+            "--test",
+            data.to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let v = summary(&o);
+    let file: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(v["step"], 4);
+    assert_eq!(file["train_rows"], 128);
+    for set in ["byol", "random_init", "raw_pixels"] {
+        for k in ["linear_top1", "linear_top5", "knn20_top1", "knn200_top1"] {
+            let x = file[set][k].as_f64().unwrap_or(-1.0);
+            assert!((0.0..=1.0).contains(&x), "{set}.{k} = {x}");
+        }
+    }
+    assert!(run.join("curves.png").exists());
+}

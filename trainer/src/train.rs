@@ -432,6 +432,7 @@ pub fn train(
     let mut win_t = Instant::now();
     let mut win_imgs = 0u64;
     let mut win_correct = 0.0f64;
+    let mut last_knn_step = u64::MAX;
     let mut win_wait0 = loader.stats().consumer_wait_s;
     let run_t0 = Instant::now();
     let run_step0 = step;
@@ -548,6 +549,7 @@ pub fn train(
                     && cursor.epoch.is_multiple_of(cfg.train.knn_every_epochs)
                 {
                     let acc = knn_monitor(&online, &cfg, data, val, decode, device)?;
+                    last_knn_step = step;
                     let row = KnnRow {
                         step,
                         epoch: cursor.epoch,
@@ -576,6 +578,19 @@ pub fn train(
         }
     }
     bar.finish_and_clear();
+    // The run's last state gets a kNN row too (the final epoch end is not reached when
+    // the step budget ends exactly there).
+    if let Some(val) = &opts.val {
+        if cfg.train.knn_every_epochs > 0 && step > 0 && last_knn_step != step && step == total {
+            let acc = knn_monitor(&online, &cfg, data, val, decode, device)?;
+            let row = KnnRow {
+                step,
+                epoch: cursor.epoch + 1,
+                knn_top1: acc,
+            };
+            writeln!(metrics, "{}", serde_json::to_string(&row)?)?;
+        }
+    }
     let _ = draw_curves(run);
     let stopped = STOP.load(Ordering::SeqCst);
     // Always leave a checkpoint at the step we stopped at.

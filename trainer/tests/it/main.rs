@@ -180,3 +180,31 @@ fn ema_moves_the_target_towards_the_online_network_by_name() {
     ema_update(&ta, &on, 0.5);
     assert!(max_diff(&t, &Tensor::from_slice(&[0.55f32, 0.55, 0.55])) < 1e-7);
 }
+
+/// Well-separated Gaussian clusters: both probes are (nearly) perfect; with the labels
+/// shuffled they fall to chance.
+#[test]
+fn linear_probe_and_knn_on_synthetic_features() {
+    use byol_trainer::eval::{knn, linear_probe};
+    tch::manual_seed(7);
+    let classes = 4i64;
+    let make = |n: i64| {
+        let y = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(classes);
+        let centers =
+            Tensor::eye(classes, (Kind::Float, Device::Cpu)).pad([0, 12], "constant", None) * 4.0;
+        let x =
+            centers.index_select(0, &y) + Tensor::randn([n, 16], (Kind::Float, Device::Cpu)) * 0.5;
+        (x, y)
+    };
+    let (xtr, ytr) = make(400);
+    let (xte, yte) = make(200);
+    let (top1, top5) = linear_probe(&xtr, &ytr, &xte, &yte, classes);
+    assert!(top1 > 0.98, "linear top-1 {top1}");
+    assert_eq!(top5, 1.0);
+    let k = knn(&xtr, &ytr, &xte, &yte, classes, &[20, 200], 0.07);
+    assert!(k[0] > 0.98 && k[1] > 0.98, "{k:?}");
+    // Labels unrelated to the features: chance level (0.25 ± noise).
+    let shuffled = ytr.index_select(0, &Tensor::randperm(400, (Kind::Int64, Device::Cpu)));
+    let (chance, _) = linear_probe(&xtr, &shuffled, &xte, &yte, classes);
+    assert!(chance < 0.45, "{chance}");
+}
