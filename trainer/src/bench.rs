@@ -10,9 +10,9 @@ use tch::{Device, Kind, Tensor};
 
 use byol_pipeline::augment::{Augmenter, SplitMix64};
 use byol_pipeline::loader::DecodeFn;
-use byol_pipeline::{Cursor, Dataset, Loader, LoaderConfig};
+use byol_pipeline::{Cursor, Dataset, Loader};
 
-use crate::byol::{channels_last, copy_into, train_step, Lars, Network};
+use crate::byol::{channels_last, train_step, Lars, Network};
 use crate::config::TrainConfig;
 use crate::train::device_of;
 
@@ -51,24 +51,11 @@ struct Model {
 }
 
 fn model(cfg: &TrainConfig, device: Device) -> Model {
-    tch::manual_seed(cfg.train.seed as i64);
-    let mut online = Network::new(
-        device,
-        &cfg.model.encoder,
-        &cfg.model.projector,
-        Some(&cfg.model.predictor),
-    );
-    let mut target = Network::new(device, &cfg.model.encoder, &cfg.model.projector, None);
-    copy_into(&target.vs, &online.vs);
-    if cfg.train.channels_last {
-        online.to_channels_last();
-        target.to_channels_last();
-    }
-    let o = &cfg.optim;
+    let (online, target, opt) = crate::train::build_model(cfg, device);
     Model {
         online,
         target,
-        opt: Lars::new(o.kind, o.momentum, o.weight_decay, o.trust),
+        opt,
     }
 }
 
@@ -146,19 +133,7 @@ pub fn bench_train(
         (Some(d), Some(dec)) => {
             let mut m = model(cfg, dev);
             let ds = Dataset::open(d).with_context(|| format!("opening {}", d.display()))?;
-            let cores = std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1);
-            let lc = LoaderConfig {
-                batch: b,
-                canvas: cfg.data.canvas,
-                decode_threads: if cfg.data.decode_threads == 0 {
-                    cores
-                } else {
-                    cfg.data.decode_threads
-                },
-                ..LoaderConfig::default()
-            };
+            let lc = crate::train::loader_config(cfg);
             let loader = Loader::new(ds, lc, dec)?;
             anyhow::ensure!(loader.batches_per_epoch() > 0, "fewer rows than one batch");
             let mut epoch = 0;

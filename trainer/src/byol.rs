@@ -50,14 +50,7 @@ impl Network {
 
     /// Writes every variable (contiguous copies) to a safetensors file.
     pub fn save(&self, path: &std::path::Path) -> Result<(), tch::TchError> {
-        let mut named: Vec<(String, Tensor)> = self
-            .vs
-            .variables()
-            .into_iter()
-            .map(|(k, t)| (k, t.contiguous()))
-            .collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        Tensor::write_safetensors(&named, path)
+        Tensor::write_safetensors(&named_contiguous(&self.vs), path)
     }
 
     /// # Shapes
@@ -68,6 +61,18 @@ impl Network {
         let p = self.predictor.as_ref().map(|m| m.forward_t(&z, train));
         (y, z, p)
     }
+}
+
+/// Every variable of `vs` as a contiguous copy, sorted by name (tch's safetensors
+/// writer refuses channels-last tensors).
+pub fn named_contiguous(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(k, t)| (k, t.contiguous()))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
 }
 
 /// The same values in channels-last layout: `[N, C, H, W]` with NHWC strides.
@@ -143,6 +148,8 @@ pub fn copy_into(target: &nn::VarStore, online: &nn::VarStore) {
 pub enum OptimizerKind {
     Lars,
     Sgd,
+    /// Adam with decoupled weight decay (torch.optim.AdamW; β1 = `momentum`).
+    Adamw,
 }
 
 /// LARS as BYOL's official code defines it: weight decay added to the gradient, then
@@ -155,8 +162,13 @@ pub struct Lars {
     pub momentum: f64,
     pub weight_decay: f64,
     pub trust: f64,
-    /// Momentum buffers by variable name.
+    /// Momentum (AdamW: first-moment) buffers by variable name.
     pub buffers: HashMap<String, Tensor>,
+    /// AdamW: second-moment buffers, β2, ε and the step count.
+    pub second: HashMap<String, Tensor>,
+    pub beta2: f64,
+    pub eps: f64,
+    pub t: u64,
 }
 
 impl Lars {
@@ -167,7 +179,41 @@ impl Lars {
             weight_decay,
             trust,
             buffers: HashMap::new(),
+            second: HashMap::new(),
+            beta2: 0.999,
+            eps: 1e-8,
+            t: 0,
         }
+    }
+
+    /// AdamW step (torch semantics; 1-D tensors get no weight decay).
+    fn adamw_step(&mut self, names: Vec<(String, Tensor)>, lr: f64) {
+        self.t += 1;
+        let (b1, b2) = (self.momentum, self.beta2);
+        let c1 = 1.0 - b1.powi(self.t as i32);
+        let c2 = 1.0 - b2.powi(self.t as i32);
+        tch::no_grad(|| {
+            for (name, mut w) in names {
+                let g = w.grad();
+                if !g.defined() {
+                    continue;
+                }
+                if !Lars::excluded(&w) && self.weight_decay != 0.0 {
+                    w *= 1.0 - lr * self.weight_decay;
+                }
+                let m = self
+                    .buffers
+                    .entry(name.clone())
+                    .or_insert_with(|| g.zeros_like());
+                *m *= b1;
+                *m += &g * (1.0 - b1);
+                let v = self.second.entry(name).or_insert_with(|| g.zeros_like());
+                *v *= b2;
+                *v += &g * &g * (1.0 - b2);
+                let denom = (&*v / c2).sqrt() + self.eps;
+                w -= (&*m / c1) / denom * lr;
+            }
+        });
     }
 
     /// True for parameters excluded from weight decay and adaptation.
@@ -183,6 +229,9 @@ impl Lars {
             .filter(|(_, t)| t.requires_grad())
             .collect();
         names.sort_by(|a, b| a.0.cmp(&b.0));
+        if self.kind == OptimizerKind::Adamw {
+            return self.adamw_step(names, lr);
+        }
         tch::no_grad(|| {
             for (name, mut w) in names {
                 let g = w.grad();
@@ -226,15 +275,28 @@ impl Lars {
             .iter()
             .map(|(k, t)| (format!("momentum.{k}"), t.contiguous()))
             .collect();
+        v.extend(
+            self.second
+                .iter()
+                .map(|(k, t)| (format!("second.{k}"), t.contiguous())),
+        );
+        if self.t > 0 {
+            v.push(("adam_step".into(), Tensor::from_slice(&[self.t as i64])));
+        }
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
 
     pub fn load_state(&mut self, named: Vec<(String, Tensor)>, device: Device) {
         self.buffers.clear();
+        self.second.clear();
         for (k, t) in named {
             if let Some(name) = k.strip_prefix("momentum.") {
                 self.buffers.insert(name.to_string(), t.to_device(device));
+            } else if let Some(name) = k.strip_prefix("second.") {
+                self.second.insert(name.to_string(), t.to_device(device));
+            } else if k == "adam_step" {
+                self.t = t.int64_value(&[0]) as u64;
             }
         }
     }

@@ -26,6 +26,9 @@ pub struct OptimConfig {
     /// LARS trust coefficient η.
     pub trust: f64,
     pub warmup_epochs: f64,
+    /// AdamW only: β2 and ε (β1 is `momentum`).
+    pub beta2: f64,
+    pub eps: f64,
 }
 
 impl Default for OptimConfig {
@@ -37,6 +40,8 @@ impl Default for OptimConfig {
             momentum: 0.9,
             trust: 1e-3,
             warmup_epochs: 10.0,
+            beta2: 0.999,
+            eps: 1e-8,
         }
     }
 }

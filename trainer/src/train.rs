@@ -116,12 +116,7 @@ impl Probe {
     }
 
     fn save(&self, path: &Path) -> Result<()> {
-        let mut named: Vec<(String, Tensor)> = self
-            .vs
-            .variables()
-            .into_iter()
-            .map(|(k, t)| (k, t.contiguous()))
-            .collect();
+        let mut named = crate::byol::named_contiguous(&self.vs);
         named.extend(self.opt.state());
         named.sort_by(|a, b| a.0.cmp(&b.0));
         Tensor::write_safetensors(&named, path)?;
@@ -336,39 +331,10 @@ pub fn train(
         tch::set_num_threads(cfg.train.torch_threads);
     }
     let device = device_of(&cfg.train.device)?;
-    tch::manual_seed(cfg.train.seed as i64);
-    let mut online = Network::new(
-        device,
-        &cfg.model.encoder,
-        &cfg.model.projector,
-        Some(&cfg.model.predictor),
-    );
-    let mut target = Network::new(device, &cfg.model.encoder, &cfg.model.projector, None);
-    copy_into(&target.vs, &online.vs);
-    if cfg.train.channels_last {
-        online.to_channels_last();
-        target.to_channels_last();
-    }
-    let o = &cfg.optim;
-    let mut opt = Lars::new(o.kind, o.momentum, o.weight_decay, o.trust);
+    let (mut online, mut target, mut opt) = build_model(&cfg, device);
 
     let ds = Dataset::open(data).with_context(|| format!("opening {}", data.display()))?;
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let lc = LoaderConfig {
-        batch: cfg.train.batch,
-        canvas: cfg.data.canvas,
-        seed: cfg.train.seed,
-        window: cfg.data.window,
-        decode_threads: if cfg.data.decode_threads == 0 {
-            cores
-        } else {
-            cfg.data.decode_threads
-        },
-        drop_last: true,
-        ..LoaderConfig::default()
-    };
+    let lc = loader_config(&cfg);
     let classes = ds.manifest.classes.len() as i64;
     let labelled = classes > 0 && ds.manifest.totals.unlabeled == 0;
     let loader = Loader::new(ds, lc, decode)?;
@@ -383,8 +349,8 @@ pub fn train(
         );
     }
     let total = spe * cfg.train.epochs;
-    let warmup = (o.warmup_epochs * spe as f64).round() as u64;
-    let peak_lr = o.base_lr * cfg.train.batch as f64 / 256.0;
+    let warmup = (cfg.optim.warmup_epochs * spe as f64).round() as u64;
+    let peak_lr = cfg.optim.base_lr * cfg.train.batch as f64 / 256.0;
     let aug = Augmenter::new(cfg.augment.clone());
 
     let mut step = 0u64;
@@ -695,4 +661,47 @@ pub fn draw_curves(run: &Path) -> Result<()> {
         ],
     )?;
     Ok(())
+}
+
+/// The online and target networks (target = copy of online) and the optimizer of a
+/// config, seeded with `train.seed`.
+pub fn build_model(cfg: &TrainConfig, device: Device) -> (Network, Network, Lars) {
+    tch::manual_seed(cfg.train.seed as i64);
+    let mut online = Network::new(
+        device,
+        &cfg.model.encoder,
+        &cfg.model.projector,
+        Some(&cfg.model.predictor),
+    );
+    let mut target = Network::new(device, &cfg.model.encoder, &cfg.model.projector, None);
+    copy_into(&target.vs, &online.vs);
+    if cfg.train.channels_last {
+        online.to_channels_last();
+        target.to_channels_last();
+    }
+    let o = &cfg.optim;
+    let mut opt = Lars::new(o.kind, o.momentum, o.weight_decay, o.trust);
+    opt.beta2 = o.beta2;
+    opt.eps = o.eps;
+    (online, target, opt)
+}
+
+/// The training loader's settings for a config.
+pub fn loader_config(cfg: &TrainConfig) -> LoaderConfig {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    LoaderConfig {
+        batch: cfg.train.batch,
+        canvas: cfg.data.canvas,
+        seed: cfg.train.seed,
+        window: cfg.data.window,
+        decode_threads: if cfg.data.decode_threads == 0 {
+            cores
+        } else {
+            cfg.data.decode_threads
+        },
+        drop_last: true,
+        ..LoaderConfig::default()
+    }
 }

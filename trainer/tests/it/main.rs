@@ -208,3 +208,36 @@ fn linear_probe_and_knn_on_synthetic_features() {
     let (chance, _) = linear_probe(&xtr, &shuffled, &xte, &yte, classes);
     assert!(chance < 0.45, "{chance}");
 }
+
+#[test]
+fn adamw_steps_match_torch() {
+    let (_t, d) = golden();
+    let g = st(&d.join("lars.safetensors"));
+    let want = st(&d.join("adamw.safetensors"));
+    let p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("lars.json")).unwrap()).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let w = vs.root().var_copy("w", &g["w0"]);
+    let b = vs.root().var_copy("b", &g["b0"]);
+    let mut opt = Lars::new(
+        OptimizerKind::Adamw,
+        p["momentum"].as_f64().unwrap(),
+        p["wd"].as_f64().unwrap(),
+        0.0,
+    );
+    for (step, lr) in [0.5, 0.3].iter().enumerate() {
+        byol_trainer::byol::zero_grad(&vs);
+        let loss = (&w * &g[&format!("g{}w", step + 1)]).sum(Kind::Float)
+            + (&b * &g[&format!("g{}b", step + 1)]).sum(Kind::Float);
+        loss.backward();
+        opt.step(&vs, *lr);
+        let ew = max_diff(&w, &want[&format!("w{}", step + 1)]);
+        let eb = max_diff(&b, &want[&format!("b{}", step + 1)]);
+        assert!(ew < 1e-6 && eb < 1e-6, "step {step}: w {ew} b {eb}");
+    }
+    // The state round-trips (step count included).
+    let mut other = Lars::new(OptimizerKind::Adamw, 0.9, 0.0, 0.0);
+    other.load_state(opt.state(), Device::Cpu);
+    assert_eq!(other.t, 2);
+    assert_eq!(other.second.len(), 2);
+}
