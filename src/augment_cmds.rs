@@ -1,9 +1,12 @@
 //! `byol preview` and `byol bench augment`.
 
+#[cfg(feature = "opencv")]
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+#[cfg(feature = "opencv")]
+use anyhow::Context;
+use anyhow::Result;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 

@@ -167,6 +167,7 @@ fn out(text: &str) -> Result<()> {
     }
 }
 
+#[cfg(feature = "opencv")]
 fn cores() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -376,7 +377,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     )?
                 }
                 #[cfg(not(feature = "opencv"))]
-                Some(_) => anyhow::bail!("--data needs a build with the `opencv` feature"),
+                Some(_) => {
+                    let _ = threads;
+                    anyhow::bail!("--data needs a build with the `opencv` feature")
+                }
                 None => augment_cmds::bench_synthetic(batch as i64, canvas as i64, seconds, cfg)?,
             };
             if json {
