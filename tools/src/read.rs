@@ -5,7 +5,9 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use arrow_array::{Array, BinaryArray, Int32Array, RecordBatch, StringArray};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
 use parquet::arrow::ProjectionMask;
 
 use crate::format::{self, COL_HEIGHT, COL_IMAGE, COL_KEY, COL_LABEL, COL_WIDTH};
@@ -77,7 +79,9 @@ pub fn for_each_row_group(
         path: path.to_path_buf(),
         source,
     };
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(perr)?;
+    // The footer is parsed once; each row group gets its own reader over that metadata.
+    let meta = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(perr)?;
+    let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, meta.clone());
     let want = format::schema();
     let have = builder.schema().clone();
     for field in want.fields() {
@@ -114,8 +118,7 @@ pub fn for_each_row_group(
             path: path.to_path_buf(),
             source,
         })?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(perr)?
+        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, meta.clone())
             .with_row_groups(vec![g])
             .with_projection(mask.clone())
             .with_batch_size(1 << 20)
