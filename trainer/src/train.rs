@@ -399,6 +399,7 @@ pub fn train(
     let mut win_imgs = 0u64;
     let mut win_correct = 0.0f64;
     let mut last_knn_step = u64::MAX;
+    let mut knn_set: Option<KnnSet> = None;
     let mut win_wait0 = loader.stats().consumer_wait_s;
     let run_t0 = Instant::now();
     let run_step0 = step;
@@ -514,7 +515,12 @@ pub fn train(
                 if cfg.train.knn_every_epochs > 0
                     && cursor.epoch.is_multiple_of(cfg.train.knn_every_epochs)
                 {
-                    let acc = knn_monitor(&online, &cfg, data, val, decode, device)?;
+                    let set = match knn_set.take() {
+                        Some(k) => k,
+                        None => KnnSet::load(&cfg, data, val, decode)?,
+                    };
+                    let acc = set.top1(&online, &cfg, device);
+                    knn_set = Some(set);
                     last_knn_step = step;
                     let row = KnnRow {
                         step,
@@ -548,7 +554,11 @@ pub fn train(
     // the step budget ends exactly there).
     if let Some(val) = &opts.val {
         if cfg.train.knn_every_epochs > 0 && step > 0 && last_knn_step != step && step == total {
-            let acc = knn_monitor(&online, &cfg, data, val, decode, device)?;
+            let set = match knn_set.take() {
+                Some(k) => k,
+                None => KnnSet::load(&cfg, data, val, decode)?,
+            };
+            let acc = set.top1(&online, &cfg, device);
             let row = KnnRow {
                 step,
                 epoch: cursor.epoch + 1,
@@ -592,36 +602,49 @@ pub fn train(
     })
 }
 
-/// kNN (k = 20) top-1 of the first `knn_queries` held-out images against the first
-/// `knn_bank` training images, with the online encoder in eval mode.
-fn knn_monitor(
-    online: &Network,
-    cfg: &TrainConfig,
-    data: &Path,
-    val: &Path,
-    decode: DecodeFn,
-    device: Device,
-) -> Result<f64> {
-    use crate::eval::{features, knn, load_inputs};
-    let size = cfg.augment.size;
-    let (xb, yb) = load_inputs(
-        data,
-        cfg.data.canvas,
-        size,
-        decode,
-        Some(cfg.train.knn_bank),
-    )?;
-    let (xq, yq) = load_inputs(
-        val,
-        cfg.data.canvas,
-        size,
-        decode,
-        Some(cfg.train.knn_queries),
-    )?;
-    let classes = yb.max().int64_value(&[]).max(yq.max().int64_value(&[])) + 1;
-    let fb = features(online, &xb, cfg, device);
-    let fq = features(online, &xq, cfg, device);
-    Ok(knn(&fb, &yb, &fq, &yq, classes, &[20], 0.07)[0])
+/// The kNN monitor's images: the first `knn_bank` training images and the first
+/// `knn_queries` held-out ones (inputs and labels), decoded once per run.
+struct KnnSet {
+    bank: (Tensor, Tensor),
+    queries: (Tensor, Tensor),
+    classes: i64,
+}
+
+impl KnnSet {
+    fn load(cfg: &TrainConfig, data: &Path, val: &Path, decode: DecodeFn) -> Result<KnnSet> {
+        use crate::eval::load_inputs;
+        let (canvas, size) = (cfg.data.canvas, cfg.augment.size);
+        let bank = load_inputs(data, canvas, size, decode, Some(cfg.train.knn_bank))?;
+        let queries = load_inputs(val, canvas, size, decode, Some(cfg.train.knn_queries))?;
+        let classes = bank
+            .1
+            .max()
+            .int64_value(&[])
+            .max(queries.1.max().int64_value(&[]))
+            + 1;
+        Ok(KnnSet {
+            bank,
+            queries,
+            classes,
+        })
+    }
+
+    /// kNN (k = 20) top-1 of the queries against the bank, with the online encoder in
+    /// eval mode.
+    fn top1(&self, online: &Network, cfg: &TrainConfig, device: Device) -> f64 {
+        use crate::eval::{features, knn};
+        let fb = features(online, &self.bank.0, cfg, device);
+        let fq = features(online, &self.queries.0, cfg, device);
+        knn(
+            &fb,
+            &self.bank.1,
+            &fq,
+            &self.queries.1,
+            self.classes,
+            &[20],
+            0.07,
+        )[0]
+    }
 }
 
 /// Redraws `RUN/curves.png` from `RUN/metrics.jsonl`: loss (left); online-probe and
