@@ -44,25 +44,26 @@ class Shards(Dataset):
         return t.column("image")[r].as_py(), t.column("label")[r].as_py()
 
 
-def view(size, blur_p, sol_p):
-    k = int(round(23 * size / 224)) | 1
+def view(size, blur_p, sol_p, scale=(0.08, 1.0), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+         kernel_224=23):
+    k = int(round(kernel_224 * size / 224)) | 1
     return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+        v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
         v2.RandomApply([v2.GaussianBlur(max(k, 3), sigma=(0.1, 2.0))], p=blur_p),
         v2.RandomSolarize(0.5, p=sol_p),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        v2.Normalize(list(mean), list(std)),
     ])
 
 
 class TwoViews(Dataset):
-    def __init__(self, shards, size):
+    def __init__(self, shards, size, t1=None, t2=None):
         self.s = shards
-        self.t1 = view(size, 1.0, 0.0)
-        self.t2 = view(size, 0.1, 0.2)
+        self.t1 = t1 or view(size, 1.0, 0.0)
+        self.t2 = t2 or view(size, 0.1, 0.2)
         self.to_image = v2.ToImage()
 
     def __len__(self):

@@ -12,7 +12,7 @@ use byol_pipeline::augment::{Augmenter, SplitMix64};
 use byol_pipeline::loader::DecodeFn;
 use byol_pipeline::{Cursor, Dataset, Loader};
 
-use crate::byol::{channels_last, train_step, Lars, Network};
+use crate::byol::{channels_last, train_step, Lars, Network, StepSettings};
 use crate::config::TrainConfig;
 use crate::train::device_of;
 
@@ -99,6 +99,12 @@ pub fn bench_train(
     let b = cfg.train.batch;
     let size = cfg.augment.size;
     let warmup = 3;
+    let amp = crate::amp::precision(&cfg.train.precision, dev).map_err(anyhow::Error::msg)?;
+    let st = StepSettings {
+        lr: 0.1,
+        tau: 0.99,
+        amp,
+    };
     let cl = |t: Tensor| {
         if cfg.train.channels_last {
             channels_last(&t)
@@ -112,7 +118,7 @@ pub fn bench_train(
     let v1 = cl(Tensor::randn([b as i64, 3, size, size], (Kind::Float, dev)));
     let v2 = cl(Tensor::randn([b as i64, 3, size, size], (Kind::Float, dev)));
     let compute = timed(b, warmup, steps, dev, || {
-        Ok(train_step(&m.online, &m.target, &mut m.opt, &v1, &v2, 0.1, 0.99).0)
+        Ok(train_step(&m.online, &m.target, &mut m.opt, &v1, &v2, st).0)
     })?;
 
     // 2. Synthetic canvases: augmentation + step.
@@ -125,7 +131,7 @@ pub fn bench_train(
     let mut rng = SplitMix64::new(0);
     let synthetic = timed(b, warmup, steps, dev, || {
         let (a, c) = aug.views(&canv, &valid, &mut rng);
-        Ok(train_step(&m.online, &m.target, &mut m.opt, &cl(a), &cl(c), 0.1, 0.99).0)
+        Ok(train_step(&m.online, &m.target, &mut m.opt, &cl(a), &cl(c), st).0)
     })?;
 
     // 3. Real data through the loader.
@@ -154,8 +160,7 @@ pub fn bench_train(
                 let mut batch = batch;
                 let c = batch.to_device(dev);
                 let (a, v) = aug.views(&c, batch.valid_sizes(), &mut rng);
-                last =
-                    Some(train_step(&m.online, &m.target, &mut m.opt, &cl(a), &cl(v), 0.1, 0.99).0);
+                last = Some(train_step(&m.online, &m.target, &mut m.opt, &cl(a), &cl(v), st).0);
                 done += 1;
                 if done == warmup {
                     sync(dev);

@@ -244,11 +244,11 @@ impl Lars {
                         u = &u + &w * self.weight_decay;
                     }
                     if self.kind == OptimizerKind::Lars {
-                        let wn = w.norm().double_value(&[]);
-                        let un = u.norm().double_value(&[]);
-                        if wn > 0.0 && un > 0.0 {
-                            u *= self.trust * wn / un;
-                        }
+                        // On the device (no host round trip per parameter on a GPU).
+                        let (wn, un) = (w.norm(), u.norm());
+                        let ok = wn.gt(0.0).logical_and(&un.gt(0.0));
+                        let ratio = (&wn / &un * self.trust).where_self(&ok, &wn.ones_like());
+                        u = &u * ratio;
                     }
                 }
                 let m = match self.buffers.get_mut(&name) {
@@ -313,27 +313,42 @@ pub fn zero_grad(vs: &nn::VarStore) {
     }
 }
 
+/// Schedule values and precision of one training step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepSettings {
+    pub lr: f64,
+    pub tau: f64,
+    /// Autocast dtype for the forward passes (`None`: float32). The loss is computed in
+    /// float32 either way, and the backward pass runs outside the autocast region.
+    pub amp: Option<Kind>,
+}
+
 /// One BYOL training step on two views (already on the device, in the network's
-/// layout). Returns the loss (scalar), the online projection and the embedding of view 1.
+/// layout). Returns the loss (scalar), the online projection and the embedding of view 1
+/// (both float32).
 pub fn train_step(
     online: &Network,
     target: &Network,
     opt: &mut Lars,
     v1: &Tensor,
     v2: &Tensor,
-    lr: f64,
-    tau: f64,
+    s: StepSettings,
 ) -> (Tensor, Tensor, Tensor) {
-    let (y1, z1, p1) = online.forward(v1, true);
-    let (_, _, p2) = online.forward(v2, true);
-    let (zt1, zt2) = tch::no_grad(|| (target.forward(v1, true).1, target.forward(v2, true).1));
-    let (Some(p1), Some(p2)) = (p1, p2) else {
-        unreachable!("online network built without predictor")
-    };
-    let loss = byol_loss(&p1, &p2, &zt1, &zt2);
+    let device = v1.device();
+    let (loss, z1, y1) = crate::amp::autocast(device, s.amp, || {
+        let (y1, z1, p1) = online.forward(v1, true);
+        let (_, _, p2) = online.forward(v2, true);
+        let (zt1, zt2) = tch::no_grad(|| (target.forward(v1, true).1, target.forward(v2, true).1));
+        let (Some(p1), Some(p2)) = (p1, p2) else {
+            unreachable!("online network built without predictor")
+        };
+        let f = |t: Tensor| t.to_kind(Kind::Float);
+        let loss = byol_loss(&f(p1), &f(p2), &f(zt1), &f(zt2));
+        (loss, f(z1), f(y1.detach()))
+    });
     zero_grad(&online.vs);
     loss.backward();
-    opt.step(&online.vs, lr);
-    ema_update(&target.vs, &online.vs, tau);
-    (loss, z1, y1.detach())
+    opt.step(&online.vs, s.lr);
+    ema_update(&target.vs, &online.vs, s.tau);
+    (loss, z1, y1)
 }

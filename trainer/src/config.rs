@@ -69,6 +69,9 @@ pub struct TrainSection {
     pub torch_threads: i32,
     /// Run convolutions in channels-last layout (faster on CPU and on recent GPUs).
     pub channels_last: bool,
+    /// Forward-pass precision: `auto` (bf16 autocast on CUDA, float32 on the CPU),
+    /// `fp32` or `bf16` (autocast on either device).
+    pub precision: String,
     /// kNN monitor every N epochs when `--val` is given (0: never).
     pub knn_every_epochs: u64,
     /// Training images in the kNN monitor's bank.
@@ -92,6 +95,7 @@ impl Default for TrainSection {
             collapse_threshold: 0.05,
             torch_threads: 0,
             channels_last: true,
+            precision: "auto".into(),
             knn_every_epochs: 1,
             knn_bank: 10000,
             knn_queries: 2000,
@@ -137,6 +141,7 @@ pub const RESUMABLE_CHANGES: &[&str] = &[
     "train.keep",
     "train.torch_threads",
     "train.channels_last",
+    "train.precision",
     "train.knn_every_epochs",
     "train.knn_bank",
     "train.knn_queries",

@@ -2,6 +2,7 @@
 //! networks, loss, EMA, LARS, schedules), the training loop with checkpoints, and the
 //! native runtimes.
 
+pub mod amp;
 pub mod bench;
 pub mod byol;
 pub mod config;

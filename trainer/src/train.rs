@@ -13,7 +13,9 @@ use byol_pipeline::augment::{Augmenter, SplitMix64};
 use byol_pipeline::loader::DecodeFn;
 use byol_pipeline::{Cursor, Dataset, Loader, LoaderConfig};
 
-use crate::byol::{channels_last, copy_into, lr_at, tau_at, train_step, Lars, Network};
+use crate::byol::{
+    channels_last, copy_into, lr_at, tau_at, train_step, Lars, Network, StepSettings,
+};
 use crate::config::{TrainConfig, RESUMABLE_CHANGES};
 
 /// Set by SIGINT/SIGTERM: finish the step, checkpoint, exit.
@@ -331,6 +333,7 @@ pub fn train(
         tch::set_num_threads(cfg.train.torch_threads);
     }
     let device = device_of(&cfg.train.device)?;
+    let amp = crate::amp::precision(&cfg.train.precision, device).map_err(anyhow::Error::msg)?;
     let (mut online, mut target, mut opt) = build_model(&cfg, device);
 
     let ds = Dataset::open(data).with_context(|| format!("opening {}", data.display()))?;
@@ -431,7 +434,8 @@ pub fn train(
             }
             let lr = lr_at(peak_lr, step, warmup, total);
             let tau = tau_at(cfg.train.tau_base, step, total);
-            let (loss, z1, y1) = train_step(&online, &target, &mut opt, &v1, &v2, lr, tau);
+            let settings = StepSettings { lr, tau, amp };
+            let (loss, z1, y1) = train_step(&online, &target, &mut opt, &v1, &v2, settings);
             if let Some(p) = probe.as_mut() {
                 let labels = Tensor::from_slice(b.labels()).to_device(device);
                 win_correct += p.step(&y1, &labels);
