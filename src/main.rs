@@ -217,7 +217,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let py = (!no_reference).then(|| python.unwrap_or_else(default_python));
             let r = byol_trainer::bench::bench_train(
                 &cfg,
-                &config,
                 steps,
                 data.as_deref(),
                 decode,

@@ -1,7 +1,7 @@
 """Reference: a plain PyTorch BYOL training step with the same model, batch and settings
 as a byol config, on views already in memory (run with the project's venv).
 
-  byol_torch.py --config configs/fmnist.toml [--steps 30] [--warmup 5] [--channels-last] [--json]
+  byol_torch.py --config configs/fmnist.toml [--steps 30] [--warmup 5] [--channels-last] [--precision bf16] [--json]
 
 Model: the ResNet of the config (torchvision layout: BasicBlock/Bottleneck, width
 multiplier, optional CIFAR stem), projector and predictor (Linear → BN → ReLU → Linear),
@@ -30,14 +30,14 @@ class Basic(nn.Module):
         self.bn1 = nn.BatchNorm2d(w)
         self.conv2 = nn.Conv2d(w, w, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(w)
-        self.down = None
+        self.downsample = None
         if stride != 1 or cin != w:
-            self.down = nn.Sequential(nn.Conv2d(cin, w, 1, stride, bias=False), nn.BatchNorm2d(w))
+            self.downsample = nn.Sequential(nn.Conv2d(cin, w, 1, stride, bias=False), nn.BatchNorm2d(w))
 
     def forward(self, x):
         y = F.relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
-        return F.relu(y + (x if self.down is None else self.down(x)))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
 
 
 class Bottle(nn.Module):
@@ -51,19 +51,19 @@ class Bottle(nn.Module):
         self.bn2 = nn.BatchNorm2d(w)
         self.conv3 = nn.Conv2d(w, w * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(w * 4)
-        self.down = None
+        self.downsample = None
         if stride != 1 or cin != w * 4:
-            self.down = nn.Sequential(nn.Conv2d(cin, w * 4, 1, stride, bias=False), nn.BatchNorm2d(w * 4))
+            self.downsample = nn.Sequential(nn.Conv2d(cin, w * 4, 1, stride, bias=False), nn.BatchNorm2d(w * 4))
 
     def forward(self, x):
         y = F.relu(self.bn1(self.conv1(x)))
         y = F.relu(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
-        return F.relu(y + (x if self.down is None else self.down(x)))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
 
 
 class ResNet(nn.Module):
-    def __init__(self, arch, cifar, width):
+    def __init__(self, arch, cifar, width, pool=None):
         super().__init__()
         layers, block = {"resnet18": ([2, 2, 2, 2], Basic), "resnet34": ([3, 4, 6, 3], Basic),
                          "resnet50": ([3, 4, 6, 3], Bottle)}[arch]
@@ -71,18 +71,21 @@ class ResNet(nn.Module):
         stem = w(64)
         self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False) if cifar else nn.Conv2d(3, stem, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(stem)
-        self.pool = nn.Identity() if cifar else nn.MaxPool2d(3, 2, 1)
-        blocks, cin = [], stem
+        pool = (not cifar) if pool is None else pool
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if pool else nn.Identity()
+        cin = stem
         for li, (n, base) in enumerate(zip(layers, [64, 128, 256, 512])):
+            blocks = []
             for bi in range(n):
                 blocks.append(block(cin, w(base), 2 if bi == 0 and li > 0 else 1))
                 cin = w(base) * block.exp
-        self.blocks = nn.Sequential(*blocks)
+            setattr(self, f"layer{li + 1}", nn.Sequential(*blocks))
         self.out_dim = cin
 
     def forward(self, x):
-        x = self.pool(F.relu(self.bn1(self.conv1(x))))
-        return torch.flatten(F.adaptive_avg_pool2d(self.blocks(x), 1), 1)
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 
 def mlp(cin, hidden, out):
@@ -119,6 +122,8 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: torch.autocast(bfloat16) around the forward passes, loss in float32")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     c = tomllib.load(open(a.config, "rb"))
@@ -128,7 +133,7 @@ def main():
     batch, size = t.get("batch", 256), c.get("augment", {}).get("size", 224)
     dev = "cuda" if torch.cuda.is_available() and t.get("device", "auto") != "cpu" else "cpu"
     torch.manual_seed(0)
-    e = ResNet(enc.get("arch", "resnet50"), enc.get("cifar_stem", False), enc.get("width", 1.0))
+    e = ResNet(enc.get("arch", "resnet50"), enc.get("cifar_stem", False), enc.get("width", 1.0), enc.get("stem_pool"))
     online = nn.ModuleDict({"encoder": e, "projector": mlp(e.out_dim, proj.get("hidden", 4096), proj.get("out", 256)),
                             "predictor": mlp(proj.get("out", 256), pred.get("hidden", 4096), pred.get("out", 256))}).to(dev)
     target = copy.deepcopy(nn.ModuleDict({"encoder": online["encoder"], "projector": online["projector"]}))
@@ -147,9 +152,11 @@ def main():
         return net["predictor"](z) if pred else z
 
     def step():
-        p1, p2 = fwd(online, v1), fwd(online, v2)
-        with torch.no_grad():
-            z1, z2 = fwd(target, v1, False), fwd(target, v2, False)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            p1, p2 = fwd(online, v1), fwd(online, v2)
+            with torch.no_grad():
+                z1, z2 = fwd(target, v1, False), fwd(target, v2, False)
+        p1, p2, z1, z2 = (x.float() for x in (p1, p2, z1, z2))
         loss = (reg(p1, z2) + reg(p2, z1)).mean()
         for p in online.parameters():
             p.grad = None
@@ -172,7 +179,7 @@ def main():
         torch.cuda.synchronize()
     s = time.perf_counter() - t0
     r = {"command": "byol_torch", "device": dev, "batch": batch, "size": size, "steps": a.steps,
-         "channels_last": a.channels_last, "images_per_s": a.steps * batch / s, "threads": torch.get_num_threads()}
+         "channels_last": a.channels_last, "precision": a.precision, "images_per_s": a.steps * batch / s, "threads": torch.get_num_threads()}
     print(json.dumps(r) if a.json else f"{r['images_per_s']:.1f} images/s (PyTorch, {dev})")
 
 

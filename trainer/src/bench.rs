@@ -83,10 +83,8 @@ fn timed(
     Ok((steps * batch) as f64 / t0.elapsed().as_secs_f64())
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn bench_train(
     cfg: &TrainConfig,
-    config_path: &Path,
     steps: usize,
     data: Option<&Path>,
     decode: Option<DecodeFn>,
@@ -190,19 +188,27 @@ pub fn bench_train(
             } else {
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/reference/byol_torch.py")
             };
+            // The effective config (after --set), so both sides run the same settings.
+            let eff = std::env::temp_dir().join(format!("byol-bench-{}.toml", std::process::id()));
+            std::fs::write(&eff, cfg.to_toml())?;
             let o = std::process::Command::new(py)
                 .arg(&script)
                 .arg("--config")
-                .arg(config_path)
+                .arg(&eff)
                 .args([
                     "--steps",
                     &steps.to_string(),
                     "--warmup",
                     &warmup.to_string(),
+                    "--precision",
+                    if amp.is_some() { "bf16" } else { "fp32" },
                     "--json",
                 ])
+                .args(cfg.train.channels_last.then_some("--channels-last"))
                 .output()
-                .with_context(|| format!("running {} {}", py.display(), script.display()))?;
+                .with_context(|| format!("running {} {}", py.display(), script.display()));
+            let _ = std::fs::remove_file(&eff);
+            let o = o?;
             if !o.status.success() {
                 anyhow::bail!(
                     "reference script failed: {}",

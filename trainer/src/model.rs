@@ -22,6 +22,11 @@ pub struct EncoderConfig {
     pub arch: Arch,
     /// 3×3 stride-1 first convolution and no max-pool (small images).
     pub cifar_stem: bool,
+    /// Max-pool (3×3, stride 2) after the stem; default: on for the ImageNet stem, off
+    /// for the CIFAR stem. With the CIFAR stem it halves every stage's resolution, so
+    /// twice the width costs about the same compute.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stem_pool: Option<bool>,
     /// Channel width multiplier (1.0 = torchvision's widths).
     pub width: f64,
 }
@@ -31,6 +36,7 @@ impl Default for EncoderConfig {
         EncoderConfig {
             arch: Arch::Resnet50,
             cifar_stem: false,
+            stem_pool: None,
             width: 1.0,
         }
     }
@@ -133,7 +139,7 @@ impl Block {
 pub struct ResNet {
     conv1: nn::Conv2D,
     bn1: nn::BatchNorm,
-    cifar_stem: bool,
+    stem_pool: bool,
     blocks: Vec<Block>,
     out_dim: i64,
 }
@@ -173,7 +179,7 @@ impl ResNet {
         ResNet {
             conv1,
             bn1,
-            cifar_stem: cfg.cifar_stem,
+            stem_pool: cfg.stem_pool.unwrap_or(!cfg.cifar_stem),
             blocks,
             out_dim: cin,
         }
@@ -188,7 +194,7 @@ impl ResNet {
     /// `x`: `[N, 3, H, W]` → `[N, out_dim]` (global average pool).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let mut y = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
-        if !self.cifar_stem {
+        if self.stem_pool {
             y = y.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         }
         for b in &self.blocks {

@@ -100,16 +100,16 @@ impl Probe {
         }
     }
 
-    /// One SGD step on (embedding, labels); returns correct predictions before the step.
-    fn step(&mut self, y: &Tensor, labels: &Tensor) -> f64 {
+    /// One SGD step on (embedding, labels); returns the number of correct predictions
+    /// before the step (a scalar on the device).
+    fn step(&mut self, y: &Tensor, labels: &Tensor) -> Tensor {
         use tch::nn::Module;
         let logits = self.lin.forward(y);
         let correct = logits
             .argmax(1, false)
             .eq_tensor(labels)
             .to_kind(Kind::Float)
-            .sum(Kind::Float)
-            .double_value(&[]);
+            .sum(Kind::Float);
         let loss = logits.cross_entropy_for_logits(labels);
         crate::byol::zero_grad(&self.vs);
         loss.backward();
@@ -267,15 +267,13 @@ fn load_checkpoint(
 }
 
 /// Std of the L2-normalised rows × √d.
-fn collapse_monitor(z: &Tensor) -> f64 {
+/// The collapse monitor as a scalar tensor on `z`'s device.
+fn collapse_monitor(z: &Tensor) -> Tensor {
     let d = z.size()[1] as f64;
     let zn = z / z
         .norm_scalaropt_dim(2, [1i64].as_slice(), true)
         .clamp_min(1e-12);
-    zn.std_dim([0i64].as_slice(), true, false)
-        .mean(Kind::Float)
-        .double_value(&[])
-        * d.sqrt()
+    zn.std_dim([0i64].as_slice(), true, false).mean(Kind::Float) * d.sqrt()
 }
 
 /// Trains (or resumes) a run. `config` is required for a new run; on `--resume` it may be
@@ -414,6 +412,20 @@ pub fn train(
         last_loss: loss,
         config: cfg.clone(),
     };
+    // Writes a checkpoint of the current state (networks, optimizer, probe, cursor, RNG).
+    macro_rules! checkpoint {
+        ($loss:expr) => {
+            save_checkpoint(
+                run,
+                &online,
+                &target,
+                &opt,
+                probe.as_ref(),
+                &state_of(step, cursor, &rng, $loss),
+                cfg.train.keep,
+            )?
+        };
+    }
     'epochs: while step < stop_at {
         let mut epoch = loader.start(cursor);
         let at_epoch_end: bool;
@@ -436,11 +448,22 @@ pub fn train(
             let tau = tau_at(cfg.train.tau_base, step, total);
             let settings = StepSettings { lr, tau, amp };
             let (loss, z1, y1) = train_step(&online, &target, &mut opt, &v1, &v2, settings);
-            if let Some(p) = probe.as_mut() {
+            let correct = probe.as_mut().map(|p| {
                 let labels = Tensor::from_slice(b.labels()).to_device(device);
-                win_correct += p.step(&y1, &labels);
-            }
-            let lv = loss.double_value(&[]);
+                p.step(&y1, &labels)
+            });
+            // One host read per step for the loss, the collapse monitor and the probe's
+            // count (each read waits for the device).
+            let collapse_t = tch::no_grad(|| collapse_monitor(&z1));
+            let mut scalars = vec![loss.detach(), collapse_t];
+            scalars.extend(correct);
+            let host = Vec::<f64>::try_from(
+                Tensor::stack(&scalars, 0)
+                    .to_kind(Kind::Double)
+                    .to_device(Device::Cpu),
+            )?;
+            let (lv, collapse) = (host[0], host[1]);
+            win_correct += host.get(2).copied().unwrap_or(0.0);
             if !lv.is_finite() {
                 bail!(
                     "loss is {lv} at step {step}; stopping. The last good checkpoint is {}",
@@ -456,7 +479,6 @@ pub fn train(
             last_loss = lv;
             win_imgs += b.len() as u64;
             drop(b);
-            let collapse = tch::no_grad(|| collapse_monitor(&z1));
             if collapse < cfg.train.collapse_threshold {
                 low_collapse += 1;
                 if low_collapse == cfg.train.collapse_span {
@@ -498,15 +520,7 @@ pub fn train(
                 win_wait0 = wait;
             }
             if step.is_multiple_of(cfg.train.checkpoint_every.max(1)) {
-                last_ckpt = Some(save_checkpoint(
-                    run,
-                    &online,
-                    &target,
-                    &opt,
-                    probe.as_ref(),
-                    &state_of(step, cursor, &rng, lv),
-                    cfg.train.keep,
-                )?);
+                last_ckpt = Some(checkpoint!(lv));
             }
         }
         drop(epoch);
@@ -542,15 +556,7 @@ pub fn train(
             if let Err(e) = draw_curves(run) {
                 tracing::warn!("curves.png not written: {e}");
             }
-            last_ckpt = Some(save_checkpoint(
-                run,
-                &online,
-                &target,
-                &opt,
-                probe.as_ref(),
-                &state_of(step, cursor, &rng, last_loss),
-                cfg.train.keep,
-            )?);
+            last_ckpt = Some(checkpoint!(last_loss));
         }
     }
     bar.finish_and_clear();
@@ -578,15 +584,7 @@ pub fn train(
         .as_ref()
         .is_some_and(|p| p.ends_with(format!("step-{step:09}")));
     if !have && step > 0 {
-        last_ckpt = Some(save_checkpoint(
-            run,
-            &online,
-            &target,
-            &opt,
-            probe.as_ref(),
-            &state_of(step, cursor, &rng, last_loss),
-            cfg.train.keep,
-        )?);
+        last_ckpt = Some(checkpoint!(last_loss));
     }
     let secs = run_t0.elapsed().as_secs_f64().max(1e-9);
     Ok(TrainSummary {

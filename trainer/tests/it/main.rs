@@ -36,6 +36,7 @@ fn r18() -> EncoderConfig {
     EncoderConfig {
         arch: Arch::Resnet18,
         cifar_stem: false,
+        stem_pool: None,
         width: 1.0,
     }
 }
@@ -69,6 +70,7 @@ fn resnet50_and_heads_key_list_is_pinned() {
     let enc = EncoderConfig {
         arch: Arch::Resnet50,
         cifar_stem: false,
+        stem_pool: None,
         width: 1.0,
     };
     let net = ResNet::new(&(vs.root() / "encoder"), &enc);
@@ -91,6 +93,7 @@ fn resnet50_and_heads_key_list_is_pinned() {
         &EncoderConfig {
             arch: Arch::Resnet18,
             cifar_stem: true,
+            stem_pool: None,
             width: 0.25,
         },
         &Default::default(),
@@ -254,6 +257,7 @@ fn bf16_autocast_step_is_close_to_float32() {
     let enc = EncoderConfig {
         arch: Arch::Resnet18,
         cifar_stem: true,
+        stem_pool: None,
         width: 0.125,
     };
     let head = HeadConfig {
