@@ -13,7 +13,7 @@ FMNIST ?= /usr/share/datasets/fashion-mnist
 TOOLS := $(ROOT)/target/release/byol-tools
 BYOL := $(ROOT)/target/release/byol
 
-.PHONY: setup build demo test bench fmt clippy
+.PHONY: setup build demo compare test bench fmt clippy
 
 setup:
 	@bash $(ROOT)/scripts/setup
@@ -23,6 +23,10 @@ build: setup
 
 demo: build
 	@bash $(ROOT)/scripts/demo
+
+# byol vs a plain PyTorch BYOL script, same epochs and data (after `make demo`).
+compare: build
+	@bash $(ROOT)/scripts/compare
 
 test: build
 	$(CARGO) test --release --workspace

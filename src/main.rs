@@ -62,6 +62,46 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Export a run's online encoder to ONNX (BatchNorm folded, normalisation inside) and
+    /// check it in ONNX Runtime against libtorch.
+    Export {
+        #[arg(long)]
+        run: PathBuf,
+        /// A checkpoint folder [default: the run's latest].
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        #[arg(long, default_value = "encoder.onnx")]
+        out: PathBuf,
+        /// Compare on the first 256 images of these shards instead of random images.
+        #[cfg(feature = "opencv")]
+        #[arg(long)]
+        check_data: Option<PathBuf>,
+        /// libonnxruntime.so [default: $BYOL_ORT_DYLIB, $ORT_DYLIB_PATH, the venv's].
+        #[arg(long)]
+        ort_lib: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Embed every image of a shard folder with an exported encoder (ONNX Runtime) into
+    /// a Parquet file: row, key, label, embedding.
+    #[cfg(feature = "opencv")]
+    Embed {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "embeddings.parquet")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// Decode canvas [default: the model's byol.canvas metadata].
+        #[arg(long)]
+        canvas: Option<usize>,
+        #[arg(long)]
+        ort_lib: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Linear probe and kNN on frozen features: BYOL vs random init vs raw pixels.
     #[cfg(feature = "opencv")]
     Eval {
@@ -240,6 +280,104 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     match (&r.reference, r.ratio_to_reference) {
                         (Some(v), Some(x)) => format!("; PyTorch reference {:.1} images/s, byol/PyTorch {x:.2}", v["images_per_s"].as_f64().unwrap_or(0.0)),
                         _ => String::new(),
+                    }
+                ))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Export {
+            run: run_dir,
+            checkpoint,
+            out: path,
+            #[cfg(feature = "opencv")]
+            check_data,
+            ort_lib,
+            json,
+        } => {
+            #[cfg(feature = "opencv")]
+            let check = match check_data {
+                Some(d) => {
+                    byol_tools::image::set_opencv_threads(1);
+                    let t = byol_trainer::eval::load_online(&run_dir, checkpoint.as_deref())?;
+                    let (x, _) = byol_trainer::eval::load_inputs(
+                        &d,
+                        t.cfg.data.canvas,
+                        t.cfg.augment.size,
+                        byol_pipeline::opencv_decoder(),
+                        Some(256),
+                    )?;
+                    Some((x, format!("images of {}", d.display())))
+                }
+                None => None,
+            };
+            #[cfg(not(feature = "opencv"))]
+            let check = None;
+            let r = byol_trainer::onnx::export_run(
+                &run_dir,
+                checkpoint.as_deref(),
+                &path,
+                check,
+                ort_lib.as_deref(),
+            )?;
+            if json {
+                out(&format!("{}\n", serde_json::to_string(&r)?))?;
+            } else {
+                out(&format!(
+                    "wrote {} ({} convolutions, {}-d embedding, {} px input, {:.1} MB) from {}\n\
+                     ONNX Runtime vs libtorch on {} {}: max |diff| {:.2e} (max |value| {:.2e}), min cosine {:.6}; \
+                     {:.3} vs {:.3} ms/image\n",
+                    r.file.path,
+                    r.file.convs,
+                    r.file.dim,
+                    r.file.size,
+                    r.file.bytes as f64 / 1e6,
+                    r.checkpoint,
+                    r.check_images,
+                    r.check_source,
+                    r.max_abs_diff,
+                    r.max_abs_value,
+                    r.min_cosine,
+                    r.ort_ms_per_image,
+                    r.libtorch_ms_per_image
+                ))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "opencv")]
+        Cmd::Embed {
+            model,
+            data,
+            out: path,
+            batch,
+            canvas,
+            ort_lib,
+            json,
+        } => {
+            byol_tools::image::set_opencv_threads(1);
+            let r = byol_trainer::onnx::embed(
+                &model,
+                &data,
+                &path,
+                byol_pipeline::opencv_decoder(),
+                batch,
+                canvas,
+                ort_lib.as_deref(),
+            )?;
+            if json {
+                out(&format!("{}\n", serde_json::to_string(&r)?))?;
+            } else {
+                out(&format!(
+                    "wrote {} ({} rows, {}-d) in {:.1} s ({:.0} images/s); {} rows without an embedding{}\n",
+                    r.out,
+                    r.rows,
+                    r.dim,
+                    r.seconds,
+                    r.images_per_s,
+                    r.missing,
+                    if r.missing_keys.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", r.missing_keys.join(", "))
                     }
                 ))?;
             }

@@ -40,6 +40,54 @@ pub struct EvalReport {
     pub seconds: f64,
 }
 
+/// A run's online network loaded from one of its checkpoints, in eval-ready layout.
+pub struct TrainedOnline {
+    pub cfg: TrainConfig,
+    pub net: Network,
+    pub checkpoint: PathBuf,
+    pub step: u64,
+    pub device: Device,
+}
+
+/// Loads the online network of `run` from `checkpoint` (default: the latest).
+pub fn load_online(run: &Path, checkpoint: Option<&Path>) -> Result<TrainedOnline> {
+    let cfg = TrainConfig::from_toml(
+        &std::fs::read_to_string(run.join("config.toml"))
+            .with_context(|| format!("{}: not a run folder", run.display()))?,
+        &[],
+    )?;
+    let ckpt: PathBuf = match checkpoint {
+        Some(c) => c.to_path_buf(),
+        None => list_checkpoints(run)
+            .pop()
+            .with_context(|| format!("{} has no checkpoint", run.display()))?,
+    };
+    let st: crate::train::CheckpointState = serde_json::from_str(
+        &std::fs::read_to_string(ckpt.join("state.json"))
+            .with_context(|| format!("reading {}", ckpt.join("state.json").display()))?,
+    )?;
+    let device = device_of(&cfg.train.device)?;
+    let mut net = Network::new(
+        device,
+        &cfg.model.encoder,
+        &cfg.model.projector,
+        Some(&cfg.model.predictor),
+    );
+    net.vs
+        .load(ckpt.join("online.safetensors"))
+        .with_context(|| format!("loading {}", ckpt.display()))?;
+    if cfg.train.channels_last {
+        net.to_channels_last();
+    }
+    Ok(TrainedOnline {
+        cfg,
+        net,
+        checkpoint: ckpt,
+        step: st.step,
+        device,
+    })
+}
+
 /// Un-augmented model inputs of a whole dataset: the centred square of each valid
 /// region resized to `size`, in [0, 1], with labels. Returns (`[N,3,size,size]` uint8, labels).
 pub fn load_inputs(
@@ -62,29 +110,7 @@ pub fn load_inputs(
     let mut labels = Vec::new();
     for b in loader.start(Cursor::default()) {
         let b = b?;
-        let x = b.images().to_kind(Kind::Float) / 255.0;
-        let boxes: Vec<CropBox> = b
-            .valid_sizes()
-            .iter()
-            .map(|&(h, w)| {
-                let s = h.min(w) as i64;
-                CropBox {
-                    top: (h as i64 - s) / 2,
-                    left: (w as i64 - s) / 2,
-                    height: s,
-                    width: s,
-                }
-            })
-            .collect();
-        let flips = vec![false; boxes.len()];
-        let y = resized_crop_flip(
-            &x,
-            &boxes,
-            &flips,
-            size,
-            byol_pipeline::augment::Interpolation::Bilinear,
-        );
-        imgs.push((y * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8));
+        imgs.push(centred_inputs(&b, size));
         labels.extend_from_slice(b.labels());
         if limit.is_some_and(|l| labels.len() >= l) {
             break;
@@ -109,6 +135,34 @@ pub fn load_inputs(
         );
     }
     Ok((Tensor::cat(&imgs, 0), Tensor::from_slice(&labels)))
+}
+
+/// The un-augmented model input of each image of a batch: the centred square of its
+/// valid region resized (bilinear) to `size`, as `[N, 3, size, size]` uint8.
+pub fn centred_inputs(b: &byol_pipeline::loader::Batch, size: i64) -> Tensor {
+    let x = b.images().to_kind(Kind::Float) / 255.0;
+    let boxes: Vec<CropBox> = b
+        .valid_sizes()
+        .iter()
+        .map(|&(h, w)| {
+            let s = h.min(w) as i64;
+            CropBox {
+                top: (h as i64 - s) / 2,
+                left: (w as i64 - s) / 2,
+                height: s,
+                width: s,
+            }
+        })
+        .collect();
+    let flips = vec![false; boxes.len()];
+    let y = resized_crop_flip(
+        &x,
+        &boxes,
+        &flips,
+        size,
+        byol_pipeline::augment::Interpolation::Bilinear,
+    );
+    (y * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8)
 }
 
 /// Encoder features in eval mode, in chunks.
@@ -273,20 +327,13 @@ pub fn evaluate(
     decode: DecodeFn,
 ) -> Result<EvalReport> {
     let t0 = std::time::Instant::now();
-    let cfg = TrainConfig::from_toml(
-        &std::fs::read_to_string(run.join("config.toml"))
-            .with_context(|| format!("{}: not a run folder", run.display()))?,
-        &[],
-    )?;
-    let ckpt: PathBuf = match checkpoint {
-        Some(c) => c.to_path_buf(),
-        None => list_checkpoints(run)
-            .pop()
-            .with_context(|| format!("{} has no checkpoint", run.display()))?,
-    };
-    let st: crate::train::CheckpointState =
-        serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)?;
-    let device = device_of(&cfg.train.device)?;
+    let TrainedOnline {
+        cfg,
+        net,
+        checkpoint: ckpt,
+        step,
+        device,
+    } = load_online(run, checkpoint)?;
     let classes = Dataset::open(train)?.manifest.classes.len() as i64;
     if classes == 0 {
         bail!("{} has no classes", train.display());
@@ -295,18 +342,6 @@ pub fn evaluate(
     let (xtr, ytr) = load_inputs(train, cfg.data.canvas, size, decode, None)?;
     let (xte, yte) = load_inputs(test, cfg.data.canvas, size, decode, None)?;
 
-    let mut net = Network::new(
-        device,
-        &cfg.model.encoder,
-        &cfg.model.projector,
-        Some(&cfg.model.predictor),
-    );
-    net.vs
-        .load(ckpt.join("online.safetensors"))
-        .with_context(|| format!("loading {}", ckpt.display()))?;
-    if cfg.train.channels_last {
-        net.to_channels_last();
-    }
     let byol = probe(
         &features(&net, &xtr, &cfg, device),
         &ytr,
@@ -332,7 +367,7 @@ pub fn evaluate(
         command: "eval".into(),
         run: run.display().to_string(),
         checkpoint: ckpt.display().to_string(),
-        step: st.step,
+        step,
         train_rows: ytr.size()[0],
         test_rows: yte.size()[0],
         byol,

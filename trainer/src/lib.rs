@@ -8,6 +8,7 @@ pub mod byol;
 pub mod config;
 pub mod eval;
 pub mod model;
+pub mod onnx;
 pub mod plot;
 pub mod runtime;
 pub mod train;
