@@ -282,3 +282,104 @@ fn eval_writes_the_report_schema() {
     }
     assert!(run.join("curves.png").exists());
 }
+
+/// `byol export` writes an ONNX encoder that ONNX Runtime runs like libtorch (checked by
+/// the command itself) and like an independent PyTorch build of the same checkpoint (the
+/// fixture script); `byol embed` writes one row per image whose embedding matches the
+/// image embedded independently (PIL decode, PyTorch resize, onnxruntime in Python).
+#[test]
+fn export_and_embed_agree_with_pytorch_and_onnxruntime() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    summary(&train(tmp.path(), &data, "x", &["--max-steps", "6"]));
+    let run = tmp.path().join("x");
+    let onnx = tmp.path().join("enc.onnx");
+    let o = Command::new(BIN)
+        .args(["export", "--run", run.to_str().unwrap(), "--out"])
+        .arg(&onnx)
+        .args(["--check-data", data.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    let e = summary(&o);
+    assert_eq!(e["step"], 6);
+    assert_eq!(e["dim"], 64); // 512 × width 0.125
+    assert_eq!(e["size"], 16);
+    assert_eq!(e["convs"], 20); // stem + 16 in blocks + 3 downsample
+    assert_eq!(e["check_images"], 128);
+    let diff = e["max_abs_diff"].as_f64().unwrap();
+    assert!(
+        diff < 1e-4 * e["max_abs_value"].as_f64().unwrap().max(1.0),
+        "{e}"
+    );
+    assert!(onnx.exists() && !tmp.path().join("enc.onnx.partial").exists());
+
+    let emb = tmp.path().join("emb.parquet");
+    let o = Command::new(BIN)
+        .args(["embed", "--model"])
+        .arg(&onnx)
+        .args(["--data", data.to_str().unwrap(), "--batch", "24", "--out"])
+        .arg(&emb)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let m = summary(&o);
+    assert_eq!(
+        (m["rows"].as_u64(), m["missing"].as_u64()),
+        (Some(128), Some(0))
+    );
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ckpt = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|d| d.unwrap().path())
+        .max()
+        .unwrap();
+    let o = Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("scripts/fixtures/check_onnx.py"))
+        .args(["--onnx", onnx.to_str().unwrap(), "--checkpoint"])
+        .arg(&ckpt)
+        .args(["--config", run.join("config.toml").to_str().unwrap()])
+        .args([
+            "--data",
+            data.to_str().unwrap(),
+            "--embeddings",
+            emb.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let c = summary(&o);
+    assert_eq!(c["checker"], "ok", "{c}");
+    assert_eq!(c["metadata"]["byol.step"], "6");
+    let d = c["torch_vs_ort_max_abs_diff"].as_f64().unwrap();
+    assert!(
+        d < 1e-4 * c["torch_max_abs"].as_f64().unwrap().max(1.0),
+        "{c}"
+    );
+    assert_eq!(c["embed_rows"], 128);
+    assert_eq!(c["embed_unique_keys"], 128);
+    assert_eq!(c["keys_missing_from_embeddings"], 0);
+    assert!(c["embed_cosine_min"].as_f64().unwrap() > 0.999, "{c}");
+    assert_eq!(c["embed_nearest_is_same_key"].as_f64(), Some(1.0), "{c}");
+
+    // A model that is not there, and a run without checkpoints: clear errors naming them.
+    let o = Command::new(BIN)
+        .args(["embed", "--model", "/nonexistent/enc.onnx", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/enc.onnx"));
+    std::fs::create_dir_all(tmp.path().join("empty/checkpoints")).unwrap();
+    std::fs::copy(
+        run.join("config.toml"),
+        tmp.path().join("empty/config.toml"),
+    )
+    .unwrap();
+    let o = Command::new(BIN)
+        .args(["export", "--run"])
+        .arg(tmp.path().join("empty"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("has no checkpoint"));
+}
