@@ -75,11 +75,7 @@ pub struct AugmentBench {
     pub data_stall: Option<f64>,
 }
 
-fn sync(dev: Device) {
-    if let Device::Cuda(i) = dev {
-        tch::Cuda::synchronize(i as i64);
-    }
-}
+use byol_trainer::bench::sync;
 
 /// Views/s on random canvases (no data) on the current device.
 pub fn bench_synthetic(

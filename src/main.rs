@@ -199,6 +199,15 @@ enum BenchCmd {
     },
 }
 
+/// Prints `r` as one JSON line with `--json`, else the human-readable `text`.
+fn emit<T: serde::Serialize>(json: bool, r: &T, text: impl FnOnce() -> String) -> Result<()> {
+    if json {
+        out(&format!("{}\n", serde_json::to_string(r)?))
+    } else {
+        out(&text())
+    }
+}
+
 fn out(text: &str) -> Result<()> {
     let mut o = std::io::stdout().lock();
     match o.write_all(text.as_bytes()).and_then(|_| o.flush()) {
@@ -262,10 +271,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 decode,
                 py.as_deref(),
             )?;
-            if json {
-                out(&format!("{}\n", serde_json::to_string(&r)?))?;
-            } else {
-                out(&format!(
+            emit(json, &r, || {
+                format!(
                     "{} batch {} size {}: compute only {:.1} images/s; with augmentation {:.1}{}; ratio to compute {:.2}{}\n",
                     r.device,
                     r.batch,
@@ -281,8 +288,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         (Some(v), Some(x)) => format!("; PyTorch reference {:.1} images/s, byol/PyTorch {x:.2}", v["images_per_s"].as_f64().unwrap_or(0.0)),
                         _ => String::new(),
                     }
-                ))?;
-            }
+                )
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Export {
@@ -319,10 +326,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 check,
                 ort_lib.as_deref(),
             )?;
-            if json {
-                out(&format!("{}\n", serde_json::to_string(&r)?))?;
-            } else {
-                out(&format!(
+            emit(json, &r, || {
+                format!(
                     "wrote {} ({} convolutions, {}-d embedding, {} px input, {:.1} MB) from {}\n\
                      ONNX Runtime vs libtorch on {} {}: max |diff| {:.2e} (max |value| {:.2e}), min cosine {:.6}; \
                      {:.3} vs {:.3} ms/image\n",
@@ -339,8 +344,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     r.min_cosine,
                     r.ort_ms_per_image,
                     r.libtorch_ms_per_image
-                ))?;
-            }
+                )
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "opencv")]
@@ -363,10 +368,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 canvas,
                 ort_lib.as_deref(),
             )?;
-            if json {
-                out(&format!("{}\n", serde_json::to_string(&r)?))?;
-            } else {
-                out(&format!(
+            emit(json, &r, || {
+                format!(
                     "wrote {} ({} rows, {}-d) in {:.1} s ({:.0} images/s); {} rows without an embedding{}\n",
                     r.out,
                     r.rows,
@@ -379,8 +382,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     } else {
                         format!(": {}", r.missing_keys.join(", "))
                     }
-                ))?;
-            }
+                )
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "opencv")]
@@ -399,11 +402,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 checkpoint.as_deref(),
                 byol_pipeline::opencv_decoder(),
             )?;
-            if json {
-                out(&format!("{}\n", serde_json::to_string(&r)?))?;
-            } else {
-                out(&r.table())?;
-            }
+            emit(json, &r, || r.table())?;
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "opencv")]
@@ -449,10 +448,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &opts,
                 byol_pipeline::opencv_decoder(),
             )?;
-            if json {
-                out(&format!("{}\n", serde_json::to_string(&s)?))?;
-            } else {
-                out(&format!(
+            emit(json, &s, || {
+                format!(
                     "{} step {}/{} (epoch {}), loss {:.4}, {:.1} images/s, data stall {:.0} %, checkpoint {}\n",
                     if s.stopped_by_signal { "stopped by signal at" } else { "done:" },
                     s.steps,
@@ -462,8 +459,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     s.images_per_s,
                     100.0 * s.data_stall,
                     s.checkpoint.as_deref().unwrap_or("none")
-                ))?;
-            }
+                )
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "opencv")]
@@ -520,10 +517,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 None => augment_cmds::bench_synthetic(batch as i64, canvas as i64, seconds, cfg)?,
             };
-            if json {
-                out(&format!("{}\n", serde_json::to_string(&r)?))?;
-            } else {
-                out(&format!(
+            emit(json, &r, || {
+                format!(
                     "{:.0} images/s ({:.0} views/s) on {}, batch {}, canvas {} -> {}{}\n",
                     r.images_per_s,
                     r.views_per_s,
@@ -535,8 +530,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         (Some(d), Some(s)) => format!(", from {d} (data stall {:.0} %)", 100.0 * s),
                         _ => " (random canvases)".into(),
                     }
-                ))?;
-            }
+                )
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "opencv")]
@@ -551,10 +546,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             byol_tools::image::set_opencv_threads(1);
             let r =
                 bench_pipeline::run(&data, canvas, batch, threads.unwrap_or_else(cores), seconds)?;
-            if json {
-                out(&format!("{}\n", serde_json::to_string(&r)?))?;
-            } else {
-                out(&format!(
+            emit(json, &r, || {
+                format!(
                     "pipeline {:.0} images/s, bare ceiling {:.0} images/s, ratio {:.2}; decode only {:.0} images/s; \
                      {} thread(s), canvas {}, batch {}; loader peak RSS {:.0} MiB; {} decode failure(s)\n",
                     r.pipeline_images_per_s,
@@ -566,8 +559,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     r.batch,
                     r.loader_peak_rss_mib,
                     r.decode_failures
-                ))?;
-            }
+                )
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Info { ort_lib, json } => {

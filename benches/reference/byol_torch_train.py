@@ -8,7 +8,8 @@ What a user's PyTorch script does today: a Dataset over the Parquet shards (PIL 
 torchvision.transforms.v2 two-view augmentation per sample in DataLoader worker
 processes, the model of `byol_torch.py` (torchvision layout, same widths and heads),
 LARS with linear warm-up then cosine learning rate, τ on the cosine schedule, EMA
-target, symmetric 2 − 2cos loss, channels-last when the config says so.
+target, symmetric 2 − 2cos loss, channels-last and bf16 autocast (torch.autocast, loss in
+float32) when the config says so (`train.channels_last`, `train.precision`), as byol does.
 
 The online network is written in byol's checkpoint layout (RUN/config.toml and
 RUN/checkpoints/step-N/{online.safetensors,state.json}), with torchvision parameter names,
@@ -80,6 +81,8 @@ def main():
     for p in target.parameters():
         p.requires_grad_(False)
     mf = torch.channels_last if t.get("channels_last", True) else torch.contiguous_format
+    precision = t.get("precision", "auto")
+    bf16 = precision == "bf16" or (precision == "auto" and dev == "cuda")
     online.to(dev, memory_format=mf)
     target.to(dev, memory_format=mf)
 
@@ -121,9 +124,11 @@ def main():
             v1 = v1.to(dev, non_blocking=True).contiguous(memory_format=mf)
             v2 = v2.to(dev, non_blocking=True).contiguous(memory_format=mf)
             opt.lr = lr_at(step)
-            p1, p2 = fwd(online, v1), fwd(online, v2)
-            with torch.no_grad():
-                z1, z2 = fwd(target, v1, False), fwd(target, v2, False)
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+                p1, p2 = fwd(online, v1), fwd(online, v2)
+                with torch.no_grad():
+                    z1, z2 = fwd(target, v1, False), fwd(target, v2, False)
+            p1, p2, z1, z2 = (x.float() for x in (p1, p2, z1, z2))
             loss = (reg(p1, z2) + reg(p2, z1)).mean()
             for p in online.parameters():
                 p.grad = None
@@ -156,7 +161,7 @@ def main():
     shutil.rmtree(ck, ignore_errors=True)
     os.rename(tmp, ck)
     shutil.copy(a.config, os.path.join(a.out, "config.toml"))  # model shape and eval size for `byol eval`
-    r = {"command": "byol_torch_train", "device": dev, "epochs": epochs, "steps": step, "batch": batch,
+    r = {"command": "byol_torch_train", "device": dev, "precision": "bf16" if bf16 else "fp32", "epochs": epochs, "steps": step, "batch": batch,
          "workers": a.workers, "threads": torch.get_num_threads(), "train_seconds": secs,
          "first_batch_seconds": first_batch_s, "images_per_s": step * batch / secs, "last_loss": loss_v,
          "checkpoint": ck}

@@ -38,7 +38,8 @@ pub struct TrainBench {
     pub ratio_to_reference: Option<f64>,
 }
 
-fn sync(dev: Device) {
+/// Waits for the device's queued work (no-op on the CPU).
+pub fn sync(dev: Device) {
     if let Device::Cuda(i) = dev {
         tch::Cuda::synchronize(i as i64);
     }
