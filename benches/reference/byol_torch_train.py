@@ -45,11 +45,13 @@ def views(c):
     out = []
     for name, (blur, sol) in (("view1", (1.0, 0.0)), ("view2", (0.1, 0.2))):
         v = a.get(name, {})
-        for key in ("brightness", "contrast", "saturation", "hue", "jitter_p", "grayscale_p", "flip_p"):
+        for key in ("jitter_p", "grayscale_p", "flip_p", "crop_ratio", "blur_sigma", "solarize_threshold"):
             if key in v:
                 raise SystemExit(f"augment.{name}.{key} is not mirrored by this reference script")
+        jitter = tuple(v.get(k, d) for k, d in (("brightness", 0.4), ("contrast", 0.4), ("saturation", 0.2),
+                                                ("hue", 0.1)))
         out.append(view(size, v.get("blur_p", blur), v.get("solarize_p", sol), v.get("crop_scale", [0.08, 1.0]),
-                        mean, std, k224))
+                        mean, std, k224, jitter))
     return size, out
 
 

@@ -45,12 +45,12 @@ class Shards(Dataset):
 
 
 def view(size, blur_p, sol_p, scale=(0.08, 1.0), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-         kernel_224=23):
+         kernel_224=23, jitter=(0.4, 0.4, 0.2, 0.1)):
     k = int(round(kernel_224 * size / 224)) | 1
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True),
         v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        v2.RandomApply([v2.ColorJitter(*jitter)], p=0.8),
         v2.RandomGrayscale(p=0.2),
         v2.RandomApply([v2.GaussianBlur(max(k, 3), sigma=(0.1, 2.0))], p=blur_p),
         v2.RandomSolarize(0.5, p=sol_p),
