@@ -383,3 +383,94 @@ fn export_and_embed_agree_with_pytorch_and_onnxruntime() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("has no checkpoint"));
 }
+
+/// The first `n` Fashion-MNIST images of `prefix` (`train` or `t10k`) written as raw IDX
+/// files and sharded.
+fn fmnist_subset(dir: &Path, prefix: &str, n: usize) -> PathBuf {
+    use byol_tools::idx::read_idx_u8;
+    let root = Path::new("/usr/share/datasets/fashion-mnist");
+    let imgs = read_idx_u8(&root.join(format!("{prefix}-images-idx3-ubyte.gz"))).unwrap();
+    let labs = read_idx_u8(&root.join(format!("{prefix}-labels-idx1-ubyte.gz"))).unwrap();
+    let write = |name: &str, magic: u8, dims: &[usize], data: &[u8]| {
+        let mut b = vec![0u8, 0, 8, magic];
+        for d in dims {
+            b.extend_from_slice(&(*d as u32).to_be_bytes());
+        }
+        b.extend_from_slice(data);
+        let p = dir.join(name);
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    let images = write(
+        &format!("{prefix}-images"),
+        3,
+        &[n, 28, 28],
+        &imgs.data[..n * 784],
+    );
+    let labels = write(&format!("{prefix}-labels"), 1, &[n], &labs.data[..n]);
+    let source = byol_tools::source::scan(
+        dir,
+        &byol_tools::source::Layout::Idx {
+            images,
+            labels: Some(labels),
+        },
+        &Default::default(),
+    )
+    .unwrap();
+    let out = dir.join(prefix);
+    let opts = byol_tools::shard::ShardOptions {
+        max_side: None,
+        quality: 90,
+        rows_per_shard: None,
+        shard_bytes: None,
+        row_group_rows: 256,
+        workers: 1,
+        seed: 0,
+        force: true,
+        progress: false,
+    };
+    byol_tools::shard::shard(&source, prefix, &out, &opts).unwrap();
+    out
+}
+
+/// A short BYOL run with the Fashion-MNIST preset on 4,096 images (batch 64, 10 epochs,
+/// about a minute): the linear probe on its encoder beats the same probe on a randomly
+/// initialised encoder of the same shape by more than 3 points (measured: 78.6 % vs
+/// 72.3 %).
+#[test]
+fn a_short_fmnist_run_beats_random_init() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train_ds = fmnist_subset(tmp.path(), "train", 4096);
+    let test_ds = fmnist_subset(tmp.path(), "t10k", 1000);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let run = tmp.path().join("run");
+    let o = Command::new(BIN)
+        .args(["train", "--config"])
+        .arg(root.join("configs/fmnist.toml"))
+        .args([
+            "--data",
+            train_ds.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+        ])
+        .args(["--set", "train.batch=64", "--set", "train.epochs=10"])
+        .args(["--set", "train.device=\"cpu\"", "--json"])
+        .output()
+        .unwrap();
+    let s = summary(&o);
+    assert_eq!(s["steps"], 640);
+    let o = Command::new(BIN)
+        .args(["eval", "--run", run.to_str().unwrap(), "--train"])
+        .arg(&train_ds)
+        .args(["--test", test_ds.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    let e = summary(&o);
+    let byol = e["byol"]["linear_top1"].as_f64().unwrap();
+    let random = e["random_init"]["linear_top1"].as_f64().unwrap();
+    eprintln!("BYOL linear {byol:.4}, random init {random:.4}");
+    assert!(
+        byol > random + 0.03,
+        "BYOL {byol} vs random init {random}: {e}"
+    );
+}

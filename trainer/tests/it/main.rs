@@ -319,3 +319,48 @@ fn bf16_autocast_step_is_close_to_float32() {
         "autocast changed nothing: is it on?"
     );
 }
+
+/// The ONNX export of a ResNet-50 layout (ImageNet stem with max-pool, bottlenecks with
+/// the stride on conv2, downsample shortcuts) with non-trivial BatchNorm statistics runs
+/// in ONNX Runtime like libtorch's eval-mode encoder.
+#[test]
+fn resnet50_onnx_export_matches_libtorch() {
+    use byol_trainer::byol::Network;
+    use byol_trainer::config::TrainConfig;
+    use byol_trainer::onnx::{export, OnnxEncoder};
+    let mut cfg = TrainConfig::default();
+    cfg.model.encoder = EncoderConfig {
+        arch: Arch::Resnet50,
+        cifar_stem: false,
+        stem_pool: None,
+        width: 0.125,
+    };
+    cfg.augment.size = 64;
+    tch::manual_seed(5);
+    let net = Network::new(
+        Device::Cpu,
+        &cfg.model.encoder,
+        &cfg.model.projector,
+        Some(&cfg.model.predictor),
+    );
+    // Train-mode passes move the BatchNorm running statistics away from 0/1.
+    for _ in 0..3 {
+        let x = Tensor::rand([8, 3, 64, 64], (Kind::Float, Device::Cpu)) * 2.0 - 0.3;
+        let _ = tch::no_grad(|| net.encoder.forward_t(&x, true));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("r50.onnx");
+    let info = export(&net, &cfg, &path, &[]).unwrap();
+    assert_eq!((info.dim, info.size, info.convs), (256, 64, 53));
+    let pixels = Tensor::rand([4, 3, 64, 64], (Kind::Float, Device::Cpu));
+    let mean = Tensor::from_slice(&cfg.augment.mean.map(|v| v as f32)).view([1, 3, 1, 1]);
+    let std = Tensor::from_slice(&cfg.augment.std.map(|v| v as f32)).view([1, 3, 1, 1]);
+    let want = tch::no_grad(|| net.encoder.forward_t(&((&pixels - mean) / std), false));
+    let mut enc = OnnxEncoder::load(&path, None, 1).unwrap();
+    assert_eq!((enc.size, enc.dim), (64, 256));
+    let got = enc.embed(&pixels).unwrap();
+    let scale = want.abs().max().double_value(&[]).max(1.0);
+    let d = max_diff(&got, &want);
+    assert!(d < 1e-4 * scale, "max |diff| {d} (scale {scale})");
+    assert!(want.abs().max().double_value(&[]) > 0.0);
+}
