@@ -26,6 +26,7 @@ import sys
 import time
 import tomllib
 
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
@@ -45,9 +46,11 @@ def views(c):
     out = []
     for name, (blur, sol) in (("view1", (1.0, 0.0)), ("view2", (0.1, 0.2))):
         v = a.get(name, {})
-        for key in ("jitter_p", "grayscale_p", "flip_p", "crop_ratio", "blur_sigma", "solarize_threshold"):
-            if key in v:
-                raise SystemExit(f"augment.{name}.{key} is not mirrored by this reference script")
+        fixed = {"jitter_p": 0.8, "grayscale_p": 0.2, "flip_p": 0.5, "crop_ratio": [3 / 4, 4 / 3],
+                 "blur_sigma": [0.1, 2.0], "solarize_threshold": 0.5}
+        for key, want in fixed.items():
+            if key in v and not np.allclose(np.atleast_1d(v[key]), np.atleast_1d(want)):
+                raise SystemExit(f"augment.{name}.{key} = {v[key]} is not mirrored by this reference script")
         jitter = tuple(v.get(k, d) for k, d in (("brightness", 0.4), ("contrast", 0.4), ("saturation", 0.2),
                                                 ("hue", 0.1)))
         out.append(view(size, v.get("blur_p", blur), v.get("solarize_p", sol), v.get("crop_scale", [0.08, 1.0]),
