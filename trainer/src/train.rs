@@ -154,7 +154,11 @@ pub struct TrainSummary {
     pub total_steps: u64,
     pub epoch: u64,
     pub last_loss: f64,
+    /// Images (both views) per second of wall time since this invocation started.
     pub images_per_s: f64,
+    /// The same without the time spent in the kNN monitor.
+    pub train_images_per_s: f64,
+    pub monitor_seconds: f64,
     pub data_stall: f64,
     pub checkpoint: Option<String>,
     pub stopped_by_signal: bool,
@@ -401,6 +405,8 @@ pub fn train(
     let mut win_correct = 0.0f64;
     let mut last_knn_step = u64::MAX;
     let mut knn_set: Option<KnnSet> = None;
+    // Seconds spent in the kNN monitor (excluded from `train_images_per_s`).
+    let mut monitor_s = 0.0f64;
     let mut win_wait0 = loader.stats().consumer_wait_s;
     let run_t0 = Instant::now();
     let run_step0 = step;
@@ -533,12 +539,14 @@ pub fn train(
                 if cfg.train.knn_every_epochs > 0
                     && cursor.epoch.is_multiple_of(cfg.train.knn_every_epochs)
                 {
+                    let t = Instant::now();
                     let set = match knn_set.take() {
                         Some(k) => k,
                         None => KnnSet::load(&cfg, data, val, decode)?,
                     };
                     let acc = set.top1(&online, &cfg, device);
                     knn_set = Some(set);
+                    monitor_s += t.elapsed().as_secs_f64();
                     last_knn_step = step;
                     let row = KnnRow {
                         step,
@@ -564,11 +572,13 @@ pub fn train(
     // the step budget ends exactly there).
     if let Some(val) = &opts.val {
         if cfg.train.knn_every_epochs > 0 && step > 0 && last_knn_step != step && step == total {
+            let t = Instant::now();
             let set = match knn_set.take() {
                 Some(k) => k,
                 None => KnnSet::load(&cfg, data, val, decode)?,
             };
             let acc = set.top1(&online, &cfg, device);
+            monitor_s += t.elapsed().as_secs_f64();
             let row = KnnRow {
                 step,
                 epoch: cursor.epoch + 1,
@@ -595,6 +605,9 @@ pub fn train(
         epoch: cursor.epoch,
         last_loss,
         images_per_s: ((step - run_step0) * cfg.train.batch as u64) as f64 / secs,
+        train_images_per_s: ((step - run_step0) * cfg.train.batch as u64) as f64
+            / (secs - monitor_s).max(1e-9),
+        monitor_seconds: monitor_s,
         data_stall: ((loader.stats().consumer_wait_s - run_wait0) / secs).clamp(0.0, 1.0),
         checkpoint: last_ckpt
             .map(|p| p.display().to_string())
