@@ -96,6 +96,27 @@ def reg(p, z):
     return 2 - 2 * (F.normalize(p, dim=-1) * F.normalize(z, dim=-1)).sum(-1)
 
 
+def fwd(net, x, pred=True):
+    z = net["projector"](net["encoder"](x))
+    return net["predictor"](z) if pred else z
+
+
+def train_step(online, target, opt, v1, v2, bf16):
+    """One BYOL step: forward passes (bf16 autocast when asked), symmetric loss in float32,
+    backward, optimizer step. The caller updates the target. Returns the loss."""
+    with torch.autocast(v1.device.type, dtype=torch.bfloat16, enabled=bf16):
+        p1, p2 = fwd(online, v1), fwd(online, v2)
+        with torch.no_grad():
+            z1, z2 = fwd(target, v1, False), fwd(target, v2, False)
+    p1, p2, z1, z2 = (x.float() for x in (p1, p2, z1, z2))
+    loss = (reg(p1, z2) + reg(p2, z1)).mean()
+    for p in online.parameters():
+        p.grad = None
+    loss.backward()
+    opt.step()
+    return loss
+
+
 class Lars:
     def __init__(self, params, lr, wd, momentum, eta):
         self.params, self.lr, self.wd, self.mu, self.eta = list(params), lr, wd, momentum, eta
@@ -147,21 +168,8 @@ def main():
     v1 = torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=mf)
     v2 = torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=mf)
 
-    def fwd(net, x, pred=True):
-        z = net["projector"](net["encoder"](x))
-        return net["predictor"](z) if pred else z
-
     def step():
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
-            p1, p2 = fwd(online, v1), fwd(online, v2)
-            with torch.no_grad():
-                z1, z2 = fwd(target, v1, False), fwd(target, v2, False)
-        p1, p2, z1, z2 = (x.float() for x in (p1, p2, z1, z2))
-        loss = (reg(p1, z2) + reg(p2, z1)).mean()
-        for p in online.parameters():
-            p.grad = None
-        loss.backward()
-        opt.step()
+        loss = train_step(online, target, opt, v1, v2, a.precision == "bf16")
         with torch.no_grad():
             for (_, pt), (_, po) in zip(target.named_parameters(), online.named_parameters()):
                 pt.lerp_(po, 0.01)

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from byol_torch import Lars, ResNet, mlp, reg  # noqa: E402
+from byol_torch import Lars, ResNet, mlp, train_step  # noqa: E402
 from torchvision_two_views import Shards, TwoViews, view  # noqa: E402
 
 
@@ -114,10 +114,6 @@ def main():
     def tau_at(k):
         return 1 - (1 - tau_base) * (math.cos(math.pi * min(k, total) / max(total, 1)) + 1) / 2
 
-    def fwd(net, x, with_pred=True):
-        z = net["projector"](net["encoder"](x))
-        return net["predictor"](z) if with_pred else z
-
     online.train()
     target.train()
     step, loss_v, t0 = 0, float("nan"), time.perf_counter()
@@ -129,16 +125,7 @@ def main():
             v1 = v1.to(dev, non_blocking=True).contiguous(memory_format=mf)
             v2 = v2.to(dev, non_blocking=True).contiguous(memory_format=mf)
             opt.lr = lr_at(step)
-            with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-                p1, p2 = fwd(online, v1), fwd(online, v2)
-                with torch.no_grad():
-                    z1, z2 = fwd(target, v1, False), fwd(target, v2, False)
-            p1, p2, z1, z2 = (x.float() for x in (p1, p2, z1, z2))
-            loss = (reg(p1, z2) + reg(p2, z1)).mean()
-            for p in online.parameters():
-                p.grad = None
-            loss.backward()
-            opt.step()
+            loss = train_step(online, target, opt, v1, v2, bf16)
             with torch.no_grad():
                 torch._foreach_lerp_(ta_params, on_params, 1 - tau_at(step))
             step += 1
