@@ -13,7 +13,7 @@ FMNIST ?= /usr/share/datasets/fashion-mnist
 TOOLS := $(ROOT)/target/release/byol-tools
 BYOL := $(ROOT)/target/release/byol
 
-.PHONY: setup build demo compare test bench fmt clippy
+.PHONY: setup build demo compare test bench fmt clippy device
 
 setup:
 	@bash $(ROOT)/scripts/setup
@@ -23,6 +23,11 @@ build: setup
 
 demo: build
 	@bash $(ROOT)/scripts/demo
+
+# What a lent GPU machine runs (scripts/device_checks), built and stripped into
+# target/device/; see scripts/device_prepare.
+device: setup
+	@bash $(ROOT)/scripts/device_prepare
 
 # byol vs a plain PyTorch BYOL script, same epochs and data (after `make demo`).
 compare: build
