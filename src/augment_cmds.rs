@@ -68,6 +68,10 @@ pub struct AugmentBench {
     pub images_per_s: f64,
     /// Views per second (2 × images).
     pub views_per_s: f64,
+    /// CPU only, without `--data`: the same with the batched tensor ops instead of the
+    /// fused per-sample colour stages, and the ratio fused ÷ tensor.
+    pub tensor_path_images_per_s: Option<f64>,
+    pub ratio_to_tensor_path: Option<f64>,
     /// With `--data`: the loader feeding the augmentation, end to end.
     pub data: Option<String>,
     pub decode_threads: Option<usize>,
@@ -98,23 +102,34 @@ pub fn bench_synthetic(
             }
         })
         .collect();
-    let aug = Augmenter::new(cfg);
+    let mut aug = Augmenter::new(cfg);
     let size = aug.cfg.size;
-    // Warm-up (kernel selection, allocator).
-    let _ = aug.views(&canv, &valid, &mut r);
-    sync(dev);
-    let t0 = Instant::now();
-    let mut n = 0i64;
-    while t0.elapsed() < Duration::from_secs_f64(seconds) || n == 0 {
-        let (a, b) = aug.views(&canv, &valid, &mut r);
-        let _ = std::hint::black_box((a, b));
-        n += batch;
-        if dev.is_cuda() && n % (batch * 8) == 0 {
-            sync(dev);
+    let mut rate = |aug: &Augmenter| {
+        // Warm-up (kernel selection, allocator).
+        let _ = aug.views(&canv, &valid, &mut r);
+        sync(dev);
+        let t0 = Instant::now();
+        let mut n = 0i64;
+        while t0.elapsed() < Duration::from_secs_f64(seconds) || n == 0 {
+            let (a, b) = aug.views(&canv, &valid, &mut r);
+            let _ = std::hint::black_box((a, b));
+            n += batch;
+            if dev.is_cuda() && n % (batch * 8) == 0 {
+                sync(dev);
+            }
         }
-    }
-    sync(dev);
-    let s = t0.elapsed().as_secs_f64();
+        sync(dev);
+        (
+            n as f64 / t0.elapsed().as_secs_f64(),
+            t0.elapsed().as_secs_f64(),
+        )
+    };
+    let (images_per_s, s) = rate(&aug);
+    // On the CPU, the batched tensor path too (what a GPU runs), in the same run.
+    let tensor = (dev == Device::Cpu).then(|| {
+        aug.fused_cpu = false;
+        rate(&aug).0
+    });
     Ok(AugmentBench {
         command: "bench augment".into(),
         device: format!("{dev:?}"),
@@ -122,8 +137,10 @@ pub fn bench_synthetic(
         canvas,
         size,
         seconds: s,
-        images_per_s: n as f64 / s,
-        views_per_s: 2.0 * n as f64 / s,
+        images_per_s,
+        views_per_s: 2.0 * images_per_s,
+        tensor_path_images_per_s: tensor,
+        ratio_to_tensor_path: tensor.map(|t| images_per_s / t),
         data: None,
         decode_threads: None,
         data_stall: None,
@@ -192,6 +209,8 @@ pub fn bench_data(
         seconds: s,
         images_per_s: n as f64 / s,
         views_per_s: 2.0 * n as f64 / s,
+        tensor_path_images_per_s: None,
+        ratio_to_tensor_path: None,
         data: Some(data.display().to_string()),
         decode_threads: Some(threads),
         data_stall: Some(stall),

@@ -531,7 +531,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         (Some(d), Some(s)) => format!(", from {d} (data stall {:.0} %)", 100.0 * s),
                         _ => " (random canvases)".into(),
                     }
-                )
+                ) + &match (r.tensor_path_images_per_s, r.ratio_to_tensor_path) {
+                    (Some(t), Some(x)) => {
+                        format!("batched tensor path: {t:.0} images/s (fused is {x:.2}x)\n")
+                    }
+                    _ => String::new(),
+                }
             })?;
             Ok(ExitCode::SUCCESS)
         }

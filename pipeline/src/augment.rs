@@ -476,9 +476,49 @@ pub fn replicate_beyond_valid(img: &Tensor, valid: &[(i32, i32)]) -> Tensor {
 /// Applies drawn parameters: `img` float `[B, 3, S, S]` in [0, 1] → view `[B, 3, size, size]`
 /// in [0, 1] (before normalisation). For bicubic sampling `img` should have gone
 /// through [`replicate_beyond_valid`].
+///
+/// On the CPU the colour stages run fused per sample ([`crate::augment_cpu`]); elsewhere,
+/// or with `fused_cpu` false, as batched tensor ops ([`colour_stages`]).
 pub fn apply_view(img: &Tensor, p: &ViewParams, cfg: &AugmentConfig, threshold: f64) -> Tensor {
-    let mut x =
-        resized_crop_flip(img, &p.boxes, &p.flips, cfg.size, cfg.interpolation).clamp(0.0, 1.0);
+    apply_view_with(img, p, cfg, threshold, true)
+}
+
+/// [`apply_view`], choosing whether the CPU uses the fused per-sample stages.
+pub fn apply_view_with(
+    img: &Tensor,
+    p: &ViewParams,
+    cfg: &AugmentConfig,
+    threshold: f64,
+    fused_cpu: bool,
+) -> Tensor {
+    let x = resized_crop_flip(img, &p.boxes, &p.flips, cfg.size, cfg.interpolation);
+    let half = cfg.blur_kernel() / 2;
+    if fused_cpu && x.device() == Device::Cpu && x.kind() == Kind::Float && half < cfg.size {
+        let mut x = x.contiguous();
+        let n = x.numel();
+        let s = cfg.size as usize;
+        // Safety: `x` is a contiguous float32 CPU tensor of `n` elements that nothing
+        // else references (a fresh output of the crop), so the slice is its whole,
+        // exclusively borrowed storage for the duration of the call.
+        let px = unsafe { std::slice::from_raw_parts_mut(x.data_ptr() as *mut f32, n) };
+        crate::augment_cpu::colour_stages(
+            px,
+            (s, s),
+            p,
+            cfg.blur_kernel() as usize,
+            threshold,
+            tch::get_num_threads().max(1) as usize,
+        );
+        let _ = &mut x;
+        return x;
+    }
+    colour_stages(x, p, cfg, threshold)
+}
+
+/// The colour stages (jitter, grayscale, blur, solarize) as batched tensor ops on any
+/// device: `x` is the resized crops `[B, 3, size, size]`, not yet clamped.
+pub fn colour_stages(x: Tensor, p: &ViewParams, cfg: &AugmentConfig, threshold: f64) -> Tensor {
+    let mut x = x.clamp(0.0, 1.0);
     // Colour jitter: four stages; at each, every jittered sample applies its own next op
     // (each op runs once per stage on the subset of samples that need it).
     let n = p.jitter.len();
@@ -538,11 +578,17 @@ pub fn normalize(x: &Tensor, mean: [f64; 3], std: [f64; 3]) -> Tensor {
 #[derive(Debug, Clone)]
 pub struct Augmenter {
     pub cfg: AugmentConfig,
+    /// On the CPU, run the colour stages fused per sample (the default; false: the
+    /// batched tensor ops every device uses, for comparison).
+    pub fused_cpu: bool,
 }
 
 impl Augmenter {
     pub fn new(cfg: AugmentConfig) -> Augmenter {
-        Augmenter { cfg }
+        Augmenter {
+            cfg,
+            fused_cpu: true,
+        }
     }
 
     /// uint8 canvases `[B, 3, S, S]` on `device` (with each sample's valid region) →
@@ -571,8 +617,12 @@ impl Augmenter {
         }
         let p1 = draw_view(rng, &self.cfg.view1, valid);
         let p2 = draw_view(rng, &self.cfg.view2, valid);
-        let a = apply_view(&img, &p1, &self.cfg, self.cfg.view1.solarize_threshold);
-        let b = apply_view(&img, &p2, &self.cfg, self.cfg.view2.solarize_threshold);
+        let (t1, t2) = (
+            self.cfg.view1.solarize_threshold,
+            self.cfg.view2.solarize_threshold,
+        );
+        let a = apply_view_with(&img, &p1, &self.cfg, t1, self.fused_cpu);
+        let b = apply_view_with(&img, &p2, &self.cfg, t2, self.fused_cpu);
         (
             normalize(&a, self.cfg.mean, self.cfg.std),
             normalize(&b, self.cfg.mean, self.cfg.std),

@@ -4,9 +4,12 @@
 //! - [`plan`]: the epoch order as a pure function of (seed, epoch, rank, world), and
 //!   the resume cursor;
 //! - [`decode`] (feature `opencv`): decode into a fixed canvas;
-//! - [`loader`]: the threaded stages and the batch slot pool.
+//! - [`loader`]: the threaded stages and the batch slot pool;
+//! - [`augment`]: BYOL's two views as tch ops, with the CPU's fused colour stages in
+//!   [`augment_cpu`].
 
 pub mod augment;
+pub mod augment_cpu;
 pub mod dataset;
 #[cfg(feature = "opencv")]
 pub mod decode;
