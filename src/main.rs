@@ -302,11 +302,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ort_lib,
             json,
         } => {
+            let t = byol_trainer::eval::load_online(&run_dir, checkpoint.as_deref())?;
             #[cfg(feature = "opencv")]
             let check = match check_data {
                 Some(d) => {
                     byol_tools::image::set_opencv_threads(1);
-                    let t = byol_trainer::eval::load_online(&run_dir, checkpoint.as_deref())?;
                     let (x, _) = byol_trainer::eval::load_inputs(
                         &d,
                         t.cfg.data.canvas,
@@ -320,13 +320,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             #[cfg(not(feature = "opencv"))]
             let check = None;
-            let r = byol_trainer::onnx::export_run(
-                &run_dir,
-                checkpoint.as_deref(),
-                &path,
-                check,
-                ort_lib.as_deref(),
-            )?;
+            let r = byol_trainer::onnx::export_run(&run_dir, &t, &path, check, ort_lib.as_deref())?;
             emit(json, &r, || {
                 format!(
                     "wrote {} ({} convolutions, {}-d embedding, {} px input, {:.1} MB) from {}\n\

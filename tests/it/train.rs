@@ -433,14 +433,17 @@ fn fmnist_subset(dir: &Path, prefix: &str, n: usize) -> PathBuf {
     out
 }
 
-/// A short BYOL run with the Fashion-MNIST preset on 4,096 images (batch 64, 10 epochs,
-/// about a minute): the linear probe on its encoder beats the same probe on a randomly
-/// initialised encoder of the same shape by more than 3 points (measured: 78.6 % vs
-/// 72.3 %).
+/// A short BYOL run with the Fashion-MNIST preset on 20,000 images (batch 256, 8 epochs,
+/// 624 steps, about 3 minutes): the linear probe on its encoder beats the same probe on
+/// a randomly initialised encoder of the same shape by more than 3 points. Measured with
+/// training seeds 1 and 2: 80.6 % vs 72.3 % and 80.6 % vs 75.7 %. Shorter runs are not
+/// enough: with 4,096 images at batch 64 for 10 epochs (session 2's version of this
+/// test) seeds 1 and 2 ended below random init (68.1 %, 72.4 %) and seed 0 moved
+/// between 75.2 % and 78.6 % with float rounding in the augmentation.
 #[test]
 fn a_short_fmnist_run_beats_random_init() {
     let tmp = tempfile::tempdir().unwrap();
-    let train_ds = fmnist_subset(tmp.path(), "train", 4096);
+    let train_ds = fmnist_subset(tmp.path(), "train", 20000);
     let test_ds = fmnist_subset(tmp.path(), "t10k", 1000);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let run = tmp.path().join("run");
@@ -453,12 +456,12 @@ fn a_short_fmnist_run_beats_random_init() {
             "--out",
             run.to_str().unwrap(),
         ])
-        .args(["--set", "train.batch=64", "--set", "train.epochs=10"])
+        .args(["--set", "train.batch=256", "--set", "train.epochs=8"])
         .args(["--set", "train.device=\"cpu\"", "--json"])
         .output()
         .unwrap();
     let s = summary(&o);
-    assert_eq!(s["steps"], 640);
+    assert_eq!(s["steps"], 8 * (20000 / 256));
     let o = Command::new(BIN)
         .args(["eval", "--run", run.to_str().unwrap(), "--train"])
         .arg(&train_ds)

@@ -427,17 +427,16 @@ pub struct ExportReport {
 /// Tolerance of the export check: |ORT − libtorch| ≤ `EXPORT_TOL`·max(1, max |libtorch|).
 pub const EXPORT_TOL: f64 = 1e-3;
 
-/// Exports the online encoder of `run` to `out`, then loads the file in ONNX Runtime and
+/// Exports the online encoder `t` (loaded from `run`) to `out`, then loads the file in ONNX Runtime and
 /// compares its embeddings with libtorch's on `check` inputs (`[N,3,S,S]` uint8; random
 /// images when `None`). The file is renamed into place only when the check passes.
 pub fn export_run(
     run: &Path,
-    checkpoint: Option<&Path>,
+    t: &crate::eval::TrainedOnline,
     out: &Path,
     check: Option<(Tensor, String)>,
     ort_lib: Option<&Path>,
 ) -> Result<ExportReport> {
-    let t = crate::eval::load_online(run, checkpoint)?;
     let size = t.cfg.augment.size;
     let tmp = out.with_extension("onnx.partial");
     let meta = [

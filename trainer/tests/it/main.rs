@@ -126,27 +126,34 @@ fn loss_matches_pytorch() {
     assert!(e < 1e-5, "{e}");
 }
 
-#[test]
-fn lars_steps_match_the_reference() {
+/// Steps an optimizer of `kind` (trust `eta`) over the reference's two parameters and
+/// gradients, one step per `lrs` entry, and checks each step against `want`'s `w{k}`,
+/// `b{k}` within 1e-6. Returns the optimizer.
+fn optimizer_matches(kind: OptimizerKind, eta: Option<f64>, lrs: &[f64], want: &str) -> Lars {
     let (_t, d) = golden();
     let g = st(&d.join("lars.safetensors"));
+    let want = st(&d.join(want));
     let p: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("lars.json")).unwrap()).unwrap();
     let vs = nn::VarStore::new(Device::Cpu);
     let w = vs.root().var_copy("w", &g["w0"]);
     let b = vs.root().var_copy("b", &g["b0"]);
     let mut opt = Lars::new(
-        OptimizerKind::Lars,
+        kind,
         p["momentum"].as_f64().unwrap(),
         p["wd"].as_f64().unwrap(),
-        p["eta"].as_f64().unwrap(),
+        eta.unwrap_or_else(|| p["eta"].as_f64().unwrap()),
     );
-    let lrs: Vec<f64> = p["lrs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect();
+    let lrs: Vec<f64> = if lrs.is_empty() {
+        p["lrs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    } else {
+        lrs.to_vec()
+    };
     for (step, lr) in lrs.iter().enumerate() {
         byol_trainer::byol::zero_grad(&vs);
         // d/dw of sum(w·g) is g: the gradients of the reference.
@@ -154,10 +161,20 @@ fn lars_steps_match_the_reference() {
             + (&b * &g[&format!("g{}b", step + 1)]).sum(Kind::Float);
         loss.backward();
         opt.step(&vs, *lr);
-        let ew = max_diff(&w, &g[&format!("w{}", step + 1)]);
-        let eb = max_diff(&b, &g[&format!("b{}", step + 1)]);
-        assert!(ew < 1e-6 && eb < 1e-6, "step {step}: w {ew} b {eb}");
+        let ew = max_diff(&w, &want[&format!("w{}", step + 1)]);
+        let eb = max_diff(&b, &want[&format!("b{}", step + 1)]);
+        assert!(
+            ew < 1e-6 && eb < 1e-6,
+            "{kind:?} step {step}: w {ew} b {eb}"
+        );
     }
+    opt
+}
+
+#[test]
+fn lars_steps_match_the_reference() {
+    // The reference's learning rates (lars.json), its expected weights in lars.safetensors.
+    optimizer_matches(OptimizerKind::Lars, None, &[], "lars.safetensors");
 }
 
 #[test]
@@ -216,30 +233,12 @@ fn linear_probe_and_knn_on_synthetic_features() {
 
 #[test]
 fn adamw_steps_match_torch() {
-    let (_t, d) = golden();
-    let g = st(&d.join("lars.safetensors"));
-    let want = st(&d.join("adamw.safetensors"));
-    let p: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("lars.json")).unwrap()).unwrap();
-    let vs = nn::VarStore::new(Device::Cpu);
-    let w = vs.root().var_copy("w", &g["w0"]);
-    let b = vs.root().var_copy("b", &g["b0"]);
-    let mut opt = Lars::new(
+    let opt = optimizer_matches(
         OptimizerKind::Adamw,
-        p["momentum"].as_f64().unwrap(),
-        p["wd"].as_f64().unwrap(),
-        0.0,
+        Some(0.0),
+        &[0.5, 0.3],
+        "adamw.safetensors",
     );
-    for (step, lr) in [0.5, 0.3].iter().enumerate() {
-        byol_trainer::byol::zero_grad(&vs);
-        let loss = (&w * &g[&format!("g{}w", step + 1)]).sum(Kind::Float)
-            + (&b * &g[&format!("g{}b", step + 1)]).sum(Kind::Float);
-        loss.backward();
-        opt.step(&vs, *lr);
-        let ew = max_diff(&w, &want[&format!("w{}", step + 1)]);
-        let eb = max_diff(&b, &want[&format!("b{}", step + 1)]);
-        assert!(ew < 1e-6 && eb < 1e-6, "step {step}: w {ew} b {eb}");
-    }
     // The state round-trips (step count included).
     let mut other = Lars::new(OptimizerKind::Adamw, 0.9, 0.0, 0.0);
     other.load_state(opt.state(), Device::Cpu);
