@@ -1,10 +1,10 @@
 //! `byol`: the trainer's command line.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
+use byol_tools::cli::{emit, out};
 use clap::{Parser, Subcommand};
 
 mod alloc;
@@ -201,22 +201,6 @@ enum BenchCmd {
 }
 
 /// Prints `r` as one JSON line with `--json`, else the human-readable `text`.
-fn emit<T: serde::Serialize>(json: bool, r: &T, text: impl FnOnce() -> String) -> Result<()> {
-    if json {
-        out(&format!("{}\n", serde_json::to_string(r)?))
-    } else {
-        out(&text())
-    }
-}
-
-fn out(text: &str) -> Result<()> {
-    let mut o = std::io::stdout().lock();
-    match o.write_all(text.as_bytes()).and_then(|_| o.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        r => Ok(r?),
-    }
-}
-
 #[cfg(feature = "opencv")]
 fn cores() -> usize {
     std::thread::available_parallelism()
@@ -606,19 +590,6 @@ fn main() -> ExitCode {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BYOL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .init();
-    match run(Cli::parse()) {
-        Ok(code) => code,
-        Err(e) => {
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("byol: error: {}", chain.join(": "));
-            ExitCode::from(2)
-        }
-    }
+    byol_tools::cli::init_logging("BYOL_LOG");
+    byol_tools::cli::exit("byol", run(Cli::parse()))
 }

@@ -4,6 +4,7 @@
 
 #[cfg(feature = "opencv")]
 pub mod bench;
+pub mod cli;
 pub mod format;
 pub mod idx;
 #[cfg(feature = "opencv")]

@@ -1,12 +1,13 @@
 //! `byol-tools`: shard, inspect, verify and benchmark image datasets.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
+use byol_tools::cli::{json_line, out};
 use byol_tools::{bench, inspect, shard, source, verify};
 
 #[derive(Parser)]
@@ -159,18 +160,6 @@ fn cores() -> usize {
 }
 
 /// Prints to stdout; a closed pipe (`| head`) is not an error.
-fn out(text: &str) -> Result<()> {
-    let mut o = std::io::stdout().lock();
-    match o.write_all(text.as_bytes()).and_then(|_| o.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        r => r.context("writing to stdout"),
-    }
-}
-
-fn json_line<T: serde::Serialize>(v: &T) -> Result<()> {
-    out(&format!("{}\n", serde_json::to_string(v)?))
-}
-
 fn run(cli: Cli) -> Result<ExitCode> {
     let tty = std::io::stderr().is_terminal();
     match cli.cmd {
@@ -374,19 +363,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BYOL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .init();
-    match run(Cli::parse()) {
-        Ok(code) => code,
-        Err(e) => {
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("byol-tools: error: {}", chain.join(": "));
-            ExitCode::from(2)
-        }
-    }
+    byol_tools::cli::init_logging("BYOL_LOG");
+    byol_tools::cli::exit("byol-tools", run(Cli::parse()))
 }

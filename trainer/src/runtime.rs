@@ -114,16 +114,7 @@ pub fn probe(ort_lib: Option<&Path>) -> RuntimeInfo {
             None,
             Some(ort::info().to_string()),
         ),
-        Err(e) => {
-            let mut s = e.to_string();
-            let mut cur = std::error::Error::source(&e);
-            while let Some(c) = cur {
-                s.push_str(": ");
-                s.push_str(&c.to_string());
-                cur = c.source();
-            }
-            (None, Some(s), None)
-        }
+        Err(e) => (None, Some(byol_tools::error_chain(&e)), None),
     };
     RuntimeInfo {
         torch_threads: tch::get_num_threads(),
