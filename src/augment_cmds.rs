@@ -119,10 +119,8 @@ pub fn bench_synthetic(
             }
         }
         sync(dev);
-        (
-            n as f64 / t0.elapsed().as_secs_f64(),
-            t0.elapsed().as_secs_f64(),
-        )
+        let s = t0.elapsed().as_secs_f64();
+        (n as f64 / s, s)
     };
     let (images_per_s, s) = rate(&aug);
     // On the CPU, the batched tensor path too (what a GPU runs), in the same run.

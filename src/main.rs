@@ -200,7 +200,6 @@ enum BenchCmd {
     },
 }
 
-/// Prints `r` as one JSON line with `--json`, else the human-readable `text`.
 #[cfg(feature = "opencv")]
 fn cores() -> usize {
     std::thread::available_parallelism()
@@ -584,7 +583,8 @@ fn main() -> ExitCode {
     // stay on the heap and 256 MiB of free space may stay at its top, so a training
     // step's activations reuse memory instead of faulting in fresh pages every step
     // (the float32 Fashion-MNIST step: 610 images/s, against 450 with an 8 MiB threshold
-    // and 555 with glibc's adaptive default). Row groups are Rust blocks and get their own mappings: see `alloc`.
+    // and 555 with glibc's adaptive default). Row groups are Rust blocks and get their
+    // own mappings: see `alloc`.
     // Safety: called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);

@@ -492,24 +492,17 @@ pub fn apply_view_with(
     fused_cpu: bool,
 ) -> Tensor {
     let x = resized_crop_flip(img, &p.boxes, &p.flips, cfg.size, cfg.interpolation);
-    let half = cfg.blur_kernel() / 2;
-    if fused_cpu && x.device() == Device::Cpu && x.kind() == Kind::Float && half < cfg.size {
-        let mut x = x.contiguous();
+    let k = cfg.blur_kernel();
+    if fused_cpu && x.device() == Device::Cpu && x.kind() == Kind::Float && k / 2 < cfg.size {
+        let x = x.contiguous();
         let n = x.numel();
         let s = cfg.size as usize;
         // Safety: `x` is a contiguous float32 CPU tensor of `n` elements that nothing
         // else references (a fresh output of the crop), so the slice is its whole,
         // exclusively borrowed storage for the duration of the call.
         let px = unsafe { std::slice::from_raw_parts_mut(x.data_ptr() as *mut f32, n) };
-        crate::augment_cpu::colour_stages(
-            px,
-            (s, s),
-            p,
-            cfg.blur_kernel() as usize,
-            threshold,
-            tch::get_num_threads().max(1) as usize,
-        );
-        let _ = &mut x;
+        let threads = tch::get_num_threads().max(1) as usize;
+        crate::augment_cpu::colour_stages(px, (s, s), p, k as usize, threshold, threads);
         return x;
     }
     colour_stages(x, p, cfg, threshold)

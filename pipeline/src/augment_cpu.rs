@@ -180,8 +180,8 @@ fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
 }
 
 /// Clamps `x`, a contiguous float32 batch `[B, 3, h, w]` (the resized crops), to
-/// [0, 1] and applies the colour stages of `p` in place, on `threads` threads. `blur_k` is the
-/// blur kernel size.
+/// [0, 1] and applies the colour stages of `p` in place, on `threads` threads.
+/// `blur_k` is the blur kernel size.
 pub fn colour_stages(
     x: &mut [f32],
     (h, w): (usize, usize),

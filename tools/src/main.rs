@@ -159,7 +159,6 @@ fn cores() -> usize {
         .unwrap_or(1)
 }
 
-/// Prints to stdout; a closed pipe (`| head`) is not an error.
 fn run(cli: Cli) -> Result<ExitCode> {
     let tty = std::io::stderr().is_terminal();
     match cli.cmd {

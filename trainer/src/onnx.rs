@@ -427,9 +427,10 @@ pub struct ExportReport {
 /// Tolerance of the export check: |ORT − libtorch| ≤ `EXPORT_TOL`·max(1, max |libtorch|).
 pub const EXPORT_TOL: f64 = 1e-3;
 
-/// Exports the online encoder `t` (loaded from `run`) to `out`, then loads the file in ONNX Runtime and
-/// compares its embeddings with libtorch's on `check` inputs (`[N,3,S,S]` uint8; random
-/// images when `None`). The file is renamed into place only when the check passes.
+/// Exports the online encoder `t` (loaded from `run`) to `out`, then loads the file in
+/// ONNX Runtime and compares its embeddings with libtorch's on `check` inputs
+/// (`[N,3,S,S]` uint8; random images when `None`). The file is renamed into place only
+/// when the check passes.
 pub fn export_run(
     run: &Path,
     t: &crate::eval::TrainedOnline,

@@ -404,9 +404,7 @@ pub fn train(
     let mut win_imgs = 0u64;
     let mut win_correct = 0.0f64;
     let mut last_knn_step = u64::MAX;
-    let mut knn_set: Option<KnnSet> = None;
-    // Seconds spent in the kNN monitor (excluded from `train_images_per_s`).
-    let mut monitor_s = 0.0f64;
+    let mut monitor = KnnMonitor::default();
     let mut win_wait0 = loader.stats().consumer_wait_s;
     let run_t0 = Instant::now();
     let run_step0 = step;
@@ -539,14 +537,7 @@ pub fn train(
                 if cfg.train.knn_every_epochs > 0
                     && cursor.epoch.is_multiple_of(cfg.train.knn_every_epochs)
                 {
-                    let t = Instant::now();
-                    let set = match knn_set.take() {
-                        Some(k) => k,
-                        None => KnnSet::load(&cfg, data, val, decode)?,
-                    };
-                    let acc = set.top1(&online, &cfg, device);
-                    knn_set = Some(set);
-                    monitor_s += t.elapsed().as_secs_f64();
+                    let acc = monitor.top1(&online, &cfg, data, val, decode, device)?;
                     last_knn_step = step;
                     let row = KnnRow {
                         step,
@@ -572,13 +563,7 @@ pub fn train(
     // the step budget ends exactly there).
     if let Some(val) = &opts.val {
         if cfg.train.knn_every_epochs > 0 && step > 0 && last_knn_step != step && step == total {
-            let t = Instant::now();
-            let set = match knn_set.take() {
-                Some(k) => k,
-                None => KnnSet::load(&cfg, data, val, decode)?,
-            };
-            let acc = set.top1(&online, &cfg, device);
-            monitor_s += t.elapsed().as_secs_f64();
+            let acc = monitor.top1(&online, &cfg, data, val, decode, device)?;
             let row = KnnRow {
                 step,
                 epoch: cursor.epoch + 1,
@@ -606,8 +591,8 @@ pub fn train(
         last_loss,
         images_per_s: ((step - run_step0) * cfg.train.batch as u64) as f64 / secs,
         train_images_per_s: ((step - run_step0) * cfg.train.batch as u64) as f64
-            / (secs - monitor_s).max(1e-9),
-        monitor_seconds: monitor_s,
+            / (secs - monitor.seconds).max(1e-9),
+        monitor_seconds: monitor.seconds,
         data_stall: ((loader.stats().consumer_wait_s - run_wait0) / secs).clamp(0.0, 1.0),
         checkpoint: last_ckpt
             .map(|p| p.display().to_string())
@@ -659,6 +644,38 @@ impl KnnSet {
             &[20],
             0.07,
         )[0]
+    }
+}
+
+/// The kNN monitor: its images, decoded on first use, and the seconds it has taken
+/// (excluded from `train_images_per_s`).
+#[derive(Default)]
+struct KnnMonitor {
+    set: Option<KnnSet>,
+    seconds: f64,
+}
+
+impl KnnMonitor {
+    fn top1(
+        &mut self,
+        online: &Network,
+        cfg: &TrainConfig,
+        data: &Path,
+        val: &Path,
+        decode: DecodeFn,
+        device: Device,
+    ) -> Result<f64> {
+        let t = Instant::now();
+        if self.set.is_none() {
+            self.set = Some(KnnSet::load(cfg, data, val, decode)?);
+        }
+        let acc = self
+            .set
+            .as_ref()
+            .expect("loaded above")
+            .top1(online, cfg, device);
+        self.seconds += t.elapsed().as_secs_f64();
+        Ok(acc)
     }
 }
 
