@@ -60,6 +60,10 @@ enum Cmd {
         /// Labelled held-out shards for the kNN monitor (each `train.knn_every_epochs`).
         #[arg(long)]
         val: Option<PathBuf>,
+        /// Fit a new run into this wall time (e.g. 20m, 1h30m, 90s): a short calibration
+        /// measures this machine's speed and sets train.total_steps to what fits.
+        #[arg(long, value_parser = parse_duration)]
+        time_budget: Option<f64>,
         #[arg(long)]
         json: bool,
     },
@@ -223,6 +227,16 @@ fn default_python() -> PathBuf {
     }
 }
 
+/// A duration such as `20m`, `1h30m` or `90s` (humantime's syntax), in seconds.
+fn parse_duration(s: &str) -> Result<f64, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?}: {e} (expected a duration such as 20m, 1h30m, 90s)"))?;
+    if d.is_zero() {
+        return Err(format!("{s:?}: the budget must be longer than zero"));
+    }
+    Ok(d.as_secs_f64())
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Bench(BenchCmd::Train {
@@ -257,8 +271,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             )?;
             emit(json, &r, || {
                 format!(
-                    "{} batch {} size {}: compute only {:.1} images/s; with augmentation {:.1}{}; ratio to compute {:.2}{}\n",
+                    "{} {} batch {} size {}: compute only {:.1} images/s; with augmentation {:.1}{}; ratio to compute {:.2}{}\n",
                     r.device,
+                    r.precision,
                     r.batch,
                     r.size,
                     r.compute_images_per_s,
@@ -392,10 +407,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             max_steps,
             resume,
             val,
+            time_budget,
             json,
         } => {
             use byol_trainer::config::TrainConfig;
-            use std::io::IsTerminal;
             byol_tools::image::set_opencv_threads(1);
             byol_trainer::train::install_signal_handlers();
             let cfg = match &config {
@@ -417,7 +432,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 max_steps,
                 val,
                 resume,
-                progress: std::io::stderr().is_terminal(),
+                progress: true,
+                time_budget,
             };
             let s = byol_trainer::train::train(
                 cfg,
@@ -558,6 +574,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     if info.cuda_available { "yes" } else { "no" },
                     info.cuda_devices,
                     if info.cudnn_available { "yes" } else { "no" },
+                ))?;
+                out(&format!(
+                    "precision  auto -> {} ({}); CPU flags: {}\n",
+                    info.auto_precision, info.auto_precision_reason, info.cpu
                 ))?;
                 match (&info.ort_library, &info.ort_error) {
                     (Some(p), _) => out(&format!("onnxruntime ok ({p})\n"))?,

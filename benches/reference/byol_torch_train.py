@@ -86,7 +86,9 @@ def main():
     for p in target.parameters():
         p.requires_grad_(False)
     mf = torch.channels_last if t.get("channels_last", True) else torch.contiguous_format
-    precision = t.get("precision", "auto")
+    # The precision byol resolved for the run (config.toml's [resolved]), else the setting:
+    # "auto" means bf16 only where it is native, which a byol run folder records.
+    precision = c.get("resolved", {}).get("precision") or t.get("precision", "auto")
     bf16 = precision == "bf16" or (precision == "auto" and dev == "cuda")
     online.to(dev, memory_format=mf)
     target.to(dev, memory_format=mf)
@@ -97,7 +99,7 @@ def main():
     dl = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=a.workers, drop_last=True,
                     persistent_workers=a.workers > 0, generator=gen, pin_memory=dev == "cuda")
     spe = len(dl)
-    total = spe * epochs
+    total = t.get("total_steps", 0) or spe * epochs  # a time-budgeted run fixes total_steps
     stop = min(total, a.max_steps or total)
     peak = o.get("base_lr", 0.2) * batch / 256
     warm = round(o.get("warmup_epochs", 10.0) * spe)

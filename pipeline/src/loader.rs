@@ -659,9 +659,11 @@ fn replace_failed(f: &mut InFlight, per: usize) -> usize {
                 m.valid[i] = m.valid[j];
             }
             None => {
-                // Nothing in the batch decoded: leave a blank canvas with a 1×1 valid region.
+                // Nothing in the batch decoded: leave a blank canvas with a 1×1 valid region
+                // (marked in `failed`, so no consumer takes it for its row).
                 unsafe { std::ptr::write_bytes((f.slot.ptr + i * per) as *mut u8, 0, per) };
                 m.valid[i] = (1, 1);
+                m.labels[i] = -1;
             }
         }
     }
@@ -794,6 +796,14 @@ impl Batch {
     /// Samples that failed to decode and were replaced.
     pub fn replaced(&self) -> usize {
         self.failed
+    }
+
+    /// Per sample, whether it is a replacement: its own image failed to decode, and its
+    /// canvas (and label, row and sizes) are a copy of another sample of the batch, or
+    /// a blank canvas when nothing in the batch decoded. A replacement never stands for
+    /// its row: evaluation and embedding skip it; training counts it.
+    pub fn replaced_mask(&self) -> &[bool] {
+        &self.slot().meta.failed[..self.len]
     }
 
     /// Canvases, uint8 `[len, 3, S, S]` (RGB), on the CPU, pinned when CUDA is present.

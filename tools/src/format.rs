@@ -53,6 +53,10 @@ pub struct Manifest {
     pub settings: Settings,
     /// Every source file that was not stored, with the reason.
     pub skipped: Vec<Skipped>,
+    /// Keys whose source path is not valid UTF-8, spelled with `%XX` escapes
+    /// (`byol_tools::source::key_of`; `unescape_key` gives the path bytes back).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub escaped_keys: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -139,6 +143,23 @@ pub enum FormatError {
 }
 
 impl Manifest {
+    /// `crc32:XXXXXXXX` over the classes and every shard's file name, rows and checksum:
+    /// equal for the same dataset wherever it is copied, different when any shard or
+    /// class differs. Runs record it to refuse resuming on other data.
+    pub fn fingerprint(&self) -> String {
+        let mut h = crc32fast::Hasher::new();
+        for c in &self.classes {
+            h.update(c.as_bytes());
+            h.update(&[0]);
+        }
+        for s in &self.shards {
+            h.update(s.file.as_bytes());
+            h.update(&s.rows.to_le_bytes());
+            h.update(s.checksum.as_bytes());
+        }
+        format!("crc32:{:08x}", h.finalize())
+    }
+
     /// Reads and checks `DIR/manifest.json`.
     pub fn load(dir: &Path) -> Result<Manifest, FormatError> {
         let path = dir.join(MANIFEST);

@@ -9,6 +9,7 @@
 
 use opencv::core::{Mat, MatTraitConst, Size, Vector, VectorToVec};
 use opencv::{imgcodecs, imgproc};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use crate::jpeg::{dct_reduction, fit_size, parse_jpeg, JpegInfo};
 
@@ -43,21 +44,127 @@ fn cv_err(e: opencv::Error) -> Reason {
     format!("OpenCV: {}", e.message)
 }
 
-/// Decodes to 8-bit BGR with EXIF orientation applied; `reduce` is 1, 2, 4 or 8
-/// (libjpeg DCT scaling for JPEG sources).
+/// PIL's `Image.MAX_IMAGE_PIXELS`: images with more pixels are refused as possible
+/// decompression bombs (a 70 KB PNG can declare 24000×24000 pixels, 1.7 GB decoded).
+pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
+
+/// Environment variable that sets the pixel limit of every command (`--max-pixels`
+/// overrides it for `byol-tools shard` and `verify`).
+pub const MAX_PIXELS_ENV: &str = "BYOL_MAX_PIXELS";
+
+/// `u64::MAX`: not set yet (then [`MAX_PIXELS_ENV`] or the default).
+static MAX_PIXELS: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Sets the largest image, in decoded pixels, that [`decode_bgr`] decodes in this
+/// process (shard, verify and the training loader share it; 0: no limit).
+pub fn set_max_pixels(n: u64) {
+    MAX_PIXELS.store(n, Ordering::Relaxed);
+}
+
+/// The current limit: [`set_max_pixels`], else `$BYOL_MAX_PIXELS`, else
+/// [`DEFAULT_MAX_PIXELS`].
+pub fn max_pixels() -> u64 {
+    let v = MAX_PIXELS.load(Ordering::Relaxed);
+    if v != u64::MAX {
+        return v;
+    }
+    let v = std::env::var(MAX_PIXELS_ENV)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(DEFAULT_MAX_PIXELS);
+    MAX_PIXELS.store(v, Ordering::Relaxed);
+    v
+}
+
+/// The EXIF orientation (1–8; 1 when there is none) of an image in any container the
+/// `kamadak-exif` crate reads (JPEG — whichever APP1 segment holds the Exif block —
+/// TIFF, PNG `eXIf`, WebP, HEIF): the value PIL's `ImageOps.exif_transpose` applies.
+pub fn exif_orientation(bytes: &[u8]) -> u16 {
+    exif::Reader::new()
+        .read_from_container(&mut std::io::Cursor::new(bytes))
+        .ok()
+        .and_then(|e| {
+            e.get_field(exif::Tag::Orientation, exif::In::PRIMARY)
+                .and_then(|f| f.value.get_uint(0))
+        })
+        .filter(|o| (1..=8).contains(o))
+        .map(|o| o as u16)
+        .unwrap_or(1)
+}
+
+/// Turns stored pixels upright for EXIF orientation `o`, as PIL's `exif_transpose`
+/// does (2 mirror, 3 rotate 180°, 4 flip, 5 transpose, 6 rotate 90° clockwise,
+/// 7 transverse, 8 rotate 90° counter-clockwise).
+pub fn apply_orientation(img: Mat, o: u16) -> Result<Mat, Reason> {
+    use opencv::core::{
+        flip, rotate, transpose, ROTATE_180, ROTATE_90_CLOCKWISE, ROTATE_90_COUNTERCLOCKWISE,
+    };
+    let mut out = Mat::default();
+    match o {
+        2 => flip(&img, &mut out, 1),
+        3 => rotate(&img, &mut out, ROTATE_180),
+        4 => flip(&img, &mut out, 0),
+        5 => transpose(&img, &mut out),
+        6 => rotate(&img, &mut out, ROTATE_90_CLOCKWISE),
+        7 => {
+            let mut t = Mat::default();
+            transpose(&img, &mut t).map_err(cv_err)?;
+            rotate(&t, &mut out, ROTATE_180)
+        }
+        8 => rotate(&img, &mut out, ROTATE_90_COUNTERCLOCKWISE),
+        _ => return Ok(img),
+    }
+    .map_err(cv_err)?;
+    Ok(out)
+}
+
+/// (height, width) of the stored pixels as the file's header declares them, read
+/// without decoding (the `imagesize` crate); `None` for a format it does not know.
+pub fn declared_size(bytes: &[u8]) -> Option<(u64, u64)> {
+    imagesize::blob_size(bytes)
+        .ok()
+        .map(|s| (s.height as u64, s.width as u64))
+}
+
+/// Decodes to 8-bit BGR, upright: `reduce` is 1, 2, 4 or 8 (libjpeg DCT scaling for
+/// JPEG sources); the EXIF orientation is read by [`exif_orientation`] and applied by
+/// [`apply_orientation`] (OpenCV's own handling is off: it misses an Exif block that is
+/// not the first APP1 segment and ignores other containers).
+///
+/// # Errors
+/// A reason (for the manifest or the loader's fault count) when the image declares more
+/// pixels than [`max_pixels`] after `reduce`, or OpenCV cannot decode it.
 pub fn decode_bgr(bytes: &[u8], reduce: u32) -> Result<Mat, Reason> {
+    let limit = max_pixels();
+    if let Some((h, w)) = declared_size(bytes) {
+        let r = reduce.max(1) as u64;
+        let px = h.div_ceil(r) * w.div_ceil(r);
+        if limit > 0 && px > limit {
+            return Err(format!(
+                "{w}x{h} pixels ({:.0} Mpx{}) exceeds the decode limit of {:.0} Mpx \
+                 (a possible decompression bomb; raise it with --max-pixels)",
+                (h * w) as f64 / 1e6,
+                if r > 1 {
+                    format!(", {:.0} Mpx at 1/{r} scale", px as f64 / 1e6)
+                } else {
+                    String::new()
+                },
+                limit as f64 / 1e6
+            ));
+        }
+    }
     let flags = match reduce {
         2 => imgcodecs::IMREAD_REDUCED_COLOR_2,
         4 => imgcodecs::IMREAD_REDUCED_COLOR_4,
         8 => imgcodecs::IMREAD_REDUCED_COLOR_8,
         _ => imgcodecs::IMREAD_COLOR,
-    };
+    } | imgcodecs::IMREAD_IGNORE_ORIENTATION;
     let buf = Mat::from_slice(bytes).map_err(cv_err)?;
     let img = imgcodecs::imdecode(&buf, flags).map_err(cv_err)?;
     if img.empty() || img.rows() <= 0 || img.cols() <= 0 {
         return Err("cannot decode: corrupt or not an image".to_string());
     }
-    Ok(img)
+    apply_orientation(img, exif_orientation(bytes))
 }
 
 /// Area-resizes `img` to `(h, w)` unless it already has that size.
@@ -122,9 +229,10 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<Prepared, Reason> 
             _ => {}
         }
     }
+    let orientation = exif_orientation(bytes);
     if let Some(j) = jpeg {
         let within = opts.max_side.is_none_or(|m| j.height.max(j.width) <= m);
-        if j.baseline && j.precision == 8 && j.components == 3 && j.orientation == 1 && within {
+        if j.baseline && j.precision == 8 && j.components == 3 && orientation == 1 && within {
             let img = decode_bgr(bytes, 1)?;
             if img.rows() as u32 != j.height || img.cols() as u32 != j.width {
                 return Err(format!(
@@ -152,7 +260,7 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<Prepared, Reason> 
     // The target size comes from the full-resolution size (a DCT-scaled decode rounds
     // up), with the EXIF rotation applied.
     let (full_h, full_w) = match jpeg {
-        Some(j) if reduce > 1 && (5..=8).contains(&j.orientation) => {
+        Some(j) if reduce > 1 && (5..=8).contains(&orientation) => {
             (j.width as i32, j.height as i32)
         }
         Some(j) if reduce > 1 => (j.height as i32, j.width as i32),
@@ -193,7 +301,7 @@ mod tests {
         let info = parse_jpeg(&src).expect("jpeg");
         assert_eq!((info.height, info.width, info.components), (40, 60, 3));
         assert!(info.baseline && info.complete);
-        assert_eq!(info.orientation, 1);
+        assert_eq!(exif_orientation(&src), 1);
         let p = prepare(
             &src,
             &PrepareOptions {
@@ -236,6 +344,48 @@ mod tests {
         assert!(prepare(&[], &opts).unwrap_err().contains("empty"));
         let e = prepare(b"hello, I am text", &opts).unwrap_err();
         assert!(e.contains("cannot decode"), "{e}");
+    }
+
+    /// A valid PNG of `side`² 1-bit black pixels (tens of KB compressed).
+    fn png_bomb(side: u32) -> Vec<u8> {
+        use std::io::Write;
+        let row = (side as usize).div_ceil(8) + 1;
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        let zeros = vec![0u8; row];
+        for _ in 0..side {
+            z.write_all(&zeros).expect("zlib");
+        }
+        let idat = z.finish().expect("zlib");
+        let chunk = |t: &[u8], d: &[u8]| {
+            let mut c = (d.len() as u32).to_be_bytes().to_vec();
+            c.extend_from_slice(t);
+            c.extend_from_slice(d);
+            let mut h = crc32fast::Hasher::new();
+            h.update(t);
+            h.update(d);
+            c.extend_from_slice(&h.finalize().to_be_bytes());
+            c
+        };
+        let mut ihdr = side.to_be_bytes().to_vec();
+        ihdr.extend_from_slice(&side.to_be_bytes());
+        ihdr.extend_from_slice(&[1, 0, 0, 0, 0]);
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        png.extend(chunk(b"IHDR", &ihdr));
+        png.extend(chunk(b"IDAT", &idat));
+        png.extend(chunk(b"IEND", &[]));
+        png
+    }
+
+    #[test]
+    fn decompression_bomb_is_refused_before_decoding() {
+        let bomb = png_bomb(24000);
+        assert!(bomb.len() < 200_000, "{} bytes", bomb.len());
+        assert_eq!(declared_size(&bomb), Some((24000, 24000)));
+        let e = decode_bgr(&bomb, 1).unwrap_err();
+        assert!(e.contains("decode limit"), "{e}");
+        // A small image of the same kind decodes.
+        let ok = decode_bgr(&png_bomb(64), 1).expect("64x64 PNG");
+        assert_eq!((ok.rows(), ok.cols()), (64, 64));
     }
 
     #[test]

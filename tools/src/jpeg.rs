@@ -1,4 +1,5 @@
-//! JPEG header facts and fit-to-size geometry (no OpenCV needed).
+//! JPEG header facts and fit-to-size geometry (no OpenCV needed). The EXIF orientation
+//! is read by the `kamadak-exif` crate (`image::exif_orientation`).
 
 /// What the JPEG header says (enough to decide whether the bytes can be kept).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -9,8 +10,6 @@ pub struct JpegInfo {
     pub components: u8,
     pub height: u32,
     pub width: u32,
-    /// EXIF orientation (1 = upright, also when there is no EXIF block).
-    pub orientation: u16,
     /// An EOI marker follows the first scan (a truncated file has none).
     pub complete: bool,
 }
@@ -23,7 +22,6 @@ pub fn parse_jpeg(b: &[u8]) -> Option<JpegInfo> {
     }
     let mut i = 2;
     let mut sof: Option<(bool, u8, u8, u32, u32)> = None;
-    let mut orientation = 1u16;
     loop {
         // Markers may be preceded by fill bytes 0xFF.
         while i < b.len() && b[i] != 0xFF {
@@ -62,11 +60,6 @@ pub fn parse_jpeg(b: &[u8]) -> Option<JpegInfo> {
                 let comps = seg[5];
                 sof = Some((m == 0xC0, precision, comps, height, width));
             }
-            0xE1 if seg.starts_with(b"Exif\0\0") => {
-                if let Some(o) = exif_orientation(&seg[6..]) {
-                    orientation = o;
-                }
-            }
             0xDA => {
                 let (baseline, precision, components, height, width) = sof?;
                 let scan = &b[i + len..];
@@ -77,7 +70,6 @@ pub fn parse_jpeg(b: &[u8]) -> Option<JpegInfo> {
                     components,
                     height,
                     width,
-                    orientation,
                     complete,
                 });
             }
@@ -85,44 +77,6 @@ pub fn parse_jpeg(b: &[u8]) -> Option<JpegInfo> {
         }
         i += len;
     }
-}
-
-/// The orientation tag (0x0112) of IFD0 in a TIFF-structured EXIF block.
-fn exif_orientation(t: &[u8]) -> Option<u16> {
-    if t.len() < 8 {
-        return None;
-    }
-    let le = match &t[..2] {
-        b"II" => true,
-        b"MM" => false,
-        _ => return None,
-    };
-    let u16_at = |o: usize| -> Option<u16> {
-        let s = t.get(o..o + 2)?;
-        Some(if le {
-            u16::from_le_bytes([s[0], s[1]])
-        } else {
-            u16::from_be_bytes([s[0], s[1]])
-        })
-    };
-    let u32_at = |o: usize| -> Option<u32> {
-        let s = t.get(o..o + 4)?;
-        let a = [s[0], s[1], s[2], s[3]];
-        Some(if le {
-            u32::from_le_bytes(a)
-        } else {
-            u32::from_be_bytes(a)
-        })
-    };
-    let ifd = u32_at(4)? as usize;
-    let n = u16_at(ifd)? as usize;
-    for k in 0..n {
-        let e = ifd + 2 + 12 * k;
-        if u16_at(e)? == 0x0112 {
-            return u16_at(e + 8);
-        }
-    }
-    None
 }
 
 /// Size after scaling `(h, w)` so that the longer side is at most `max_side`.

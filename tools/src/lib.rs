@@ -11,6 +11,7 @@ pub mod idx;
 pub mod image;
 pub mod inspect;
 pub mod jpeg;
+pub mod progress;
 pub mod read;
 pub mod rng;
 #[cfg(feature = "opencv")]

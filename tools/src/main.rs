@@ -1,6 +1,5 @@
 //! `byol-tools`: shard, inspect, verify and benchmark image datasets.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -66,6 +65,10 @@ enum Cmd {
         /// JPEG quality of re-encoded images.
         #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
         quality: u8,
+        /// Skip images of more decoded pixels (decompression bombs) [default:
+        /// $BYOL_MAX_PIXELS, else 89478485 as PIL's; 0: no limit].
+        #[arg(long)]
+        max_pixels: Option<u64>,
         /// Rows per shard (default: cut shards by --shard-bytes).
         #[arg(long, conflicts_with = "shard_bytes")]
         rows_per_shard: Option<u64>,
@@ -99,6 +102,9 @@ enum Cmd {
         dir: PathBuf,
         #[arg(long)]
         workers: Option<usize>,
+        /// Pixel limit as for `shard` [default: $BYOL_MAX_PIXELS, else 89478485].
+        #[arg(long)]
+        max_pixels: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -160,7 +166,6 @@ fn cores() -> usize {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let tty = std::io::stderr().is_terminal();
     match cli.cmd {
         Cmd::Shard {
             src,
@@ -173,6 +178,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             class_names,
             max_side,
             quality,
+            max_pixels,
             rows_per_shard,
             shard_bytes,
             row_group_rows,
@@ -181,6 +187,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             force,
             json,
         } => {
+            if let Some(n) = max_pixels {
+                byol_tools::image::set_max_pixels(n);
+            }
             let (layout, src_dir, src_arg) = match layout {
                 LayoutArg::Imagefolder => {
                     let Some(s) = src else {
@@ -238,7 +247,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 workers,
                 seed,
                 force,
-                progress: tty,
+                // A bar on a terminal, plain lines otherwise.
+                progress: true,
             };
             let summary = shard::shard(&source, &src_arg, &out_dir, &opts)?;
             if json {
@@ -273,9 +283,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Verify { dir, workers, json } => {
+        Cmd::Verify {
+            dir,
+            workers,
+            max_pixels,
+            json,
+        } => {
             byol_tools::image::set_opencv_threads(1);
-            let r = verify::verify(&dir, workers.unwrap_or_else(cores), tty)?;
+            if let Some(n) = max_pixels {
+                byol_tools::image::set_max_pixels(n);
+            }
+            let r = verify::verify(&dir, workers.unwrap_or_else(cores), true)?;
             if json {
                 json_line(&r)?;
             } else {

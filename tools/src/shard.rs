@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::progress::{Mode, Progress as Display};
 use arrow_array::{ArrayRef, BinaryArray, Int32Array, RecordBatch, StringArray};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
@@ -76,7 +76,7 @@ pub struct ShardOptions {
     pub workers: usize,
     pub seed: u64,
     pub force: bool,
-    /// Draw a progress bar on stderr.
+    /// Show progress on stderr (a bar on a terminal, plain lines otherwise).
     pub progress: bool,
 }
 
@@ -439,18 +439,13 @@ pub fn shard(
     let workers = opts.workers.max(1);
     let window = 64 * workers;
 
-    let bar = if opts.progress {
-        ProgressBar::with_draw_target(Some(n as u64), ProgressDrawTarget::stderr())
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "shard {bar:30} {pos}/{len} images  {per_sec}  eta {eta}  {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    let mut bar = Display::new(
+        Mode::detect(opts.progress),
+        "shard",
+        n as u64,
+        "images",
+        start as u64,
     );
-    bar.set_position(start as u64);
 
     let (job_tx, job_rx) = crossbeam_channel::bounded::<usize>(2 * workers);
     let (res_tx, res_rx) = crossbeam_channel::bounded::<(usize, Result<Prepared, Reason>)>(window);
@@ -489,7 +484,7 @@ pub fn shard(
         drop(res_tx);
         write_in_order(source, out, opts, order, &mut state, res_rx, tok_tx, &bar)
     });
-    bar.finish_and_clear();
+    bar.finish();
     result?;
 
     // Everything is written: the manifest makes the dataset complete.
@@ -509,6 +504,7 @@ pub fn shard(
         totals: totals.clone(),
         settings,
         skipped,
+        escaped_keys: source.escaped.clone(),
     };
     let text =
         serde_json::to_string_pretty(&manifest).map_err(|e| ShardError::Refused(e.to_string()))?;
@@ -554,7 +550,7 @@ fn write_in_order(
     state: &mut Progress,
     res_rx: crossbeam_channel::Receiver<(usize, Result<Prepared, Reason>)>,
     tok_tx: crossbeam_channel::Sender<()>,
-    bar: &ProgressBar,
+    bar: &Display,
 ) -> Result<(), ShardError> {
     let n = order.len();
     let mut next = state.next_pos;

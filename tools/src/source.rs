@@ -1,7 +1,7 @@
 //! Enumerating the images of a source: ImageNet-style class folders, a flat folder
 //! with a label file, or IDX files.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
 use crate::format::{Manifest, Skipped};
@@ -99,6 +99,9 @@ pub struct Source {
     pub ignored: u64,
     /// Files skipped before decoding (for example: no label).
     pub skipped: Vec<Skipped>,
+    /// Keys spelled with `%XX` escapes because their path is not valid UTF-8 (see
+    /// [`key_of`]).
+    pub escaped: Vec<String>,
     /// The IDX images, for [`Src::Idx`] items.
     pub idx: Option<IdxU8>,
 }
@@ -126,51 +129,170 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
     }
 }
 
-/// Files below `dir` (recursive, symlinks followed, sorted), as (relative key, path,
-/// size). Counts ignored files.
-fn walk(
-    root: &Path,
-    dir: &Path,
-    out: &mut Vec<(String, PathBuf, u64)>,
-    ignored: &mut u64,
-) -> Result<(), SourceError> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(io_err(dir))?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<_, _>>()
-        .map_err(io_err(dir))?;
-    entries.sort();
-    for p in entries {
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if name.starts_with('.') {
-            *ignored += 1;
-            continue;
+/// A path relative to a source root as a `key`: its components joined by `/`. A key
+/// whose path is valid UTF-8 is that text. A path with a component that is not valid
+/// UTF-8 (Latin-1 names from old archives, say) is spelled with every byte outside
+/// UTF-8, and every `%`, of each component written `%XX`; such keys are listed in the
+/// manifest's `escaped_keys`, and [`unescape_key`] turns them back into the bytes.
+pub fn key_of(rel: &Path) -> (String, bool) {
+    use std::os::unix::ffi::OsStrExt;
+    let parts: Vec<&std::ffi::OsStr> = rel.components().map(|c| c.as_os_str()).collect();
+    if let Some(t) = rel.to_str() {
+        return (
+            parts
+                .iter()
+                .map(|p| p.to_str().unwrap_or(t))
+                .collect::<Vec<_>>()
+                .join("/"),
+            false,
+        );
+    }
+    let esc = |b: &[u8]| {
+        let mut out = String::new();
+        let mut rest = b;
+        while !rest.is_empty() {
+            match std::str::from_utf8(rest) {
+                Ok(t) => {
+                    out.push_str(&t.replace('%', "%25"));
+                    break;
+                }
+                Err(e) => {
+                    let (ok, bad) = rest.split_at(e.valid_up_to());
+                    out.push_str(&std::str::from_utf8(ok).unwrap_or("").replace('%', "%25"));
+                    let n = e.error_len().unwrap_or(bad.len());
+                    for x in &bad[..n] {
+                        out.push_str(&format!("%{x:02X}"));
+                    }
+                    rest = &bad[n..];
+                }
+            }
         }
-        let meta = std::fs::metadata(&p);
-        if let Ok(m) = &meta {
-            if m.is_dir() {
-                walk(root, &p, out, ignored)?;
+        out
+    };
+    (
+        parts
+            .iter()
+            .map(|p| esc(p.as_bytes()))
+            .collect::<Vec<_>>()
+            .join("/"),
+        true,
+    )
+}
+
+/// The path bytes of an escaped key (see [`key_of`]).
+pub fn unescape_key(key: &str) -> Vec<u8> {
+    let b = key.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
                 continue;
             }
         }
-        if !has_image_extension(&p) {
-            *ignored += 1;
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// What a walk found: (key, path, size) of image files, and what it left out.
+#[derive(Default)]
+struct Walked {
+    files: Vec<(String, PathBuf, u64)>,
+    ignored: u64,
+    skipped: Vec<Skipped>,
+    escaped: Vec<String>,
+}
+
+/// Files below `dir` (recursive, symlinks followed, sorted by name; the `walkdir`
+/// crate), keyed relative to `root`. Hidden entries and files without an image
+/// extension are counted as ignored. A folder reached again through a link (a link to
+/// an ancestor, which would loop, or a second path to a folder already walked) is not
+/// walked again: it is listed as skipped with the reason. `seen` holds the (device,
+/// inode) of every folder walked so far, across calls.
+fn walk(
+    root: &Path,
+    dir: &Path,
+    out: &mut Walked,
+    seen: &mut HashSet<(u64, u64)>,
+) -> Result<(), SourceError> {
+    use std::os::unix::fs::MetadataExt;
+    let rel = |p: &Path| key_of(p.strip_prefix(root).unwrap_or(p));
+    let mut it = walkdir::WalkDir::new(dir)
+        .follow_links(true)
+        .sort_by_file_name()
+        .into_iter();
+    while let Some(entry) = it.next() {
+        let e = match entry {
+            Ok(e) => e,
+            Err(err) => {
+                let path = err.path().unwrap_or(dir).to_path_buf();
+                if err.loop_ancestor().is_some() {
+                    out.skipped.push(Skipped {
+                        key: rel(&path).0,
+                        reason: format!(
+                            "link to a folder already being walked ({}): not walked again",
+                            err.loop_ancestor()
+                                .map(|a| a.display().to_string())
+                                .unwrap_or_default()
+                        ),
+                    });
+                    continue;
+                }
+                if path == dir {
+                    let source = err
+                        .into_io_error()
+                        .unwrap_or_else(|| std::io::Error::other("walk failed"));
+                    return Err(SourceError::Io { path, source });
+                }
+                // A broken link or an unreadable entry: kept when it has an image
+                // extension (reading it fails later and it is listed as skipped).
+                if has_image_extension(&path) {
+                    let (key, esc) = rel(&path);
+                    if esc {
+                        out.escaped.push(key.clone());
+                    }
+                    out.files.push((key, path, 0));
+                } else {
+                    out.ignored += 1;
+                }
+                continue;
+            }
+        };
+        let hidden = e.depth() > 0 && e.file_name().as_encoded_bytes().starts_with(b".");
+        if e.file_type().is_dir() {
+            if hidden {
+                out.ignored += 1;
+                it.skip_current_dir();
+                continue;
+            }
+            if let Ok(m) = e.metadata() {
+                // The folder a walk starts at may be the source root, already recorded.
+                let again = !seen.insert((m.dev(), m.ino()));
+                if again && !(e.depth() == 0 && e.path() == root) {
+                    out.skipped.push(Skipped {
+                        key: rel(e.path()).0,
+                        reason: "link to a folder that was already walked: not walked again".into(),
+                    });
+                    it.skip_current_dir();
+                }
+            }
             continue;
         }
-        let key = p
-            .strip_prefix(root)
-            .unwrap_or(&p)
-            .components()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join("/");
-        // An unreadable entry (a broken link, say) is kept: reading it fails later and
-        // it is listed as skipped with the reason.
-        let size = meta.map(|m| m.len()).unwrap_or(0);
-        out.push((key, p, size));
+        if hidden || !has_image_extension(e.path()) {
+            out.ignored += 1;
+            continue;
+        }
+        let (key, esc) = rel(e.path());
+        if esc {
+            out.escaped.push(key.clone());
+        }
+        let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+        out.files.push((key, e.path().to_path_buf(), size));
     }
     Ok(())
 }
@@ -246,13 +368,17 @@ fn scan_image_folder(src: &Path, opts: &ScanOptions) -> Result<Source, SourceErr
             !hidden && p.is_dir()
         })
         .collect();
-    let mut ignored = 0;
+    let mut w = Walked::default();
+    let mut seen = HashSet::new();
+    if let Ok(m) = std::fs::metadata(src) {
+        use std::os::unix::fs::MetadataExt;
+        seen.insert((m.dev(), m.ino()));
+    }
     let mut items = Vec::new();
     if class_dirs.is_empty() {
         // No class folders: every image is unlabeled.
-        let mut files = Vec::new();
-        walk(src, src, &mut files, &mut ignored)?;
-        for (key, path, size) in files {
+        walk(src, src, &mut w, &mut seen)?;
+        for (key, path, size) in std::mem::take(&mut w.files) {
             items.push(Item {
                 key,
                 label: -1,
@@ -264,31 +390,21 @@ fn scan_image_folder(src: &Path, opts: &ScanOptions) -> Result<Source, SourceErr
             layout: "imagefolder",
             classes: Vec::new(),
             items,
-            ignored,
-            skipped: Vec::new(),
+            ignored: w.ignored,
+            skipped: w.skipped,
+            escaped: w.escaped,
             idx: None,
         });
     }
     // Files next to the class folders belong to no class.
-    ignored += (top.len() - class_dirs.len()) as u64;
-    let names: BTreeSet<String> = class_dirs
-        .iter()
-        .map(|p| {
-            p.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        })
-        .collect();
+    w.ignored += (top.len() - class_dirs.len()) as u64;
+    let class_name = |p: &Path| key_of(Path::new(p.file_name().unwrap_or_default())).0;
+    let names: BTreeSet<String> = class_dirs.iter().map(|p| class_name(p)).collect();
     let (classes, index) = class_index(&names, opts)?;
     for dir in class_dirs {
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let label = index[&name];
-        let mut files = Vec::new();
-        walk(src, dir, &mut files, &mut ignored)?;
-        for (key, path, size) in files {
+        let label = index[&class_name(dir)];
+        walk(src, dir, &mut w, &mut seen)?;
+        for (key, path, size) in std::mem::take(&mut w.files) {
             items.push(Item {
                 key,
                 label,
@@ -302,50 +418,95 @@ fn scan_image_folder(src: &Path, opts: &ScanOptions) -> Result<Source, SourceErr
         layout: "imagefolder",
         classes,
         items,
-        ignored,
-        skipped: Vec::new(),
+        ignored: w.ignored,
+        skipped: w.skipped,
+        escaped: w.escaped,
         idx: None,
     })
 }
 
-/// Label file contents: key → class name, or the i-th sorted file → class name.
+/// One data row of a `key,class` label file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelRow {
+    /// 1-based line of the row in the file.
+    pub line: u64,
+    pub key: String,
+    pub class: String,
+}
+
+/// Label file contents: `key,class` rows (the first row possibly a header; see
+/// [`read_csv_labels`]), or the i-th sorted file → class name.
 enum LabelFile {
-    Csv(BTreeMap<String, String>),
+    Csv(Vec<LabelRow>),
     Ordered(Vec<String>, Vec<String>),
 }
 
+/// Reads a `key,class` CSV as spreadsheets, Python's `csv` module, R and pandas write
+/// it: RFC 4180 quoting, a UTF-8 byte-order mark or none, CRLF or LF line ends,
+/// surrounding spaces trimmed, blank lines skipped (the `csv` crate). Every row must
+/// have two fields. The first row is returned like the others: whether it is a header
+/// is decided by the caller, which knows the image names.
+///
+/// # Errors
+/// Unreadable file, malformed CSV, a row without exactly two fields or with an empty
+/// field: each names the file and line.
+pub fn read_csv_labels(path: &Path) -> Result<Vec<LabelRow>, SourceError> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    let body = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    let bad = |line: u64, msg: String| SourceError::Labels {
+        path: path.to_path_buf(),
+        line: line as usize,
+        msg,
+    };
+    let mut rd = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(body);
+    let mut rows = Vec::new();
+    for rec in rd.records() {
+        let rec = rec.map_err(|e| {
+            let line = e.position().map(|p| p.line()).unwrap_or(0);
+            bad(line, format!("not valid CSV: {e}"))
+        })?;
+        let line = rec.position().map(|p| p.line()).unwrap_or(0);
+        if rec.iter().all(str::is_empty) {
+            continue;
+        }
+        if rec.len() != 2 {
+            return Err(bad(
+                line,
+                format!(
+                    "expected 2 fields `key,class`, got {}: {:?} (quote a field that holds a comma)",
+                    rec.len(),
+                    rec.iter().collect::<Vec<_>>()
+                ),
+            ));
+        }
+        let (k, c) = (&rec[0], &rec[1]);
+        if k.is_empty() || c.is_empty() {
+            return Err(bad(line, format!("empty key or class: {k:?},{c:?}")));
+        }
+        rows.push(LabelRow {
+            line,
+            key: k.to_string(),
+            class: c.to_string(),
+        });
+    }
+    Ok(rows)
+}
+
 fn read_labels(path: &Path, synsets: Option<&Path>) -> Result<LabelFile, SourceError> {
-    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let text = String::from_utf8_lossy(&std::fs::read(path).map_err(io_err(path))?).into_owned();
     let lines: Vec<(usize, &str)> = text
         .lines()
         .enumerate()
-        .map(|(i, l)| (i + 1, l.trim()))
+        .map(|(i, l)| (i + 1, l.trim_start_matches('\u{feff}').trim()))
         .filter(|(_, l)| !l.is_empty())
         .collect();
     let first = lines.first().map(|(_, l)| *l).unwrap_or("");
     if first.contains(',') {
-        let mut map = BTreeMap::new();
-        for (n, l) in &lines {
-            let Some((k, c)) = l.split_once(',') else {
-                return Err(SourceError::Labels {
-                    path: path.to_path_buf(),
-                    line: *n,
-                    msg: format!("expected `key,class`, got {l:?}"),
-                });
-            };
-            let (k, c) = (k.trim(), c.trim());
-            if *n == lines[0].0 && k.eq_ignore_ascii_case("key") {
-                continue; // header
-            }
-            if map.insert(k.to_string(), c.to_string()).is_some() {
-                return Err(SourceError::Labels {
-                    path: path.to_path_buf(),
-                    line: *n,
-                    msg: format!("key {k:?} appears twice"),
-                });
-            }
-        }
-        return Ok(LabelFile::Csv(map));
+        return Ok(LabelFile::Csv(read_csv_labels(path)?));
     }
     // ILSVRC2012 ground truth: 1-based class ids, one per line.
     let Some(syn_path) = synsets else {
@@ -390,29 +551,78 @@ fn scan_flat(
     opts: &ScanOptions,
 ) -> Result<Source, SourceError> {
     check_dir(src)?;
-    let mut files = Vec::new();
-    let mut ignored = 0;
-    walk(src, src, &mut files, &mut ignored)?;
+    let mut w = Walked::default();
+    walk(src, src, &mut w, &mut HashSet::new())?;
+    let files = std::mem::take(&mut w.files);
     let lf = read_labels(labels, synsets)?;
-    let mut skipped = Vec::new();
+    let mut skipped = std::mem::take(&mut w.skipped);
     let mut pairs: Vec<(String, PathBuf, u64, String)> = Vec::new();
     let names: BTreeSet<String> = match &lf {
-        LabelFile::Csv(map) => {
-            for (key, path, size) in files {
-                // Keys may be given with or without folders; match the relative path first.
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                match map.get(&key).or_else(|| map.get(&name)) {
-                    Some(c) => pairs.push((key, path, size, c.clone())),
+        LabelFile::Csv(rows) => {
+            // Rows name images by their path relative to the source or by file name.
+            let by_key: BTreeMap<&str, usize> = files
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (f.0.as_str(), i))
+                .collect();
+            let mut by_name: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+            for (i, f) in files.iter().enumerate() {
+                let name = f.1.file_name().map(|n| n.to_string_lossy().into_owned());
+                by_name.entry(name.unwrap_or_default()).or_default().push(i);
+            }
+            let find = |k: &str| -> Option<usize> {
+                by_key.get(k).copied().or_else(|| match by_name.get(k) {
+                    Some(v) if v.len() == 1 => Some(v[0]),
+                    _ => None,
+                })
+            };
+            // A first row that names no image is a header (`key,class`, `filename,label`,
+            // any spelling); it is never data.
+            let data = match rows.first() {
+                Some(r) if find(&r.key).is_none() => &rows[1..],
+                _ => &rows[..],
+            };
+            let mut label_of: Vec<Option<(String, u64)>> = vec![None; files.len()];
+            let mut unmatched = 0u64;
+            for r in data {
+                match find(&r.key) {
+                    Some(i) => {
+                        if let Some((_, first)) = &label_of[i] {
+                            return Err(SourceError::Labels {
+                                path: labels.to_path_buf(),
+                                line: r.line as usize,
+                                msg: format!(
+                                    "{:?} is labelled twice (first on line {first})",
+                                    files[i].0
+                                ),
+                            });
+                        }
+                        label_of[i] = Some((r.class.clone(), r.line));
+                    }
+                    None => unmatched += 1,
+                }
+            }
+            if unmatched > 0 {
+                tracing::warn!(
+                    "{}: {unmatched} row(s) name no image in {}",
+                    labels.display(),
+                    src.display()
+                );
+            }
+            let mut names = BTreeSet::new();
+            for ((key, path, size), l) in files.into_iter().zip(label_of) {
+                match l {
+                    Some((c, _)) => {
+                        names.insert(c.clone());
+                        pairs.push((key, path, size, c));
+                    }
                     None => skipped.push(Skipped {
                         key,
                         reason: format!("no label in {}", labels.display()),
                     }),
                 }
             }
-            map.values().cloned().collect()
+            names
         }
         LabelFile::Ordered(ls, wnids) => {
             if ls.len() != files.len() {
@@ -444,8 +654,9 @@ fn scan_flat(
         layout: "flat",
         classes,
         items,
-        ignored,
+        ignored: w.ignored,
         skipped,
+        escaped: w.escaped,
         idx: None,
     })
 }
@@ -514,6 +725,7 @@ fn scan_idx(
         items,
         ignored: 0,
         skipped: Vec::new(),
+        escaped: Vec::new(),
         idx: Some(imgs),
     })
 }

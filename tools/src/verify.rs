@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use crate::progress::{Mode, Progress};
 use serde::{Deserialize, Serialize};
 
 use crate::format::{file_checksum, FormatError, Manifest};
@@ -35,15 +35,7 @@ pub struct VerifyReport {
 pub fn verify(dir: &Path, workers: usize, progress: bool) -> Result<VerifyReport, FormatError> {
     let t0 = std::time::Instant::now();
     let m = Manifest::load(dir)?;
-    let bar = if progress {
-        ProgressBar::with_draw_target(Some(m.totals.rows), ProgressDrawTarget::stderr())
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template("verify {bar:30} {pos}/{len} images  {per_sec}  eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let mut bar = Progress::new(Mode::detect(progress), "verify", m.totals.rows, "images", 0);
     let mut problems = Vec::new();
     let mut keys: HashSet<String> = HashSet::new();
     let mut rows_seen = 0u64;
@@ -171,7 +163,7 @@ pub fn verify(dir: &Path, workers: usize, progress: bool) -> Result<VerifyReport
         }
         rows_seen += rows_here;
     }
-    bar.finish_and_clear();
+    bar.finish();
     if rows_seen != m.totals.rows {
         problems.push(Problem {
             shard: "manifest.json".into(),

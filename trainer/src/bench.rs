@@ -23,6 +23,9 @@ pub struct TrainBench {
     pub batch: usize,
     pub size: i64,
     pub steps: usize,
+    /// `bf16` or `fp32` (the config's `train.precision` resolved on this machine), and why.
+    pub precision: String,
+    pub precision_reason: String,
     /// Steps on two fixed views already on the device: model compute alone.
     pub compute_images_per_s: f64,
     /// Augmentation + step on random canvases already on the device (`--synthetic`).
@@ -98,7 +101,11 @@ pub fn bench_train(
     let b = cfg.train.batch;
     let size = cfg.augment.size;
     let warmup = 3;
-    let amp = crate::amp::precision(&cfg.train.precision, dev).map_err(anyhow::Error::msg)?;
+    let choice = crate::amp::precision(&cfg.train.precision, dev).map_err(anyhow::Error::msg)?;
+    if let Some(w) = &choice.warning {
+        eprintln!("byol: WARNING: {w}");
+    }
+    let amp = choice.dtype;
     let st = StepSettings {
         lr: 0.1,
         tau: 0.99,
@@ -232,6 +239,8 @@ pub fn bench_train(
         batch: b,
         size,
         steps,
+        precision: choice.name.into(),
+        precision_reason: choice.reason,
         compute_images_per_s: compute,
         synthetic_images_per_s: synthetic,
         data_images_per_s: data_rate,

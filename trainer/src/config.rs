@@ -49,8 +49,13 @@ impl Default for OptimConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSection {
+    /// Images per step (the global batch).
     pub batch: usize,
+    /// Epochs of the run (its length when `total_steps` is 0).
     pub epochs: u64,
+    /// The run's length in steps when > 0 (it then overrides `epochs`; `byol train
+    /// --time-budget` sets it). The learning-rate and τ schedules span these steps.
+    pub total_steps: u64,
     pub seed: u64,
     /// `auto` (CUDA when available), `cpu` or `cuda`.
     pub device: String,
@@ -69,8 +74,10 @@ pub struct TrainSection {
     pub torch_threads: i32,
     /// Run convolutions in channels-last layout (faster on CPU and on recent GPUs).
     pub channels_last: bool,
-    /// Forward-pass precision: `auto` (bf16 autocast on CUDA, float32 on the CPU),
-    /// `fp32` or `bf16` (autocast on either device).
+    /// Forward-pass precision: `auto` (bf16 autocast where the hardware computes bf16
+    /// natively: CUDA from compute capability 8.0, CPUs with AVX-512 BF16 or AMX;
+    /// float32 elsewhere), `fp32`, or `bf16` (autocast on either device; a warning where
+    /// bf16 is emulated). See `amp::choose_precision`.
     pub precision: String,
     /// kNN monitor every N epochs when `--val` is given (0: never).
     pub knn_every_epochs: u64,
@@ -85,6 +92,7 @@ impl Default for TrainSection {
         TrainSection {
             batch: 256,
             epochs: 100,
+            total_steps: 0,
             seed: 0,
             device: "auto".into(),
             tau_base: 0.99,
@@ -132,6 +140,34 @@ pub struct TrainConfig {
     pub train: TrainSection,
     pub data: DataSection,
     pub augment: AugmentConfig,
+    /// What `auto` settings and `--time-budget` resolved to when the run last started
+    /// (written by `byol train`; informative only: never compared on `--resume`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<Resolved>,
+}
+
+/// The values a run's `auto` settings and time budget resolved to on its machine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default)]
+pub struct Resolved {
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// `bf16` or `fp32`.
+    pub precision: String,
+    pub precision_reason: String,
+    /// The CPU flags that matter for the choice (`avx2 avx512f avx512_bf16 …`).
+    pub cpu: String,
+    /// Steps per epoch of the run's dataset at its batch size.
+    pub steps_per_epoch: u64,
+    /// `--time-budget` in seconds, when the run's length was chosen from one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_budget_s: Option<f64>,
+    /// Training images/s measured by the calibration before the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibrated_images_per_s: Option<f64>,
+    /// How the run's length was chosen from the budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_reason: Option<String>,
 }
 
 /// Settings that may change when a run is resumed (they do not alter the result).
@@ -214,6 +250,7 @@ impl TrainConfig {
         flat("", &serde_json::to_value(other).unwrap_or_default(), &mut b);
         let bm: std::collections::HashMap<_, _> = b.into_iter().collect();
         a.into_iter()
+            .filter(|(k, _)| !k.starts_with("resolved."))
             .filter(|(k, v)| bm.get(k) != Some(v))
             .map(|(k, _)| k)
             .collect()

@@ -110,11 +110,26 @@ pub fn load_inputs(
     let mut labels = Vec::new();
     for b in loader.start(Cursor::default()) {
         let b = b?;
-        imgs.push(centred_inputs(&b, size));
-        labels.extend_from_slice(b.labels());
+        // A sample whose image failed to decode is a copy of another one: skip it.
+        let keep: Vec<i64> = (0..b.len() as i64)
+            .filter(|&i| !b.replaced_mask()[i as usize])
+            .collect();
+        if keep.is_empty() {
+            continue;
+        }
+        let x = centred_inputs(&b, size);
+        imgs.push(if keep.len() == b.len() {
+            x
+        } else {
+            x.index_select(0, &Tensor::from_slice(&keep))
+        });
+        labels.extend(keep.iter().map(|&i| b.labels()[i as usize]));
         if limit.is_some_and(|l| labels.len() >= l) {
             break;
         }
+    }
+    if labels.is_empty() {
+        bail!("no image of {} could be decoded", data.display());
     }
     if let Some(l) = limit {
         let n = labels.len().min(l);
@@ -334,35 +349,61 @@ pub fn evaluate(
         step,
         device,
     } = load_online(run, checkpoint)?;
-    let classes = Dataset::open(train)?.manifest.classes.len() as i64;
+    let train_classes = Dataset::open(train)
+        .with_context(|| format!("opening {}", train.display()))?
+        .manifest
+        .classes;
+    let test_classes = Dataset::open(test)
+        .with_context(|| format!("opening {}", test.display()))?
+        .manifest
+        .classes;
+    crate::train::same_classes(train, &train_classes, test, &test_classes)?;
+    let classes = train_classes.len() as i64;
     if classes == 0 {
         bail!("{} has no classes", train.display());
     }
     let size = cfg.augment.size;
+    // Progress by stage: on slow machines each takes minutes.
+    let mut bar = byol_tools::progress::Progress::new(
+        byol_tools::progress::Mode::detect(true),
+        "eval",
+        7,
+        "stages",
+        0,
+    );
+    let stage = |i: u64, what: &str| {
+        bar.set_message(what.to_string());
+        bar.set_position(i);
+    };
+    stage(0, "decoding the training images");
     let (xtr, ytr) = load_inputs(train, cfg.data.canvas, size, decode, None)?;
+    stage(1, "decoding the test images");
     let (xte, yte) = load_inputs(test, cfg.data.canvas, size, decode, None)?;
 
-    let byol = probe(
-        &features(&net, &xtr, &cfg, device),
-        &ytr,
-        &features(&net, &xte, &cfg, device),
-        &yte,
-        classes,
+    stage(2, "BYOL features");
+    let (ftr, fte) = (
+        features(&net, &xtr, &cfg, device),
+        features(&net, &xte, &cfg, device),
     );
+    stage(3, "BYOL probes");
+    let byol = probe(&ftr, &ytr, &fte, &yte, classes);
 
+    stage(4, "random-init features");
     tch::manual_seed(cfg.train.seed as i64 + 1);
     let mut rnd = Network::new(device, &cfg.model.encoder, &cfg.model.projector, None);
     if cfg.train.channels_last {
         rnd.to_channels_last();
     }
-    let random_init = probe(
-        &features(&rnd, &xtr, &cfg, device),
-        &ytr,
-        &features(&rnd, &xte, &cfg, device),
-        &yte,
-        classes,
+    let (ftr, fte) = (
+        features(&rnd, &xtr, &cfg, device),
+        features(&rnd, &xte, &cfg, device),
     );
+    stage(5, "random-init probes");
+    let random_init = probe(&ftr, &ytr, &fte, &yte, classes);
+    stage(6, "raw-pixel probes");
     let raw = probe(&raw_pixels(&xtr), &ytr, &raw_pixels(&xte), &yte, classes);
+    stage(7, "done");
+    bar.finish();
     let report = EvalReport {
         command: "eval".into(),
         run: run.display().to_string(),

@@ -572,12 +572,12 @@ pub fn embed(
     let file =
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema.clone(), None)?;
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "embed {bar:30} {pos}/{len} images {per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    let mut bar = byol_tools::progress::Progress::new(
+        byol_tools::progress::Mode::detect(true),
+        "embed",
+        total,
+        "images",
+        0,
     );
     let mut seen = vec![false; total as usize];
     let mut written = 0u64;
@@ -587,9 +587,10 @@ pub fn embed(
             let x = crate::eval::centred_inputs(&b, enc.size).to_kind(Kind::Float) / 255.0;
             let e = enc.embed(&x)?;
             let values = Vec::<f32>::try_from(e.flatten(0, -1))?;
-            // A row whose image failed to decode is replaced by another row of the batch:
-            // keep each row once.
+            // A sample whose image failed to decode is a replacement (a copy of another
+            // row, or a blank canvas): it gets no row; its own row is reported missing.
             let keep: Vec<usize> = (0..b.len())
+                .filter(|&i| !b.replaced_mask()[i])
                 .filter(|&i| !std::mem::replace(&mut seen[b.rows()[i] as usize], true))
                 .collect();
             let mut list =
@@ -623,7 +624,7 @@ pub fn embed(
         let _ = std::fs::remove_file(&tmp);
         return Err(e.context(format!("embedding {}", data.display())));
     }
-    bar.finish_and_clear();
+    bar.finish();
     std::fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
     let missing_keys: Vec<String> = seen
         .iter()

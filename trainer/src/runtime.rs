@@ -94,6 +94,11 @@ pub struct RuntimeInfo {
     pub ort_library: Option<String>,
     pub ort_error: Option<String>,
     pub ort_build: Option<String>,
+    /// The CPU flags that matter for precision (`avx2 avx512f avx512_bf16 …`).
+    pub cpu: String,
+    /// What `train.precision = "auto"` picks on the default device, and why.
+    pub auto_precision: String,
+    pub auto_precision_reason: String,
 }
 
 /// Probes libtorch and ONNX Runtime.
@@ -116,7 +121,12 @@ pub fn probe(ort_lib: Option<&Path>) -> RuntimeInfo {
         ),
         Err(e) => (None, Some(byol_tools::error_chain(&e)), None),
     };
+    let hw = crate::amp::Hardware::detect(device);
+    let choice = crate::amp::choose_precision("auto", &hw).expect("auto is a known precision");
     RuntimeInfo {
+        cpu: hw.cpu_summary(),
+        auto_precision: choice.name.into(),
+        auto_precision_reason: choice.reason,
         torch_threads: tch::get_num_threads(),
         cuda_available: cuda,
         cuda_devices: Cuda::device_count() as usize,

@@ -16,7 +16,8 @@ use byol_pipeline::{Cursor, Dataset, Loader, LoaderConfig};
 use crate::byol::{
     channels_last, copy_into, lr_at, tau_at, train_step, Lars, Network, StepSettings,
 };
-use crate::config::{TrainConfig, RESUMABLE_CHANGES};
+use crate::config::{Resolved, TrainConfig, RESUMABLE_CHANGES};
+use byol_tools::progress::{Mode, Progress};
 
 /// Set by SIGINT/SIGTERM: finish the step, checkpoint, exit.
 pub static STOP: AtomicBool = AtomicBool::new(false);
@@ -40,8 +41,13 @@ pub struct TrainOptions {
     /// Labelled held-out shards for the kNN monitor.
     pub val: Option<PathBuf>,
     pub resume: bool,
-    /// Draw a progress bar.
+    /// Show progress on stderr: a bar on a terminal, a plain line every 30 s otherwise
+    /// (see `byol_tools::progress`).
     pub progress: bool,
+    /// Wall-time budget in seconds for a new run: a short calibration measures this
+    /// machine's training speed, then `train.total_steps` is set to what fits (see
+    /// [`steps_for_budget`]).
+    pub time_budget: Option<f64>,
 }
 
 /// What a checkpoint's `state.json` holds besides the tensors.
@@ -160,9 +166,217 @@ pub struct TrainSummary {
     pub train_images_per_s: f64,
     pub monitor_seconds: f64,
     pub data_stall: f64,
+    /// Samples of this invocation whose image failed to decode (each replaced by another
+    /// sample of its batch, and logged with its key).
+    pub decode_failures: u64,
     pub checkpoint: Option<String>,
     pub stopped_by_signal: bool,
     pub seconds: f64,
+    /// `bf16` or `fp32`, and why (see `amp::choose_precision`).
+    pub precision: String,
+    pub precision_reason: String,
+    /// `--time-budget` in seconds and the calibration's own seconds, when given.
+    pub time_budget_s: Option<f64>,
+    pub calibration_seconds: Option<f64>,
+}
+
+/// The networks, optimizer, online probe and augmentation of a run: what one training
+/// step needs.
+struct Learner {
+    online: Network,
+    target: Network,
+    opt: Lars,
+    probe: Option<Probe>,
+    aug: Augmenter,
+    device: Device,
+    amp: Option<Kind>,
+    channels_last: bool,
+}
+
+/// The host-side values of one step.
+struct StepResult {
+    loss: f64,
+    collapse: f64,
+    /// Correct online-probe predictions in the batch (0 without labels).
+    correct: f64,
+}
+
+impl Learner {
+    /// Networks seeded with `train.seed`; a probe when the data has `classes` > 0.
+    fn new(cfg: &TrainConfig, device: Device, amp: Option<Kind>, classes: Option<i64>) -> Learner {
+        let (online, target, opt) = build_model(cfg, device);
+        let probe = classes.map(|c| Probe::new(device, online.encoder.out_dim(), c));
+        Learner {
+            online,
+            target,
+            opt,
+            probe,
+            aug: Augmenter::new(cfg.augment.clone()),
+            device,
+            amp,
+            channels_last: cfg.train.channels_last,
+        }
+    }
+
+    /// One BYOL step (two views of `b`, online/target update, probe step) at learning
+    /// rate `lr` and EMA rate `tau`; one host read for the loss, the collapse monitor
+    /// and the probe's count.
+    fn step(
+        &mut self,
+        b: &mut byol_pipeline::loader::Batch,
+        rng: &mut SplitMix64,
+        lr: f64,
+        tau: f64,
+    ) -> Result<StepResult> {
+        let canvas = b.to_device(self.device);
+        let (mut v1, mut v2) = self.aug.views(&canvas, b.valid_sizes(), rng);
+        if self.channels_last {
+            v1 = channels_last(&v1);
+            v2 = channels_last(&v2);
+        }
+        let settings = StepSettings {
+            lr,
+            tau,
+            amp: self.amp,
+        };
+        let (loss, z1, y1) = train_step(
+            &self.online,
+            &self.target,
+            &mut self.opt,
+            &v1,
+            &v2,
+            settings,
+        );
+        let device = self.device;
+        let correct = self.probe.as_mut().map(|p| {
+            let labels = Tensor::from_slice(b.labels()).to_device(device);
+            p.step(&y1, &labels)
+        });
+        // Each host read waits for the device, so the three values are read together.
+        let collapse_t = tch::no_grad(|| collapse_monitor(&z1));
+        let mut scalars = vec![loss.detach(), collapse_t];
+        scalars.extend(correct);
+        let host = Vec::<f64>::try_from(
+            Tensor::stack(&scalars, 0)
+                .to_kind(Kind::Double)
+                .to_device(Device::Cpu),
+        )?;
+        Ok(StepResult {
+            loss: host[0],
+            collapse: host[1],
+            correct: host.get(2).copied().unwrap_or(0.0),
+        })
+    }
+}
+
+/// What the calibration before a time-budgeted run measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Calibration {
+    /// Steps timed (after two untimed warm-up steps).
+    pub steps: u64,
+    /// Seconds per training step, data loading included.
+    pub step_s: f64,
+    /// Seconds of one kNN-monitor evaluation (0 without `--val`).
+    pub knn_s: f64,
+}
+
+/// Share of a time budget held back for checkpoints, curves and the final summary.
+pub const BUDGET_RESERVE: f64 = 0.03;
+
+/// The most steps whose training time fits in `available_s` seconds: `step_s` per
+/// step, plus `knn_s` for each kNN-monitor run (one every `knn_every_epochs` epochs of
+/// `steps_per_epoch` steps, and one at the end; `knn_every_epochs` 0: none).
+pub fn steps_for_budget(
+    available_s: f64,
+    step_s: f64,
+    steps_per_epoch: u64,
+    knn_s: f64,
+    knn_every_epochs: u64,
+) -> u64 {
+    if available_s <= 0.0 || step_s <= 0.0 || steps_per_epoch == 0 {
+        return 0;
+    }
+    let cost = |n: u64| {
+        let knn_runs = if knn_every_epochs == 0 || knn_s <= 0.0 {
+            0
+        } else {
+            n / (steps_per_epoch * knn_every_epochs) + 1
+        };
+        n as f64 * step_s + knn_runs as f64 * knn_s
+    };
+    // Largest n with cost(n) <= available (cost is increasing): binary search.
+    let (mut lo, mut hi) = (0u64, (available_s / step_s).floor() as u64 + 1);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if cost(mid) <= available_s {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
+/// Times training steps of a throw-away copy of the run (same config, data and loader)
+/// for about `seconds` (at least 3 steps after 2 warm-up steps), and one kNN-monitor
+/// evaluation when `knn` is given (its images stay loaded for the run).
+fn calibrate(
+    cfg: &TrainConfig,
+    loader: &Loader,
+    amp: Option<Kind>,
+    classes: Option<i64>,
+    device: Device,
+    seconds: f64,
+    knn: Option<(&mut KnnMonitor, &KnnSource)>,
+) -> Result<Calibration> {
+    let mut l = Learner::new(cfg, device, amp, classes);
+    let mut rng = SplitMix64::new(cfg.train.seed ^ 0xCA11_B4A7_E000_0001);
+    let mut epoch_no = 0;
+    let mut epoch = loader.start(Cursor::default());
+    let (warmup, min_steps) = (2u64, 3u64);
+    let mut done = 0u64;
+    let mut t0 = Instant::now();
+    loop {
+        if STOP.load(Ordering::SeqCst) {
+            bail!("stopped by a signal during the time-budget calibration");
+        }
+        let Some(b) = epoch.next() else {
+            epoch_no += 1;
+            epoch = loader.start(Cursor {
+                epoch: epoch_no,
+                consumed: 0,
+            });
+            continue;
+        };
+        let mut b = b?;
+        l.step(&mut b, &mut rng, 1e-3, 0.99)?;
+        done += 1;
+        if done == warmup {
+            t0 = Instant::now();
+        }
+        if done >= warmup + min_steps && t0.elapsed().as_secs_f64() >= seconds {
+            break;
+        }
+    }
+    drop(epoch);
+    let steps = done - warmup;
+    let step_s = t0.elapsed().as_secs_f64() / steps as f64;
+    let knn_s = match knn {
+        Some((m, src)) => {
+            m.load(cfg, src)?;
+            let t = Instant::now();
+            m.top1(&l.online, cfg, src, device)?;
+            let s = t.elapsed().as_secs_f64();
+            m.calibration_seconds += s;
+            s
+        }
+        None => 0.0,
+    };
+    Ok(Calibration {
+        steps,
+        step_s,
+        knn_s,
+    })
 }
 
 pub fn device_of(s: &str) -> Result<Device> {
@@ -282,6 +496,11 @@ fn collapse_monitor(z: &Tensor) -> Tensor {
 
 /// Trains (or resumes) a run. `config` is required for a new run; on `--resume` it may be
 /// given and is then compared with the run's.
+///
+/// # Errors
+/// Unreadable or incompatible configs and checkpoints, a dataset smaller than one batch,
+/// a time budget too small for one step, a non-finite loss (naming the last good
+/// checkpoint), and I/O errors in the run folder.
 pub fn train(
     config: Option<TrainConfig>,
     data: &Path,
@@ -291,59 +510,35 @@ pub fn train(
 ) -> Result<TrainSummary> {
     let t_start = Instant::now();
     std::fs::create_dir_all(run).with_context(|| format!("creating {}", run.display()))?;
+    let _lock = lock_run(run)?;
     let cfg_path = run.join("config.toml");
     let latest = list_checkpoints(run).pop();
-    let cfg = if opts.resume {
-        let saved_text = std::fs::read_to_string(&cfg_path)
-            .with_context(|| format!("--resume: no config in {}", run.display()))?;
-        let saved = TrainConfig::from_toml(&saved_text, &[])?;
-        if let Some(c) = &config {
-            let diff: Vec<String> = saved
-                .differences(c)
-                .into_iter()
-                .filter(|k| !RESUMABLE_CHANGES.contains(&k.as_str()))
-                .collect();
-            if !diff.is_empty() {
-                bail!(
-                    "--resume: the config differs from the run's in {} (only {} may change); start a new run for other settings",
-                    diff.join(", "),
-                    RESUMABLE_CHANGES.join(", ")
-                );
-            }
-            c.clone()
-        } else {
-            saved
-        }
-    } else {
-        let Some(c) = config else {
-            bail!("--config is required for a new run")
-        };
-        if latest.is_some() {
-            bail!(
-                "{} already holds checkpoints; use --resume to continue it, or another --out",
-                run.display()
-            );
-        }
-        c
-    };
-    // The config is written before training starts.
-    let tmp = run.join(".config.toml.tmp");
-    std::fs::write(&tmp, cfg.to_toml())?;
-    std::fs::rename(&tmp, &cfg_path)?;
+    let mut cfg = run_config(config, run, opts, latest.is_some())?;
 
     if cfg.train.torch_threads > 0 {
         tch::set_num_threads(cfg.train.torch_threads);
     }
     let device = device_of(&cfg.train.device)?;
-    let amp = crate::amp::precision(&cfg.train.precision, device).map_err(anyhow::Error::msg)?;
-    let (mut online, mut target, mut opt) = build_model(&cfg, device);
+    let hw = crate::amp::Hardware::detect(device);
+    let choice =
+        crate::amp::choose_precision(&cfg.train.precision, &hw).map_err(anyhow::Error::msg)?;
+    eprintln!("byol train: precision {} ({})", choice.name, choice.reason);
+    if let Some(w) = &choice.warning {
+        tracing::warn!("{w}");
+        eprintln!("byol: WARNING: {w}");
+    }
+    let amp = choice.dtype;
 
     let ds = Dataset::open(data).with_context(|| format!("opening {}", data.display()))?;
+    check_run_data(run, data, &ds.manifest, opts.resume)?;
+    if let Some(val) = &opts.val {
+        let v = Dataset::open(val).with_context(|| format!("opening {}", val.display()))?;
+        same_classes(data, &ds.manifest.classes, val, &v.manifest.classes)?;
+    }
     let lc = loader_config(&cfg);
     let classes = ds.manifest.classes.len() as i64;
-    let labelled = classes > 0 && ds.manifest.totals.unlabeled == 0;
+    let labelled = (classes > 0 && ds.manifest.totals.unlabeled == 0).then_some(classes);
     let loader = Loader::new(ds, lc, decode)?;
-    let mut probe = labelled.then(|| Probe::new(device, online.encoder.out_dim(), classes));
     let spe = loader.batches_per_epoch();
     if spe == 0 {
         bail!(
@@ -353,10 +548,84 @@ pub fn train(
             cfg.train.batch
         );
     }
-    let total = spe * cfg.train.epochs;
+    let mut monitor = KnnMonitor::default();
+    let knn_src = opts.val.as_ref().map(|val| KnnSource {
+        data: data.to_path_buf(),
+        val: val.clone(),
+        decode,
+    });
+    let knn_on = cfg.train.knn_every_epochs > 0;
+
+    // A time budget: measure, then fix the run's length (and so its schedules) in its
+    // config before the first real step.
+    let mut calibration_seconds = None;
+    let mut resolved_budget = None;
+    if let Some(budget) = opts.time_budget {
+        let t_cal = Instant::now();
+        let seconds = (budget * 0.03).clamp(10.0, 60.0);
+        let knn = knn_src
+            .as_ref()
+            .filter(|_| knn_on)
+            .map(|s| (&mut monitor, s));
+        let c = calibrate(&cfg, &loader, amp, labelled, device, seconds, knn)?;
+        calibration_seconds = Some(t_cal.elapsed().as_secs_f64());
+        let spent = t_start.elapsed().as_secs_f64();
+        let available = budget * (1.0 - BUDGET_RESERVE) - spent;
+        let knn_every = if knn_src.is_some() {
+            cfg.train.knn_every_epochs
+        } else {
+            0
+        };
+        let n = steps_for_budget(available, c.step_s, spe, c.knn_s, knn_every);
+        let rate = cfg.train.batch as f64 / c.step_s;
+        if n == 0 {
+            bail!(
+                "--time-budget {budget:.0} s leaves no time for a training step: the calibration took {spent:.0} s and one step takes {:.1} s ({rate:.1} images/s)",
+                c.step_s
+            );
+        }
+        let reason = format!(
+            "calibrated {rate:.1} images/s ({} steps timed, {:.2} s each){}; {:.0} s of the {budget:.0} s budget left after {spent:.0} s of calibration and a {:.0} % reserve: {n} steps = {:.2} epochs of {spe}",
+            c.steps,
+            c.step_s,
+            if knn_every > 0 { format!(", kNN monitor {:.1} s a run", c.knn_s) } else { String::new() },
+            available,
+            100.0 * BUDGET_RESERVE,
+            n as f64 / spe as f64
+        );
+        eprintln!("byol train: time budget: {reason}");
+        cfg.train.total_steps = n;
+        cfg.train.epochs = n.div_ceil(spe);
+        resolved_budget = Some((budget, rate, reason));
+    }
+    let prev = cfg.resolved.take();
+    let (time_budget_s, calibrated_images_per_s, budget_reason) = match resolved_budget {
+        Some((b, r, why)) => (Some(b), Some(r), Some(why)),
+        None => prev
+            .map(|p| (p.time_budget_s, p.calibrated_images_per_s, p.budget_reason))
+            .unwrap_or_default(),
+    };
+    cfg.resolved = Some(Resolved {
+        device: format!("{device:?}").to_lowercase(),
+        precision: choice.name.into(),
+        precision_reason: choice.reason.clone(),
+        cpu: hw.cpu_summary(),
+        steps_per_epoch: spe,
+        time_budget_s,
+        calibrated_images_per_s,
+        budget_reason,
+    });
+    // The config is written before training starts.
+    write_atomic(&cfg_path, cfg.to_toml().as_bytes())?;
+
+    let mut l = Learner::new(&cfg, device, amp, labelled);
+    let total = if cfg.train.total_steps > 0 {
+        cfg.train.total_steps
+    } else {
+        spe * cfg.train.epochs
+    };
     let warmup = (cfg.optim.warmup_epochs * spe as f64).round() as u64;
     let peak_lr = cfg.optim.base_lr * cfg.train.batch as f64 / 256.0;
-    let aug = Augmenter::new(cfg.augment.clone());
 
     let mut step = 0u64;
     let mut cursor = Cursor::default();
@@ -366,10 +635,10 @@ pub fn train(
         if let Some(dir) = &latest {
             let st = load_checkpoint(
                 dir,
-                &mut online,
-                &mut target,
-                &mut opt,
-                probe.as_mut(),
+                &mut l.online,
+                &mut l.target,
+                &mut l.opt,
+                l.probe.as_mut(),
                 device,
             )?;
             step = st.step;
@@ -383,20 +652,9 @@ pub fn train(
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&metrics_path)?;
-    let bar = if opts.progress {
-        indicatif::ProgressBar::with_draw_target(
-            Some(stop_at),
-            indicatif::ProgressDrawTarget::stderr(),
-        )
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("train {bar:25} {pos}/{len} steps  {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_position(step);
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
+    let mut bar = Progress::new(Mode::detect(opts.progress), "train", stop_at, "steps", step);
 
     let mut last_ckpt: Option<PathBuf> = None;
     let mut low_collapse = 0u64;
@@ -404,11 +662,11 @@ pub fn train(
     let mut win_imgs = 0u64;
     let mut win_correct = 0.0f64;
     let mut last_knn_step = u64::MAX;
-    let mut monitor = KnnMonitor::default();
     let mut win_wait0 = loader.stats().consumer_wait_s;
     let run_t0 = Instant::now();
     let run_step0 = step;
     let run_wait0 = loader.stats().consumer_wait_s;
+    let run_failures0 = loader.stats().decode_failures;
     let state_of = |step: u64, cursor: Cursor, rng: &SplitMix64, loss: f64| CheckpointState {
         step,
         cursor,
@@ -421,10 +679,10 @@ pub fn train(
         ($loss:expr) => {
             save_checkpoint(
                 run,
-                &online,
-                &target,
-                &opt,
-                probe.as_ref(),
+                &l.online,
+                &l.target,
+                &l.opt,
+                l.probe.as_ref(),
                 &state_of(step, cursor, &rng, $loss),
                 cfg.train.keep,
             )?
@@ -442,32 +700,11 @@ pub fn train(
                 break;
             };
             let mut b = b?;
-            let canvas = b.to_device(device);
-            let (mut v1, mut v2) = aug.views(&canvas, b.valid_sizes(), &mut rng);
-            if cfg.train.channels_last {
-                v1 = channels_last(&v1);
-                v2 = channels_last(&v2);
-            }
             let lr = lr_at(peak_lr, step, warmup, total);
             let tau = tau_at(cfg.train.tau_base, step, total);
-            let settings = StepSettings { lr, tau, amp };
-            let (loss, z1, y1) = train_step(&online, &target, &mut opt, &v1, &v2, settings);
-            let correct = probe.as_mut().map(|p| {
-                let labels = Tensor::from_slice(b.labels()).to_device(device);
-                p.step(&y1, &labels)
-            });
-            // One host read per step for the loss, the collapse monitor and the probe's
-            // count (each read waits for the device).
-            let collapse_t = tch::no_grad(|| collapse_monitor(&z1));
-            let mut scalars = vec![loss.detach(), collapse_t];
-            scalars.extend(correct);
-            let host = Vec::<f64>::try_from(
-                Tensor::stack(&scalars, 0)
-                    .to_kind(Kind::Double)
-                    .to_device(Device::Cpu),
-            )?;
-            let (lv, collapse) = (host[0], host[1]);
-            win_correct += host.get(2).copied().unwrap_or(0.0);
+            let r = l.step(&mut b, &mut rng, lr, tau)?;
+            let (lv, collapse) = (r.loss, r.collapse);
+            win_correct += r.correct;
             if !lv.is_finite() {
                 bail!(
                     "loss is {lv} at step {step}; stopping. The last good checkpoint is {}",
@@ -497,7 +734,6 @@ pub fn train(
             } else {
                 low_collapse = 0;
             }
-            bar.set_position(step);
             if step.is_multiple_of(cfg.train.log_every.max(1)) || step == stop_at {
                 let dt = win_t.elapsed().as_secs_f64().max(1e-9);
                 let wait = loader.stats().consumer_wait_s;
@@ -510,11 +746,14 @@ pub fn train(
                     images_per_s: win_imgs as f64 / dt,
                     stall: ((wait - win_wait0) / dt).clamp(0.0, 1.0),
                     collapse,
-                    probe_acc: probe.as_ref().map(|_| win_correct / win_imgs.max(1) as f64),
+                    probe_acc: l
+                        .probe
+                        .as_ref()
+                        .map(|_| win_correct / win_imgs.max(1) as f64),
                 };
                 writeln!(metrics, "{}", serde_json::to_string(&m)?)?;
                 bar.set_message(format!(
-                    "loss {lv:.4} lr {lr:.4} tau {tau:.4} {:.0} img/s stall {:.0}%",
+                    "loss {lv:.4}, lr {lr:.4}, tau {tau:.4}, {:.0} images/s, stall {:.0} %",
                     m.images_per_s,
                     100.0 * m.stall
                 ));
@@ -523,6 +762,7 @@ pub fn train(
                 win_correct = 0.0;
                 win_wait0 = wait;
             }
+            bar.set_position(step);
             if step.is_multiple_of(cfg.train.checkpoint_every.max(1)) {
                 last_ckpt = Some(checkpoint!(lv));
             }
@@ -533,11 +773,9 @@ pub fn train(
                 epoch: cursor.epoch + 1,
                 consumed: 0,
             };
-            if let Some(val) = &opts.val {
-                if cfg.train.knn_every_epochs > 0
-                    && cursor.epoch.is_multiple_of(cfg.train.knn_every_epochs)
-                {
-                    let acc = monitor.top1(&online, &cfg, data, val, decode, device)?;
+            if let Some(src) = &knn_src {
+                if knn_on && cursor.epoch.is_multiple_of(cfg.train.knn_every_epochs) {
+                    let acc = monitor.top1(&l.online, &cfg, src, device)?;
                     last_knn_step = step;
                     let row = KnnRow {
                         step,
@@ -545,7 +783,7 @@ pub fn train(
                         knn_top1: acc,
                     };
                     writeln!(metrics, "{}", serde_json::to_string(&row)?)?;
-                    bar.println(format!(
+                    bar.println(&format!(
                         "epoch {}: kNN top-1 {:.2} %",
                         cursor.epoch,
                         100.0 * acc
@@ -558,12 +796,12 @@ pub fn train(
             last_ckpt = Some(checkpoint!(last_loss));
         }
     }
-    bar.finish_and_clear();
+    bar.finish();
     // The run's last state gets a kNN row too (the final epoch end is not reached when
     // the step budget ends exactly there).
-    if let Some(val) = &opts.val {
-        if cfg.train.knn_every_epochs > 0 && step > 0 && last_knn_step != step && step == total {
-            let acc = monitor.top1(&online, &cfg, data, val, decode, device)?;
+    if let Some(src) = &knn_src {
+        if knn_on && step > 0 && last_knn_step != step && step == total {
+            let acc = monitor.top1(&l.online, &cfg, src, device)?;
             let row = KnnRow {
                 step,
                 epoch: cursor.epoch + 1,
@@ -582,6 +820,7 @@ pub fn train(
         last_ckpt = Some(checkpoint!(last_loss));
     }
     let secs = run_t0.elapsed().as_secs_f64().max(1e-9);
+    let knn_in_run = monitor.seconds - monitor.calibration_seconds;
     Ok(TrainSummary {
         command: "train".into(),
         run: run.display().to_string(),
@@ -591,15 +830,206 @@ pub fn train(
         last_loss,
         images_per_s: ((step - run_step0) * cfg.train.batch as u64) as f64 / secs,
         train_images_per_s: ((step - run_step0) * cfg.train.batch as u64) as f64
-            / (secs - monitor.seconds).max(1e-9),
-        monitor_seconds: monitor.seconds,
+            / (secs - knn_in_run).max(1e-9),
+        monitor_seconds: knn_in_run,
         data_stall: ((loader.stats().consumer_wait_s - run_wait0) / secs).clamp(0.0, 1.0),
+        decode_failures: loader.stats().decode_failures - run_failures0,
         checkpoint: last_ckpt
             .map(|p| p.display().to_string())
             .or_else(|| latest.map(|p| p.display().to_string())),
         stopped_by_signal: stopped,
         seconds: t_start.elapsed().as_secs_f64(),
+        precision: choice.name.into(),
+        precision_reason: choice.reason,
+        time_budget_s: opts.time_budget,
+        calibration_seconds,
     })
+}
+
+/// The run's config: the given one for a new run (refused when the folder already holds
+/// checkpoints); on `--resume` the saved one, or the given one when it differs from the
+/// saved one only in [`RESUMABLE_CHANGES`].
+fn run_config(
+    config: Option<TrainConfig>,
+    run: &Path,
+    opts: &TrainOptions,
+    has_checkpoints: bool,
+) -> Result<TrainConfig> {
+    let cfg_path = run.join("config.toml");
+    if opts.resume {
+        if opts.time_budget.is_some() {
+            bail!(
+                "--time-budget chooses the length of a new run; a resumed run keeps the steps its config.toml holds (train.total_steps); drop --time-budget"
+            );
+        }
+        let saved_text = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("--resume: no config in {}", run.display()))?;
+        let saved = TrainConfig::from_toml(&saved_text, &[])
+            .with_context(|| format!("reading {}", cfg_path.display()))?;
+        let Some(mut c) = config else {
+            return Ok(saved);
+        };
+        let diff: Vec<String> = saved
+            .differences(&c)
+            .into_iter()
+            .filter(|k| !RESUMABLE_CHANGES.contains(&k.as_str()))
+            .collect();
+        if !diff.is_empty() {
+            bail!(
+                "--resume: the config differs from the run's in {} (only {} may change); start a new run for other settings",
+                diff.join(", "),
+                RESUMABLE_CHANGES.join(", ")
+            );
+        }
+        c.resolved = saved.resolved;
+        return Ok(c);
+    }
+    let Some(c) = config else {
+        bail!("--config is required for a new run")
+    };
+    if has_checkpoints {
+        bail!(
+            "{} already holds checkpoints; use --resume to continue it, or another --out",
+            run.display()
+        );
+    }
+    Ok(c)
+}
+
+/// The advisory lock that one `byol train` holds on its run folder (`RUN/.lock`, flock:
+/// the operating system releases it when the process ends, however it ends). Holds the
+/// holder's pid for the message another process gets.
+///
+/// # Errors
+/// The folder is locked by another process (naming it), or the lock file cannot be made.
+pub fn lock_run(run: &Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek};
+    let path = run.join(".lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => {
+            f.set_len(0)?;
+            f.rewind()?;
+            write!(f, "{}", std::process::id())?;
+            Ok(f)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            bail!(
+                "{} is in use by another `byol train` (pid {}); wait for it to finish, stop it, or use another --out",
+                run.display(),
+                if pid.trim().is_empty() { "unknown" } else { pid.trim() }
+            )
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(anyhow::Error::new(e).context(format!("locking {}", path.display())))
+        }
+    }
+}
+
+/// What a run records of its training data (`RUN/data.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunData {
+    pub path: String,
+    /// [`byol_tools::format::Manifest::fingerprint`].
+    pub fingerprint: String,
+    pub rows: u64,
+    pub classes: Vec<String>,
+}
+
+/// A new run records its data; a resumed run refuses other data, naming both.
+fn check_run_data(
+    run: &Path,
+    data: &Path,
+    m: &byol_tools::format::Manifest,
+    resume: bool,
+) -> Result<()> {
+    let path = run.join("data.json");
+    let now = RunData {
+        path: data.display().to_string(),
+        fingerprint: m.fingerprint(),
+        rows: m.totals.rows,
+        classes: m.classes.clone(),
+    };
+    if resume {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let was: RunData = serde_json::from_str(&text)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if was.fingerprint != now.fingerprint {
+                bail!(
+                    "--resume: {} was trained on {} ({} rows, {} classes, {}), but --data is {} ({} rows, {} classes, {}); resume with the same data, or start a new run",
+                    run.display(),
+                    was.path,
+                    was.rows,
+                    was.classes.len(),
+                    was.fingerprint,
+                    now.path,
+                    now.rows,
+                    now.classes.len(),
+                    now.fingerprint
+                );
+            }
+            return Ok(());
+        }
+    }
+    write_atomic(&path, serde_json::to_string_pretty(&now)?.as_bytes())
+}
+
+/// Two datasets used together (training and held-out data) must have the same classes,
+/// by name and in the same order.
+///
+/// # Errors
+/// The class lists differ: the message names both datasets and the first difference.
+pub fn same_classes(a: &Path, ca: &[String], b: &Path, cb: &[String]) -> Result<()> {
+    if ca == cb {
+        return Ok(());
+    }
+    let first = ca
+        .iter()
+        .zip(cb)
+        .position(|(x, y)| x != y)
+        .map(|i| {
+            format!(
+                "class {i} is {:?} in one and {:?} in the other",
+                ca[i], cb[i]
+            )
+        })
+        .unwrap_or_else(|| format!("{} vs {} classes", ca.len(), cb.len()));
+    bail!(
+        "{} and {} have different classes ({first}); shard the held-out data with `byol-tools shard --classes-from {}`",
+        a.display(),
+        b.display(),
+        a.display()
+    )
+}
+
+/// Writes `bytes` to `path` through a temporary name in the same folder, renamed when
+/// complete.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// Where the kNN monitor's images come from: the training shards (bank) and the
+/// held-out shards (queries).
+struct KnnSource {
+    data: PathBuf,
+    val: PathBuf,
+    decode: DecodeFn,
 }
 
 /// The kNN monitor's images: the first `knn_bank` training images and the first
@@ -611,11 +1041,23 @@ struct KnnSet {
 }
 
 impl KnnSet {
-    fn load(cfg: &TrainConfig, data: &Path, val: &Path, decode: DecodeFn) -> Result<KnnSet> {
+    fn load(cfg: &TrainConfig, src: &KnnSource) -> Result<KnnSet> {
         use crate::eval::load_inputs;
         let (canvas, size) = (cfg.data.canvas, cfg.augment.size);
-        let bank = load_inputs(data, canvas, size, decode, Some(cfg.train.knn_bank))?;
-        let queries = load_inputs(val, canvas, size, decode, Some(cfg.train.knn_queries))?;
+        let bank = load_inputs(
+            &src.data,
+            canvas,
+            size,
+            src.decode,
+            Some(cfg.train.knn_bank),
+        )?;
+        let queries = load_inputs(
+            &src.val,
+            canvas,
+            size,
+            src.decode,
+            Some(cfg.train.knn_queries),
+        )?;
         let classes = bank
             .1
             .max()
@@ -653,21 +1095,33 @@ impl KnnSet {
 struct KnnMonitor {
     set: Option<KnnSet>,
     seconds: f64,
+    /// Of `seconds`, what the time-budget calibration spent.
+    calibration_seconds: f64,
 }
 
 impl KnnMonitor {
+    /// Decodes the images (once); its time counts as calibration.
+    fn load(&mut self, cfg: &TrainConfig, src: &KnnSource) -> Result<()> {
+        let t = Instant::now();
+        if self.set.is_none() {
+            self.set = Some(KnnSet::load(cfg, src)?);
+        }
+        let s = t.elapsed().as_secs_f64();
+        self.seconds += s;
+        self.calibration_seconds += s;
+        Ok(())
+    }
+
     fn top1(
         &mut self,
         online: &Network,
         cfg: &TrainConfig,
-        data: &Path,
-        val: &Path,
-        decode: DecodeFn,
+        src: &KnnSource,
         device: Device,
     ) -> Result<f64> {
         let t = Instant::now();
         if self.set.is_none() {
-            self.set = Some(KnnSet::load(cfg, data, val, decode)?);
+            self.set = Some(KnnSet::load(cfg, src)?);
         }
         let acc = self
             .set
@@ -758,5 +1212,41 @@ pub fn loader_config(cfg: &TrainConfig) -> LoaderConfig {
         },
         drop_last: true,
         ..LoaderConfig::default()
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::steps_for_budget;
+
+    #[test]
+    fn steps_fill_the_budget_without_passing_it() {
+        // 100 s at 0.5 s a step, no kNN monitor: 200 steps.
+        assert_eq!(steps_for_budget(100.0, 0.5, 50, 0.0, 0), 200);
+        // 1,110 s of a 20-minute budget at 113 images/s (batch 256: 2.265 s a step).
+        let n = steps_for_budget(1110.0, 256.0 / 113.0, 234, 0.0, 1);
+        assert_eq!(n, 489);
+        assert!(n as f64 * 256.0 / 113.0 <= 1110.0);
+        assert!((n + 1) as f64 * 256.0 / 113.0 > 1110.0);
+    }
+
+    #[test]
+    fn knn_passes_are_paid_for() {
+        // 10 steps of 1 s per epoch, a 5 s kNN pass at each epoch end and at the end:
+        // 65 steps cross 6 epoch ends, 65 + 7·5 = 100 s.
+        let n = steps_for_budget(100.0, 1.0, 10, 5.0, 1);
+        assert_eq!(n, 65);
+        let cost = |n: u64| n as f64 + (n / 10 + 1) as f64 * 5.0;
+        assert!(cost(n) <= 100.0 && cost(n + 1) > 100.0);
+        // Every second epoch only.
+        // Every second epoch only: 79 steps, 3 passes + the last, 79 + 4·5 = 99 s.
+        assert_eq!(steps_for_budget(100.0, 1.0, 10, 5.0, 2), 79);
+    }
+
+    #[test]
+    fn no_time_means_no_steps() {
+        assert_eq!(steps_for_budget(-3.0, 1.0, 10, 0.0, 0), 0);
+        assert_eq!(steps_for_budget(0.5, 1.0, 10, 0.0, 0), 0);
+        assert_eq!(steps_for_budget(10.0, 1.0, 0, 0.0, 0), 0);
     }
 }
