@@ -164,25 +164,7 @@ fn sigint_finishes_the_step_and_leaves_a_resumable_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let data = dataset(tmp.path());
     let run = tmp.path().join("s");
-    let child = Command::new(BIN)
-        .args([
-            "train",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            run.to_str().unwrap(),
-            "--json",
-            "--config",
-        ])
-        .arg(tmp.path().join("tiny.toml"))
-        .args(["--set", "train.epochs=100"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    while losses_len(&run) < 3 && t0.elapsed().as_secs() < 120 {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let child = long_training(tmp.path(), &data, &run, 3);
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let o = child.wait_with_output().unwrap();
     let s = summary(&o);
@@ -200,6 +182,31 @@ fn sigint_finishes_the_step_and_leaves_a_resumable_checkpoint() {
         &["--resume", "--max-steps", &(step + 2).to_string()],
     ));
     assert_eq!(r["steps"].as_u64().unwrap(), step + 2);
+}
+
+/// A 100-epoch training of the tiny config into `run`, returned once `rows` metrics rows
+/// are written (stdout piped for the summary).
+fn long_training(dir: &Path, data: &Path, run: &Path, rows: usize) -> std::process::Child {
+    let child = Command::new(BIN)
+        .args([
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+        ])
+        .arg("--config")
+        .arg(dir.join("tiny.toml"))
+        .args(["--set", "train.epochs=100", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while losses_len(run) < rows && t0.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
 }
 
 fn losses_len(run: &Path) -> usize {
@@ -757,25 +764,7 @@ fn a_batch_in_which_no_image_decodes_gets_no_embedding() {
             .output()
             .unwrap(),
     );
-    // Damage one stored image (the Parquet file stays valid).
-    let code = r#"
-import sys, os, pyarrow as pa, pyarrow.parquet as pq
-d = sys.argv[1]
-p = os.path.join(d, sorted(f for f in os.listdir(d) if f.endswith(".parquet"))[0])
-t = pq.read_table(p)
-imgs = t.column("image").to_pylist()
-imgs[3] = b"not an image any more"
-t = t.set_column(2, pa.field("image", pa.binary(), nullable=False), pa.array(imgs, pa.binary()))
-pq.write_table(t, p, compression="none", row_group_size=16)
-print(t.column("key")[3].as_py())
-"#;
-    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    let o = Command::new(py)
-        .args(["-c", code, data.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let damaged = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let damaged = damage_rows(&data, "3");
     for batch in ["1", "5"] {
         let emb = tmp.path().join(format!("emb{batch}.parquet"));
         let o = Command::new(BIN)
@@ -798,6 +787,51 @@ print(t.column("key")[3].as_py())
             "batch {batch}"
         );
     }
+    // Training over batches in which nothing decodes: counted, no crash (the probe gets
+    // no label from a replacement).
+    damage_rows(&data, "all");
+    let t = summary(&train(
+        tmp.path(),
+        &data,
+        "all-bad",
+        &["--set", "train.batch=4", "--set", "train.epochs=1"],
+    ));
+    assert_eq!(
+        (t["steps"].as_u64(), t["decode_failures"].as_u64()),
+        (Some(3), Some(12)),
+        "{t}"
+    );
+}
+
+/// Replaces stored images of a shard folder with bytes that do not decode (`which`: a
+/// row index of the first shard, or "all"; the Parquet files stay valid); returns the
+/// first damaged key.
+fn damage_rows(data: &Path, which: &str) -> String {
+    let code = r#"
+import sys, os, pyarrow as pa, pyarrow.parquet as pq
+d, which = sys.argv[1], sys.argv[2]
+keys = []
+for f in sorted(f for f in os.listdir(d) if f.endswith(".parquet")):
+    p = os.path.join(d, f)
+    t = pq.read_table(p)
+    imgs = t.column("image").to_pylist()
+    rows = range(len(imgs)) if which == "all" else [int(which)]
+    for r in rows:
+        imgs[r] = b"not an image any more"
+        keys.append(t.column("key")[r].as_py())
+    t = t.set_column(2, pa.field("image", pa.binary(), nullable=False), pa.array(imgs, pa.binary()))
+    pq.write_table(t, p, compression="none", row_group_size=16)
+    if which != "all":
+        break
+print(keys[0])
+"#;
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let o = Command::new(py)
+        .args(["-c", code, data.to_str().unwrap(), which])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
 /// A second `byol train --out RUN` while another one writes RUN ran to the end beside
@@ -808,26 +842,8 @@ fn a_second_training_into_the_same_run_folder_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let data = dataset(tmp.path());
     let run = tmp.path().join("busy");
-    let child = Command::new(BIN)
-        .args([
-            "train",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            run.to_str().unwrap(),
-        ])
-        .arg("--config")
-        .arg(tmp.path().join("tiny.toml"))
-        .args(["--set", "train.epochs=100", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = long_training(tmp.path(), &data, &run, 1);
     let pid = child.id();
-    let t0 = std::time::Instant::now();
-    while losses_len(&run) < 1 && t0.elapsed().as_secs() < 120 {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
     let o = train(tmp.path(), &data, "busy", &["--resume"]);
     unsafe { libc::kill(pid as i32, libc::SIGINT) };
     let first = summary(&child.wait_with_output().unwrap());

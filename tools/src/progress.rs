@@ -148,16 +148,15 @@ impl Progress {
             let every = interval();
             std::thread::spawn(move || {
                 let mut st = l.lock();
-                loop {
+                // `done` is checked before every wait, so a finish that comes before the
+                // first wait is not missed.
+                while !st.done {
                     let (g, timeout) = l
                         .wake
                         .wait_timeout(st, every)
                         .unwrap_or_else(|e| e.into_inner());
                     st = g;
-                    if st.done {
-                        return;
-                    }
-                    if timeout.timed_out() {
+                    if !st.done && timeout.timed_out() {
                         eprintln!("{}", l.line(st.pos, &st.msg));
                     }
                 }

@@ -251,7 +251,14 @@ fn walk(
                 }
                 // A broken link or an unreadable entry: kept when it has an image
                 // extension (reading it fails later and it is listed as skipped).
-                if has_image_extension(&path) {
+                if path.is_dir() {
+                    // A folder that cannot be listed (permissions): its images are not
+                    // seen, so it is listed with the reason instead of vanishing.
+                    out.skipped.push(Skipped {
+                        key: rel(&path).0,
+                        reason: format!("folder cannot be read: {err}"),
+                    });
+                } else if has_image_extension(&path) {
                     let (key, esc) = rel(&path);
                     if esc {
                         out.escaped.push(key.clone());
@@ -340,6 +347,8 @@ pub fn scan(src: &Path, layout: &Layout, opts: &ScanOptions) -> Result<Source, S
         Layout::Flat { labels, synsets } => scan_flat(src, labels, synsets.as_deref(), opts)?,
         Layout::Idx { images, labels } => scan_idx(images, labels.as_deref(), opts)?,
     };
+    let mut source = source;
+    drop_escaped_collisions(&mut source);
     if source.items.is_empty() {
         let p = match layout {
             Layout::Idx { images, .. } => images.clone(),
@@ -423,6 +432,43 @@ fn scan_image_folder(src: &Path, opts: &ScanOptions) -> Result<Source, SourceErr
         escaped: w.escaped,
         idx: None,
     })
+}
+
+/// An escaped key (see [`key_of`]) that equals the key of a file whose name really is
+/// that text (`caf%E9.jpg` next to a Latin-1 `caf\xE9.jpg`) would merge two files: the
+/// escaped one is skipped with the reason instead.
+fn drop_escaped_collisions(source: &mut Source) {
+    if source.escaped.is_empty() {
+        return;
+    }
+    let escaped: HashSet<&String> = source.escaped.iter().collect();
+    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+    for it in &source.items {
+        *count.entry(it.key.as_str()).or_default() += 1;
+    }
+    let clash: HashSet<String> = count
+        .into_iter()
+        .filter(|(k, n)| *n > 1 && escaped.contains(&k.to_string()))
+        .map(|(k, _)| k.to_string())
+        .collect();
+    if clash.is_empty() {
+        return;
+    }
+    let mut kept = Vec::with_capacity(source.items.len());
+    for it in source.items.drain(..) {
+        let is_escaped = matches!(&it.src, Src::File(p) if p.to_str().is_none());
+        if clash.contains(&it.key) && is_escaped {
+            source.skipped.push(Skipped {
+                key: it.key,
+                reason: "its name is not UTF-8 and its escaped key equals another file's name"
+                    .into(),
+            });
+        } else {
+            kept.push(it);
+        }
+    }
+    source.items = kept;
+    source.escaped.retain(|k| !clash.contains(k));
 }
 
 /// One data row of a `key,class` label file.

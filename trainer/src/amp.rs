@@ -232,8 +232,11 @@ pub fn native_bf16(hw: &Hardware) -> (bool, String) {
                 false,
                 format!("CUDA device of compute capability {major}.{minor} has no bf16 tensor cores (8.0 and later do)"),
             ),
-            // libtorch could not tell; bf16 autocast is libtorch's CUDA default.
-            None => (true, "CUDA device (compute capability not reported)".into()),
+            // Unknown: float32 is right everywhere, bf16 only from 8.0.
+            None => (
+                false,
+                "CUDA device whose compute capability the CUDA runtime did not report, so bf16 is not assumed".into(),
+            ),
         };
     }
     let flags = hw.bf16_flags();
@@ -375,7 +378,7 @@ mod tests {
             choose_precision("auto", &gpu(Some((7, 5)))).unwrap().name,
             "fp32"
         );
-        assert_eq!(choose_precision("auto", &gpu(None)).unwrap().name, "bf16");
+        assert_eq!(choose_precision("auto", &gpu(None)).unwrap().name, "fp32");
         assert!(choose_precision("bf16", &gpu(Some((7, 0))))
             .unwrap()
             .warning

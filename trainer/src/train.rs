@@ -248,8 +248,17 @@ impl Learner {
             settings,
         );
         let device = self.device;
-        let correct = self.probe.as_mut().map(|p| {
-            let labels = Tensor::from_slice(b.labels()).to_device(device);
+        // A replacement sample (its image failed to decode) teaches the probe nothing:
+        // its label becomes cross-entropy's ignore index (-100), never a prediction.
+        let labels: Vec<i64> = b
+            .labels()
+            .iter()
+            .zip(b.replaced_mask())
+            .map(|(&l, &r)| if r || l < 0 { -100 } else { l })
+            .collect();
+        let any_label = labels.iter().any(|&l| l >= 0);
+        let correct = self.probe.as_mut().filter(|_| any_label).map(|p| {
+            let labels = Tensor::from_slice(&labels).to_device(device);
             p.step(&y1, &labels)
         });
         // Each host read waits for the device, so the three values are read together.
@@ -599,6 +608,15 @@ pub fn train(
         resolved_budget = Some((budget, rate, reason));
     }
     let prev = cfg.resolved.take();
+    if let Some(p) = prev
+        .as_ref()
+        .filter(|p| opts.resume && p.precision != choice.name)
+    {
+        eprintln!(
+            "byol train: precision changes from {} (when the run last started: {}) to {} on this machine",
+            p.precision, p.precision_reason, choice.name
+        );
+    }
     let (time_budget_s, calibrated_images_per_s, budget_reason) = match resolved_budget {
         Some((b, r, why)) => (Some(b), Some(r), Some(why)),
         None => prev
@@ -800,7 +818,7 @@ pub fn train(
     // The run's last state gets a kNN row too (the final epoch end is not reached when
     // the step budget ends exactly there).
     if let Some(src) = &knn_src {
-        if knn_on && step > 0 && last_knn_step != step && step == total {
+        if knn_on && step > run_step0 && last_knn_step != step && step == total {
             let acc = monitor.top1(&l.online, &cfg, src, device)?;
             let row = KnnRow {
                 step,
@@ -959,7 +977,21 @@ fn check_run_data(
         classes: m.classes.clone(),
     };
     if resume {
-        if let Ok(text) = std::fs::read_to_string(&path) {
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => Some(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!(
+                    "byol: warning: {} has no data.json (a run from before datasets were recorded); recording {} now, unchecked",
+                    run.display(),
+                    data.display()
+                );
+                None
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("reading {}", path.display())))
+            }
+        };
+        if let Some(text) = text {
             let was: RunData = serde_json::from_str(&text)
                 .with_context(|| format!("reading {}", path.display()))?;
             if was.fingerprint != now.fingerprint {
