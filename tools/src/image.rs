@@ -164,7 +164,17 @@ pub fn decode_bgr(bytes: &[u8], reduce: u32) -> Result<Mat, Reason> {
     if img.empty() || img.rows() <= 0 || img.cols() <= 0 {
         return Err("cannot decode: corrupt or not an image".to_string());
     }
+    // OpenCV's TIFF reader (libtiff's RGBA path) turns TIFFs upright itself, even with
+    // IMREAD_IGNORE_ORIENTATION; every other container is turned here.
+    if is_tiff(bytes) {
+        return Ok(img);
+    }
     apply_orientation(img, exif_orientation(bytes))
+}
+
+/// A TIFF file (`II*\0` or `MM\0*`).
+fn is_tiff(b: &[u8]) -> bool {
+    b.starts_with(b"II*\0") || b.starts_with(b"MM\0*")
 }
 
 /// Area-resizes `img` to `(h, w)` unless it already has that size.

@@ -60,7 +60,7 @@ enum Cmd {
         #[arg(long)]
         class_names: Option<String>,
         /// Re-encode images whose longer side exceeds N, scaled to N (area interpolation).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         max_side: Option<u32>,
         /// JPEG quality of re-encoded images.
         #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]

@@ -278,9 +278,10 @@ fn walk(
                 continue;
             }
             if let Ok(m) = e.metadata() {
-                // The folder a walk starts at may be the source root, already recorded.
+                // The folder a walk starts at (the root or a class folder) is recorded
+                // before the walk.
                 let again = !seen.insert((m.dev(), m.ino()));
-                if again && !(e.depth() == 0 && e.path() == root) {
+                if again && e.depth() > 0 {
                     out.skipped.push(Skipped {
                         key: rel(e.path()).0,
                         reason: "link to a folder that was already walked: not walked again".into(),
@@ -330,7 +331,14 @@ fn class_index(
             }
             m.classes
         }
-        None => names.iter().cloned().collect(),
+        None => {
+            let mut v: Vec<String> = names.iter().cloned().collect();
+            // Integer class names (pandas' integer labels) in numeric order: 2 before 10.
+            if v.iter().all(|n| n.parse::<i64>().is_ok()) {
+                v.sort_by_key(|n| n.parse::<i64>().unwrap_or(0));
+            }
+            v
+        }
     };
     let index = classes
         .iter()
@@ -408,6 +416,32 @@ fn scan_image_folder(src: &Path, opts: &ScanOptions) -> Result<Source, SourceErr
     // Files next to the class folders belong to no class.
     w.ignored += (top.len() - class_dirs.len()) as u64;
     let class_name = |p: &Path| key_of(Path::new(p.file_name().unwrap_or_default())).0;
+    // A Latin-1 folder whose escaped name equals a real folder name (`caf%E9` beside
+    // `caf<0xE9>`) would merge two classes: the escaped one is skipped instead.
+    let mut class_dirs = class_dirs;
+    let real: BTreeSet<String> = class_dirs
+        .iter()
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some())
+        .map(|p| class_name(p))
+        .collect();
+    class_dirs.retain(|p| {
+        let clash = p.file_name().and_then(|n| n.to_str()).is_none() && real.contains(&class_name(p));
+        if clash {
+            w.skipped.push(Skipped {
+                key: class_name(p),
+                reason: "class folder name is not UTF-8 and its escaped name equals another folder's name".into(),
+            });
+        }
+        !clash
+    });
+    // Every class folder is its own class: a link from one class folder to another is
+    // not walked as part of the first.
+    for d in &class_dirs {
+        if let Ok(m) = std::fs::metadata(d) {
+            use std::os::unix::fs::MetadataExt;
+            seen.insert((m.dev(), m.ino()));
+        }
+    }
     let names: BTreeSet<String> = class_dirs.iter().map(|p| class_name(p)).collect();
     let (classes, index) = class_index(&names, opts)?;
     for dir in class_dirs {
@@ -616,6 +650,25 @@ fn scan_flat(
                 let name = f.1.file_name().map(|n| n.to_string_lossy().into_owned());
                 by_name.entry(name.unwrap_or_default()).or_default().push(i);
             }
+            for r in rows.iter() {
+                if !by_key.contains_key(r.key.as_str()) {
+                    if let Some(v) = by_name.get(&r.key).filter(|v| v.len() > 1) {
+                        return Err(SourceError::Labels {
+                            path: labels.to_path_buf(),
+                            line: r.line as usize,
+                            msg: format!(
+                                "{:?} names {} files ({}); give the path relative to the source",
+                                r.key,
+                                v.len(),
+                                v.iter()
+                                    .map(|&i| files[i].0.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        });
+                    }
+                }
+            }
             let find = |k: &str| -> Option<usize> {
                 by_key.get(k).copied().or_else(|| match by_name.get(k) {
                     Some(v) if v.len() == 1 => Some(v[0]),
@@ -629,7 +682,7 @@ fn scan_flat(
                 _ => &rows[..],
             };
             let mut label_of: Vec<Option<(String, u64)>> = vec![None; files.len()];
-            let mut unmatched = 0u64;
+            let mut unmatched: Vec<u64> = Vec::new();
             for r in data {
                 match find(&r.key) {
                     Some(i) => {
@@ -645,14 +698,28 @@ fn scan_flat(
                         }
                         label_of[i] = Some((r.class.clone(), r.line));
                     }
-                    None => unmatched += 1,
+                    None => unmatched.push(r.line),
                 }
             }
-            if unmatched > 0 {
-                tracing::warn!(
-                    "{}: {unmatched} row(s) name no image in {}",
+            if !data.is_empty() && unmatched.len() == data.len() {
+                return Err(SourceError::Labels {
+                    path: labels.to_path_buf(),
+                    line: data[0].line as usize,
+                    msg: format!(
+                        "no row names an image in {} (keys are paths relative to it, or file names, with their extension, case as on disk)",
+                        src.display()
+                    ),
+                });
+            }
+            if !unmatched.is_empty() {
+                let shown: Vec<String> = unmatched.iter().take(10).map(|l| l.to_string()).collect();
+                eprintln!(
+                    "byol-tools: warning: {}: {} row(s) name no image in {} (lines {}{})",
                     labels.display(),
-                    src.display()
+                    unmatched.len(),
+                    src.display(),
+                    shown.join(", "),
+                    if unmatched.len() > 10 { ", …" } else { "" }
                 );
             }
             let mut names = BTreeSet::new();

@@ -547,6 +547,7 @@ fn exif_orientation_after_an_xmp_segment_is_applied() {
         for (key, hw) in [
             ("xmp_first_small.jpg", (64, 40)),
             ("exif_only_small.jpg", (64, 40)),
+            ("tiff_orientation_6.tif", (64, 40)),
             ("xmp_first_large.jpg", large),
         ] {
             let v = &r[key];
@@ -721,8 +722,10 @@ fn symlink_to_its_own_folder_is_walked_once() {
     six_jpegs(&src.join("a"), &["img1.jpg"]);
     six_jpegs(&src.join("b"), &["img2.jpg"]);
     std::os::unix::fs::symlink(".", src.join("a/loop")).unwrap();
-    // A second path to a folder already walked (not a loop) is not walked twice either.
+    // A second path to a folder already walked (not a loop) is not walked twice either,
+    // and a link from one class folder to another does not move that class's images.
     std::os::unix::fs::symlink("../a", src.join("b/again")).unwrap();
+    std::os::unix::fs::symlink("../b", src.join("a/tob")).unwrap();
     let out = tmp.path().join("ds");
     let sum = ok_json(&["shard", "--src", s(&src), "--out", s(&out), "--json"]);
     assert_eq!(sum["rows"], 2, "{sum}");
@@ -751,6 +754,16 @@ fn symlink_to_its_own_folder_is_walked_once() {
             .iter()
             .any(|r| r.starts_with("b/again: ") && r.contains("not walked again")),
         "{skipped:?}"
+    );
+    assert!(
+        skipped.iter().any(|r| r.starts_with("a/tob: ")),
+        "{skipped:?}"
+    );
+    let (classes, rows) = labels_of(&out);
+    assert_eq!(classes, ["a", "b"]);
+    assert_eq!(
+        rows,
+        [("a/img1.jpg".to_string(), 0), ("b/img2.jpg".to_string(), 1)]
     );
 }
 
