@@ -169,11 +169,6 @@ impl Progress {
         }
     }
 
-    /// A display that shows nothing.
-    pub fn hidden() -> Progress {
-        Progress::new(Mode::Hidden, "", 0, "", 0)
-    }
-
     pub fn set_position(&self, pos: u64) {
         if let Some(b) = &self.bar {
             b.set_position(pos);

@@ -1042,18 +1042,11 @@ pub fn same_classes(a: &Path, ca: &[String], b: &Path, cb: &[String]) -> Result<
     )
 }
 
-/// Writes `bytes` to `path` through a temporary name in the same folder, renamed when
-/// complete.
+/// [`byol_tools::format::write_atomic`] (temporary name, fsync, rename) with the file
+/// named in the error.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    byol_tools::format::write_atomic(path, bytes)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Where the kNN monitor's images come from: the training shards (bank) and the
