@@ -13,7 +13,7 @@ use parquet::arrow::arrow_reader::{
 };
 use parquet::arrow::ProjectionMask;
 
-use byol_tools::format::{Manifest, COL_HEIGHT, COL_IMAGE, COL_KEY, COL_LABEL, COL_WIDTH};
+use byol_format::shards::{Manifest, COL_HEIGHT, COL_IMAGE, COL_KEY, COL_LABEL, COL_WIDTH};
 
 use crate::plan::GroupSpan;
 use crate::PipelineError;
@@ -189,7 +189,7 @@ impl Dataset {
             batches
                 .push(b.map_err(|e| perr(parquet::errors::ParquetError::External(Box::new(e))))?);
         }
-        let schema = byol_tools::format::schema();
+        let schema = byol_format::shards::schema();
         let batch = arrow_select_concat(&schema, &batches).map_err(perr)?;
         let col = |name: &str| -> Result<_, PipelineError> {
             batch.column_by_name(name).cloned().ok_or_else(|| {

@@ -9,8 +9,8 @@
 use opencv::core::{Mat, MatTraitConst, MatTraitConstManual, Size};
 use opencv::imgproc;
 
-use byol_tools::image::decode_bgr;
-use byol_tools::jpeg::dct_reduction;
+use byol_format::image::{cv_err, decode_bgr, ImageError};
+use byol_format::jpeg::dct_reduction;
 
 /// Size of the valid region of the canvas for a stored `(h, w)` image.
 pub fn canvas_fit(h: i32, w: i32, canvas: usize) -> (i32, i32) {
@@ -38,7 +38,7 @@ pub fn decode_to_canvas(
     w: i32,
     canvas: usize,
     out: &mut [u8],
-) -> Result<(i32, i32), String> {
+) -> Result<(i32, i32), ImageError> {
     let s = canvas;
     assert_eq!(out.len(), 3 * s * s, "canvas buffer size");
     let reduce = reduction_for(bytes, h, w, s);
@@ -46,11 +46,12 @@ pub fn decode_to_canvas(
     // The stored size is the reference: a row whose image decodes to another size
     // (at full resolution) is corrupt.
     if reduce == 1 && (img.rows(), img.cols()) != (h, w) {
-        return Err(format!(
-            "decodes to {}x{}, recorded {h}x{w}",
-            img.rows(),
-            img.cols()
-        ));
+        return Err(ImageError::SizeMismatch {
+            height: img.rows(),
+            width: img.cols(),
+            recorded_height: h,
+            recorded_width: w,
+        });
     }
     let (vh, vw) = canvas_fit(h, w, s);
     let img = if (img.rows(), img.cols()) == (vh, vw) {
@@ -62,16 +63,15 @@ pub fn decode_to_canvas(
             imgproc::INTER_LINEAR
         };
         let mut r = Mat::default();
-        imgproc::resize(&img, &mut r, Size::new(vw, vh), 0.0, 0.0, interp)
-            .map_err(|e| e.message)?;
+        imgproc::resize(&img, &mut r, Size::new(vw, vh), 0.0, 0.0, interp).map_err(cv_err)?;
         r
     };
     let img = if img.is_continuous() {
         img
     } else {
-        img.try_clone().map_err(|e| e.message)?
+        img.try_clone().map_err(cv_err)?
     };
-    let px = img.data_bytes().map_err(|e| e.message)?;
+    let px = img.data_bytes().map_err(cv_err)?;
     let (vh, vw) = (vh as usize, vw as usize);
     let plane = s * s;
     let (r, rest) = out.split_at_mut(plane);
@@ -98,7 +98,7 @@ pub fn decode_to_canvas(
 }
 
 /// Decode only (no fit, no canvas): for the benchmark's decode-only rate.
-pub fn decode_only(bytes: &[u8], h: i32, w: i32, canvas: usize) -> Result<(i32, i32), String> {
+pub fn decode_only(bytes: &[u8], h: i32, w: i32, canvas: usize) -> Result<(i32, i32), ImageError> {
     let img = decode_bgr(bytes, reduction_for(bytes, h, w, canvas))?;
     Ok((img.rows(), img.cols()))
 }
@@ -118,7 +118,7 @@ mod tests {
     #[test]
     fn gray_png_fills_three_equal_planes_and_zeroes_the_rest() {
         let px: Vec<u8> = (0..20 * 10).map(|i| (i % 251) as u8).collect();
-        let png = byol_tools::image::encode_gray_png(&px, 20, 10).expect("png");
+        let png = byol_format::image::encode_gray_png(&px, 20, 10).expect("png");
         let mut out = vec![7u8; 3 * 40 * 40];
         let (vh, vw) = decode_to_canvas(&png, 20, 10, 40, &mut out).expect("decode");
         assert_eq!((vh, vw), (40, 20));

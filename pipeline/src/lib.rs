@@ -5,11 +5,11 @@
 //!   the resume cursor;
 //! - [`decode`] (feature `opencv`): decode into a fixed canvas;
 //! - [`loader`]: the threaded stages and the batch slot pool;
-//! - [`augment`]: BYOL's two views as tch ops, with the CPU's fused colour stages in
-//!   [`augment_cpu`].
+//! - [`augment`]: BYOL's two views: parameters drawn on the host ([`augment::params`]),
+//!   applied as tch ops ([`augment::tensor`]) or, on the CPU, fused per sample
+//!   ([`augment::cpu`]).
 
 pub mod augment;
-pub mod augment_cpu;
 pub mod dataset;
 #[cfg(feature = "opencv")]
 pub mod decode;
@@ -25,7 +25,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error(transparent)]
-    Format(#[from] byol_tools::format::FormatError),
+    Format(#[from] byol_format::shards::FormatError),
     #[error("{path}")]
     Io {
         path: PathBuf,

@@ -29,10 +29,11 @@ use tch::{Device, Kind, Tensor};
 use crate::dataset::{Dataset, LoadedGroup};
 use crate::plan::{epoch_order, per_rank, Cursor, GroupSpan, PlanConfig};
 use crate::PipelineError;
+use byol_format::image_error::ImageError;
 
 /// Decodes one sample into its canvas place: `(bytes, stored h, stored w, canvas, out)`
 /// → valid `(h, w)`. The OpenCV decoder is [`crate::decode::decode_to_canvas`].
-pub type DecodeFn = fn(&[u8], i32, i32, usize, &mut [u8]) -> Result<(i32, i32), String>;
+pub type DecodeFn = fn(&[u8], i32, i32, usize, &mut [u8]) -> Result<(i32, i32), ImageError>;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LoaderConfig {

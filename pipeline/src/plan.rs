@@ -17,7 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use byol_tools::rng::SplitMix64;
+use byol_format::rng::SplitMix64;
 
 /// Where a run stands: epoch and samples of this rank's part already consumed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

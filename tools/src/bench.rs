@@ -8,10 +8,10 @@ use std::time::Instant;
 use opencv::core::{Mat, MatTraitConst};
 use serde::{Deserialize, Serialize};
 
-use crate::image::{encode_jpeg, prepare, PrepareOptions};
-use crate::rng::SplitMix64;
 use crate::shard::{shard, ShardOptions};
 use crate::source::{scan, Layout, ScanOptions};
+use byol_format::image::{encode_jpeg, prepare, PrepareOptions};
+use byol_format::rng::SplitMix64;
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -100,7 +100,7 @@ pub fn write_synthetic_folder(
     for i in 0..n {
         let img = synthetic_image(h, w, i as u64)?;
         anyhow::ensure!(img.rows() == h);
-        let bytes = encode_jpeg(&img, quality).map_err(anyhow::Error::msg)?;
+        let bytes = encode_jpeg(&img, quality)?;
         let p = dir
             .join(format!("class-{:02}", i % classes))
             .join(format!("{i:06}.jpg"));

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::format::{FormatError, Manifest};
 use crate::read::{for_each_row_group, ReadError};
+use byol_format::shards::{FormatError, Manifest};
 
 /// Upper bounds (inclusive) of the longer-side histogram buckets; the last bucket is open.
 pub const SIDE_BUCKETS: &[i32] = &[32, 64, 128, 256, 384, 512, 1024];

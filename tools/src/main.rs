@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use byol_tools::cli::{json_line, out};
+use byol_format::cli::{json_line, out};
 use byol_tools::{bench, inspect, shard, source, verify};
 
 #[derive(Parser)]
@@ -188,7 +188,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             if let Some(n) = max_pixels {
-                byol_tools::image::set_max_pixels(n);
+                byol_format::image::set_max_pixels(n);
             }
             let (layout, src_dir, src_arg) = match layout {
                 LayoutArg::Imagefolder => {
@@ -233,7 +233,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let source = source::scan(&src_dir, &layout, &scan_opts)?;
             let workers = workers.unwrap_or_else(cores).max(1);
-            byol_tools::image::set_opencv_threads(1);
+            byol_format::image::set_opencv_threads(1);
             let opts = shard::ShardOptions {
                 max_side,
                 quality,
@@ -289,9 +289,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             max_pixels,
             json,
         } => {
-            byol_tools::image::set_opencv_threads(1);
+            byol_format::image::set_opencv_threads(1);
             if let Some(n) = max_pixels {
-                byol_tools::image::set_max_pixels(n);
+                byol_format::image::set_max_pixels(n);
             }
             let r = verify::verify(&dir, workers.unwrap_or_else(cores), true)?;
             if json {
@@ -350,7 +350,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             resize_to,
             json,
         } => {
-            byol_tools::image::set_opencv_threads(1);
+            byol_format::image::set_opencv_threads(1);
             let r = bench::run(&bench::BenchOptions {
                 images,
                 height,
@@ -380,6 +380,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    byol_tools::cli::init_logging("BYOL_LOG");
-    byol_tools::cli::exit("byol-tools", run(Cli::parse()))
+    byol_format::cli::init_logging("BYOL_LOG");
+    byol_format::cli::exit("byol-tools", run(Cli::parse()))
 }

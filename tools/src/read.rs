@@ -10,7 +10,7 @@ use parquet::arrow::arrow_reader::{
 };
 use parquet::arrow::ProjectionMask;
 
-use crate::format::{self, COL_HEIGHT, COL_IMAGE, COL_KEY, COL_LABEL, COL_WIDTH};
+use byol_format::shards::{self, COL_HEIGHT, COL_IMAGE, COL_KEY, COL_LABEL, COL_WIDTH};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -82,7 +82,7 @@ pub fn for_each_row_group(
     // The footer is parsed once; each row group gets its own reader over that metadata.
     let meta = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(perr)?;
     let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, meta.clone());
-    let want = format::schema();
+    let want = shards::schema();
     let have = builder.schema().clone();
     for field in want.fields() {
         match have.field_with_name(field.name()) {

@@ -15,20 +15,21 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::progress::{Mode, Progress as Display};
 use arrow_array::{ArrayRef, BinaryArray, Int32Array, RecordBatch, StringArray};
+use byol_format::progress::{Mode, Progress as Display};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use serde::{Deserialize, Serialize};
 
-use crate::format::{
+use crate::source::{fingerprint, Source, Src};
+use byol_format::fs::{commit, sync_dir, temp_path, write_atomic, FileError};
+use byol_format::image::{encode_gray_png, prepare, ImageError, PrepareOptions, Prepared};
+use byol_format::rng::SplitMix64;
+use byol_format::shards::{
     self, checksum_string, shard_file_name, Manifest, Settings, ShardInfo, Skipped, Totals,
     FORMAT_NAME, FORMAT_VERSION, MANIFEST,
 };
-use crate::image::{encode_gray_png, prepare, PrepareOptions, Prepared, Reason};
-use crate::rng::SplitMix64;
-use crate::source::{fingerprint, Source, Src};
 
 /// Progress of an unfinished run, kept next to the shards until the manifest exists.
 pub const PROGRESS: &str = ".byol-shard-progress.json";
@@ -57,6 +58,8 @@ pub enum ShardError {
     },
     #[error("a decode worker stopped unexpectedly")]
     WorkerDied,
+    #[error(transparent)]
+    File(#[from] FileError),
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> ShardError + '_ {
@@ -174,7 +177,7 @@ struct OpenShard {
 
 impl OpenShard {
     fn create(out: &Path, index: usize, row_group_rows: usize) -> Result<OpenShard, ShardError> {
-        let tmp = out.join(format!(".{}.tmp", shard_file_name(index)));
+        let tmp = temp_path(&out.join(shard_file_name(index)));
         let f = File::create(&tmp).map_err(io_at(&tmp))?;
         let w = CrcWriter {
             inner: BufWriter::with_capacity(1 << 20, f),
@@ -182,7 +185,7 @@ impl OpenShard {
             written: 0,
         };
         let writer =
-            ArrowWriter::try_new(w, format::schema(), Some(writer_properties(row_group_rows)))
+            ArrowWriter::try_new(w, shards::schema(), Some(writer_properties(row_group_rows)))
                 .map_err(|source| ShardError::Parquet {
                     path: tmp.clone(),
                     source,
@@ -228,7 +231,7 @@ impl OpenShard {
             path: self.tmp.clone(),
             source,
         };
-        let batch = RecordBatch::try_new(format::schema(), cols)
+        let batch = RecordBatch::try_new(shards::schema(), cols)
             .map_err(|e| perr(parquet::errors::ParquetError::External(Box::new(e))))?;
         self.images.clear();
         self.writer.write(&batch).map_err(perr)?;
@@ -253,23 +256,16 @@ impl OpenShard {
             path: tmp.clone(),
             source: e.into_error(),
         })?;
-        f.sync_all().map_err(io_at(&tmp))?;
+        drop(f);
         let name = shard_file_name(self.index);
         let dest = out.join(&name);
-        std::fs::rename(&tmp, &dest).map_err(io_at(&dest))?;
+        commit(&tmp, &dest)?;
         Ok(ShardInfo {
             file: name,
             rows: self.rows,
             bytes: written,
             checksum: checksum_string(crc),
         })
-    }
-}
-
-fn sync_dir(dir: &Path) {
-    // Best effort: not every filesystem supports fsync on a directory.
-    if let Ok(f) = File::open(dir) {
-        let _ignored = f.sync_all();
     }
 }
 
@@ -370,17 +366,30 @@ fn prepare_out(
     Ok(progress)
 }
 
+/// Why one source item is not stored (its text goes into the manifest's `skipped`).
+#[derive(Debug, thiserror::Error)]
+enum SkipReason {
+    #[error("unreadable: {0}")]
+    Unreadable(std::io::Error),
+    #[error("IDX data missing")]
+    NoIdx,
+    #[error("internal error (panic) while decoding")]
+    Panic,
+    #[error(transparent)]
+    Image(#[from] ImageError),
+}
+
 /// Reads and prepares one item (runs on a worker).
-fn process(source: &Source, idx: usize, opts: &PrepareOptions) -> Result<Prepared, Reason> {
+fn process(source: &Source, idx: usize, opts: &PrepareOptions) -> Result<Prepared, SkipReason> {
     let item = &source.items[idx];
     match &item.src {
         Src::File(path) => {
-            let bytes = std::fs::read(path).map_err(|e| format!("unreadable: {e}"))?;
-            prepare(&bytes, opts)
+            let bytes = std::fs::read(path).map_err(SkipReason::Unreadable)?;
+            Ok(prepare(&bytes, opts)?)
         }
         Src::Idx(i) => {
             let Some(idx) = &source.idx else {
-                return Err("IDX data missing".to_string());
+                return Err(SkipReason::NoIdx);
             };
             let (h, w) = (idx.dims[1] as i32, idx.dims[2] as i32);
             let bytes = encode_gray_png(idx.item(*i), h, w)?;
@@ -448,7 +457,8 @@ pub fn shard(
     );
 
     let (job_tx, job_rx) = crossbeam_channel::bounded::<usize>(2 * workers);
-    let (res_tx, res_rx) = crossbeam_channel::bounded::<(usize, Result<Prepared, Reason>)>(window);
+    let (res_tx, res_rx) =
+        crossbeam_channel::bounded::<(usize, Result<Prepared, SkipReason>)>(window);
     let (tok_tx, tok_rx) = crossbeam_channel::bounded::<()>(window);
     for _ in 0..window {
         let _ = tok_tx.send(());
@@ -473,7 +483,7 @@ pub fn shard(
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         process(source, idx, prep)
                     }))
-                    .unwrap_or_else(|_| Err("internal error (panic) while decoding".to_string()));
+                    .unwrap_or(Err(SkipReason::Panic));
                     if res_tx.send((pos, r)).is_err() {
                         return;
                     }
@@ -509,7 +519,7 @@ pub fn shard(
     let text =
         serde_json::to_string_pretty(&manifest).map_err(|e| ShardError::Refused(e.to_string()))?;
     let mpath = out.join(MANIFEST);
-    format::write_atomic(&mpath, format!("{text}\n").as_bytes()).map_err(io_at(&mpath))?;
+    write_atomic(&mpath, format!("{text}\n").as_bytes())?;
     let ppath = out.join(PROGRESS);
     if ppath.exists() {
         std::fs::remove_file(&ppath).map_err(io_at(&ppath))?;
@@ -548,13 +558,13 @@ fn write_in_order(
     opts: &ShardOptions,
     order: &[usize],
     state: &mut Progress,
-    res_rx: crossbeam_channel::Receiver<(usize, Result<Prepared, Reason>)>,
+    res_rx: crossbeam_channel::Receiver<(usize, Result<Prepared, SkipReason>)>,
     tok_tx: crossbeam_channel::Sender<()>,
     bar: &Display,
 ) -> Result<(), ShardError> {
     let n = order.len();
     let mut next = state.next_pos;
-    let mut pending: BTreeMap<usize, Result<Prepared, Reason>> = BTreeMap::new();
+    let mut pending: BTreeMap<usize, Result<Prepared, SkipReason>> = BTreeMap::new();
     let mut open: Option<OpenShard> = None;
     // Counters of the shard in progress; merged into `state` when it completes.
     let mut cur = Totals {
@@ -603,7 +613,7 @@ fn write_in_order(
                     tracing::warn!(key = %item.key, %reason, "skipped");
                     cur_skipped.push(Skipped {
                         key: item.key.clone(),
-                        reason,
+                        reason: reason.to_string(),
                     });
                 }
             }
@@ -660,6 +670,6 @@ fn complete_shard(
     merge(state, cur, cur_skipped);
     let text = serde_json::to_string(&state).map_err(|e| ShardError::Refused(e.to_string()))?;
     let p = out.join(PROGRESS);
-    format::write_atomic(&p, text.as_bytes()).map_err(io_at(&p))?;
+    write_atomic(&p, text.as_bytes())?;
     Ok(())
 }

@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
-use crate::format::{Manifest, Skipped};
 use crate::idx::{read_idx_u8, IdxU8};
+use byol_format::shards::{Manifest, Skipped};
 
 /// Extensions (lower case) of files that are looked at; everything else is ignored.
 pub const IMAGE_EXTENSIONS: &[&str] = &[
@@ -38,7 +38,7 @@ pub enum SourceError {
     #[error(transparent)]
     Idx(#[from] crate::idx::IdxError),
     #[error(transparent)]
-    Manifest(#[from] crate::format::FormatError),
+    Manifest(#[from] byol_format::shards::FormatError),
 }
 
 /// How the source is organised.

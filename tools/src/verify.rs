@@ -4,12 +4,12 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use crate::progress::{Mode, Progress};
+use byol_format::progress::{Mode, Progress};
 use serde::{Deserialize, Serialize};
 
-use crate::format::{file_checksum, FormatError, Manifest};
-use crate::image::decode_bgr;
 use crate::read::for_each_row_group;
+use byol_format::image::decode_bgr;
+use byol_format::shards::{file_checksum, FormatError, Manifest};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Problem {
@@ -153,7 +153,7 @@ pub fn verify(dir: &Path, workers: usize, progress: bool) -> Result<VerifyReport
             Ok(())
         });
         if let Err(e) = res {
-            problems.push(shard_problem(crate::error_chain(&e)));
+            problems.push(shard_problem(byol_format::error_chain(&e)));
         }
         if rows_here != s.rows {
             problems.push(shard_problem(format!(

@@ -12,9 +12,9 @@ use byol_pipeline::augment::{Augmenter, SplitMix64};
 use byol_pipeline::loader::DecodeFn;
 use byol_pipeline::{Cursor, Dataset, Loader};
 
-use crate::byol::{channels_last, train_step, Lars, Network, StepSettings};
+use crate::byol::{channels_last, train_step, Network, Optimizer, StepSettings};
 use crate::config::TrainConfig;
-use crate::train::device_of;
+use crate::run::device_of;
 
 #[derive(Debug, Serialize)]
 pub struct TrainBench {
@@ -51,7 +51,7 @@ pub fn sync(dev: Device) {
 struct Model {
     online: Network,
     target: Network,
-    opt: Lars,
+    opt: Optimizer,
 }
 
 fn model(cfg: &TrainConfig, device: Device) -> Model {

@@ -152,12 +152,15 @@ pub enum OptimizerKind {
     Adamw,
 }
 
-/// LARS as BYOL's official code defines it: weight decay added to the gradient, then
-/// scaled by `η‖w‖/‖g + wd·w‖` (unscaled when either norm is 0), then momentum:
-/// `m ← μm + g'`, and the step `w ← w − lr·m`.
-/// Biases and normalisation parameters (every 1-D tensor) are excluded from both weight
-/// decay and adaptation. `Sgd` is the same without adaptation.
-pub struct Lars {
+/// The optimizer of the networks (and of the online probe), one of [`OptimizerKind`]:
+///
+/// - `Lars`, as BYOL's official code defines it: weight decay added to the gradient,
+///   then scaled by `η‖w‖/‖g + wd·w‖` (unscaled when either norm is 0), then momentum:
+///   `m ← μm + g'`, and the step `w ← w − lr·m`. Biases and normalisation parameters
+///   (every 1-D tensor) are excluded from both weight decay and adaptation;
+/// - `Sgd`: the same without adaptation;
+/// - `Adamw`: `torch.optim.AdamW` (1-D tensors get no weight decay).
+pub struct Optimizer {
     pub kind: OptimizerKind,
     pub momentum: f64,
     pub weight_decay: f64,
@@ -171,9 +174,9 @@ pub struct Lars {
     pub t: u64,
 }
 
-impl Lars {
-    pub fn new(kind: OptimizerKind, momentum: f64, weight_decay: f64, trust: f64) -> Lars {
-        Lars {
+impl Optimizer {
+    pub fn new(kind: OptimizerKind, momentum: f64, weight_decay: f64, trust: f64) -> Optimizer {
+        Optimizer {
             kind,
             momentum,
             weight_decay,
@@ -198,7 +201,7 @@ impl Lars {
                 if !g.defined() {
                     continue;
                 }
-                if !Lars::excluded(&w) && self.weight_decay != 0.0 {
+                if !Optimizer::excluded(&w) && self.weight_decay != 0.0 {
                     w *= 1.0 - lr * self.weight_decay;
                 }
                 let m = self
@@ -239,7 +242,7 @@ impl Lars {
                     continue;
                 }
                 let mut u = g.shallow_clone();
-                if !Lars::excluded(&w) {
+                if !Optimizer::excluded(&w) {
                     if self.weight_decay != 0.0 {
                         u = &u + &w * self.weight_decay;
                     }
@@ -329,7 +332,7 @@ pub struct StepSettings {
 pub fn train_step(
     online: &Network,
     target: &Network,
-    opt: &mut Lars,
+    opt: &mut Optimizer,
     v1: &Tensor,
     v2: &Tensor,
     s: StepSettings,

@@ -186,10 +186,20 @@ pub const RESUMABLE_CHANGES: &[&str] = &[
     "train.collapse_threshold",
 ];
 
+/// Why a config could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{0}")]
-    Parse(String),
+    /// Not TOML, or not a config: the source names the key and, without `--set`
+    /// overrides, the line and column.
+    #[error("invalid config")]
+    Parse(#[source] toml::de::Error),
+    /// The config is valid TOML but a `--set` override made it invalid.
+    #[error("invalid config after --set {}", .sets.join(" --set "))]
+    AfterSets {
+        sets: Vec<String>,
+        #[source]
+        source: toml::de::Error,
+    },
     #[error("--set {0}: expected key=value (for example optim.base_lr=0.3)")]
     BadSet(String),
 }
@@ -197,9 +207,15 @@ pub enum ConfigError {
 impl TrainConfig {
     /// Parses TOML text, then applies `key=value` overrides (dotted keys; values in TOML
     /// syntax, bare words taken as strings).
+    ///
+    /// # Errors
+    /// [`ConfigError`]: invalid TOML or an unknown/mistyped key (with its line and column
+    /// when there are no overrides), or a malformed override.
     pub fn from_toml(text: &str, sets: &[String]) -> Result<TrainConfig, ConfigError> {
-        let mut v: toml::Table =
-            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        if sets.is_empty() {
+            return toml::from_str(text).map_err(ConfigError::Parse);
+        }
+        let mut v: toml::Table = toml::from_str(text).map_err(ConfigError::Parse)?;
         for s in sets {
             let (k, val) = s
                 .split_once('=')
@@ -221,7 +237,10 @@ impl TrainConfig {
             cur.insert(parts[parts.len() - 1].to_string(), parsed);
         }
         v.try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))
+            .map_err(|source: toml::de::Error| ConfigError::AfterSets {
+                sets: sets.to_vec(),
+                source,
+            })
     }
 
     pub fn to_toml(&self) -> String {

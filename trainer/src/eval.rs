@@ -1,7 +1,7 @@
 //! Evaluation of frozen features: a linear probe (softmax regression) and a weighted
 //! kNN, for the trained encoder, a randomly initialised one and raw pixels.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -13,7 +13,7 @@ use byol_pipeline::{Cursor, Dataset, Loader, LoaderConfig};
 
 use crate::byol::{channels_last, Network};
 use crate::config::TrainConfig;
-use crate::train::{device_of, list_checkpoints};
+use crate::run::{load_online, same_classes, TrainedOnline};
 
 /// Accuracies of one feature set.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -38,54 +38,6 @@ pub struct EvalReport {
     pub random_init: ProbeResult,
     pub raw_pixels: ProbeResult,
     pub seconds: f64,
-}
-
-/// A run's online network loaded from one of its checkpoints, in eval-ready layout.
-pub struct TrainedOnline {
-    pub cfg: TrainConfig,
-    pub net: Network,
-    pub checkpoint: PathBuf,
-    pub step: u64,
-    pub device: Device,
-}
-
-/// Loads the online network of `run` from `checkpoint` (default: the latest).
-pub fn load_online(run: &Path, checkpoint: Option<&Path>) -> Result<TrainedOnline> {
-    let cfg = TrainConfig::from_toml(
-        &std::fs::read_to_string(run.join("config.toml"))
-            .with_context(|| format!("{}: not a run folder", run.display()))?,
-        &[],
-    )?;
-    let ckpt: PathBuf = match checkpoint {
-        Some(c) => c.to_path_buf(),
-        None => list_checkpoints(run)
-            .pop()
-            .with_context(|| format!("{} has no checkpoint", run.display()))?,
-    };
-    let st: crate::train::CheckpointState = serde_json::from_str(
-        &std::fs::read_to_string(ckpt.join("state.json"))
-            .with_context(|| format!("reading {}", ckpt.join("state.json").display()))?,
-    )?;
-    let device = device_of(&cfg.train.device)?;
-    let mut net = Network::new(
-        device,
-        &cfg.model.encoder,
-        &cfg.model.projector,
-        Some(&cfg.model.predictor),
-    );
-    net.vs
-        .load(ckpt.join("online.safetensors"))
-        .with_context(|| format!("loading {}", ckpt.display()))?;
-    if cfg.train.channels_last {
-        net.to_channels_last();
-    }
-    Ok(TrainedOnline {
-        cfg,
-        net,
-        checkpoint: ckpt,
-        step: st.step,
-        device,
-    })
 }
 
 /// Un-augmented model inputs of a whole dataset: the centred square of each valid
@@ -357,15 +309,15 @@ pub fn evaluate(
         .with_context(|| format!("opening {}", test.display()))?
         .manifest
         .classes;
-    crate::train::same_classes(train, &train_classes, test, &test_classes)?;
+    same_classes(train, &train_classes, test, &test_classes)?;
     let classes = train_classes.len() as i64;
     if classes == 0 {
         bail!("{} has no classes", train.display());
     }
     let size = cfg.augment.size;
     // Progress by stage: on slow machines each takes minutes.
-    let mut bar = byol_tools::progress::Progress::new(
-        byol_tools::progress::Mode::detect(true),
+    let mut bar = byol_format::progress::Progress::new(
+        byol_format::progress::Mode::detect(true),
         "eval",
         7,
         "stages",
@@ -416,9 +368,10 @@ pub fn evaluate(
         raw_pixels: raw,
         seconds: t0.elapsed().as_secs_f64(),
     };
-    let tmp = run.join(".eval.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&report)?)?;
-    std::fs::rename(&tmp, run.join("eval.json"))?;
+    byol_format::fs::write_atomic(
+        &run.join("eval.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
     Ok(report)
 }
 

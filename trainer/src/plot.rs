@@ -1,139 +1,226 @@
-//! `RUN/curves.png`: training loss and accuracies against the step, drawn without a
-//! plotting library (a small rasterizer; tch writes the PNG).
+//! `RUN/curves.png`: the training loss and the accuracies against the step, drawn with
+//! `plotters` (numbered axes, axis labels, legends, the run's name as the title) and
+//! written as PNG by the `png` crate.
+//!
+//! Text needs a TrueType font: `BYOL_FONT` if set, else DejaVu Sans from Debian's
+//! `fonts-dejavu-core` (installed by `scripts/setup`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
-use tch::{Kind, Tensor};
+use plotters::prelude::*;
 
-/// A series: name (unused in the picture, kept for callers), colour, points (x, y).
+/// Environment variable naming the TrueType font used for the plots' text.
+pub const FONT_ENV: &str = "BYOL_FONT";
+
+/// Where the font is looked for when [`FONT_ENV`] is not set (Debian, Fedora, Arch).
+const FONT_PATHS: [&str; 3] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu-sans-fonts/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+];
+
+/// Why a plot could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    #[error("no font for the plot's text: {0}")]
+    Font(String),
+    #[error("drawing {path}: {message}")]
+    Draw { path: PathBuf, message: String },
+    #[error("encoding {path}")]
+    Png {
+        path: PathBuf,
+        #[source]
+        source: png::EncodingError,
+    },
+    #[error(transparent)]
+    File(#[from] byol_format::fs::FileError),
+}
+
+/// One line of a panel: its legend name, colour and points (x = step, y).
 pub struct Series<'a> {
-    pub color: [u8; 3],
+    pub name: &'a str,
+    pub color: RGBColor,
     pub points: &'a [(f64, f64)],
 }
 
-struct Canvas {
-    w: usize,
-    h: usize,
-    px: Vec<u8>,
+/// One panel: a title, the y axis's label and its lines. `y_range` fixes the y axis
+/// (else it fits the data).
+pub struct Panel<'a> {
+    pub title: &'a str,
+    pub y_label: &'a str,
+    pub y_range: Option<(f64, f64)>,
+    pub series: &'a [Series<'a>],
 }
 
-impl Canvas {
-    fn new(w: usize, h: usize) -> Canvas {
-        Canvas {
-            w,
-            h,
-            px: vec![255; w * h * 3],
-        }
-    }
+pub const BLUE: RGBColor = RGBColor(31, 119, 180);
+pub const ORANGE: RGBColor = RGBColor(255, 127, 14);
+pub const GREEN: RGBColor = RGBColor(44, 160, 44);
 
-    fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
-        if x >= 0 && y >= 0 && (x as usize) < self.w && (y as usize) < self.h {
-            let i = (y as usize * self.w + x as usize) * 3;
-            self.px[i..i + 3].copy_from_slice(&c);
-        }
-    }
+/// Registers the font once per process as plotters' "sans-serif".
+fn font() -> Result<(), PlotError> {
+    static FONT: OnceLock<Result<(), String>> = OnceLock::new();
+    FONT.get_or_init(|| {
+        let candidates: Vec<PathBuf> = match std::env::var_os(FONT_ENV) {
+            Some(p) => vec![PathBuf::from(p)],
+            None => FONT_PATHS.iter().map(PathBuf::from).collect(),
+        };
+        let path = candidates.iter().find(|p| p.is_file()).ok_or_else(|| {
+            format!(
+                "none of {} exists (install fonts-dejavu-core, or set {FONT_ENV})",
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        // Registered fonts live for the whole process.
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+            .map_err(|_| format!("{}: not a TrueType/OpenType font", path.display()))
+    })
+    .clone()
+    .map_err(PlotError::Font)
+}
 
-    /// Bresenham line, 2 px thick.
-    fn line(&mut self, (x0, y0): (i64, i64), (x1, y1): (i64, i64), c: [u8; 3]) {
-        let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
-        let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
-        let (mut x, mut y, mut err) = (x0, y0, dx + dy);
-        loop {
-            self.set(x, y, c);
-            self.set(x, y + 1, c);
-            if x == x1 && y == y1 {
-                break;
-            }
-            let e2 = 2 * err;
-            if e2 >= dy {
-                err += dy;
-                x += sx;
-            }
-            if e2 <= dx {
-                err += dx;
-                y += sy;
-            }
-        }
+/// The x and y ranges of a panel (never empty: a single point gets a margin).
+fn ranges(p: &Panel<'_>) -> ((f64, f64), (f64, f64)) {
+    let pts = p.series.iter().flat_map(|s| s.points.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in pts.filter(|(x, y)| x.is_finite() && y.is_finite()) {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
     }
-
-    /// A panel at (ox, oy) of size (pw, ph) with a frame, grid lines and the series
-    /// scaled to the union of their ranges.
-    fn panel(
-        &mut self,
-        ox: i64,
-        oy: i64,
-        pw: i64,
-        ph: i64,
-        series: &[Series],
-        y_range: Option<(f64, f64)>,
-    ) {
-        let grey = [200, 200, 200];
-        let black = [0, 0, 0];
-        for k in 1..4 {
-            let y = oy + ph * k / 4;
-            self.line((ox, y), (ox + pw, y), grey);
+    if x0 > x1 {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if x1 - x0 < 1.0 {
+        x1 = x0 + 1.0;
+    }
+    let (y0, y1) = match p.y_range {
+        Some(r) => r,
+        None => {
+            let pad = ((y1 - y0) * 0.05).max(1e-3);
+            (y0 - pad, y1 + pad)
         }
-        self.line((ox, oy), (ox + pw, oy), black);
-        self.line((ox, oy + ph), (ox + pw, oy + ph), black);
-        self.line((ox, oy), (ox, oy + ph), black);
-        self.line((ox + pw, oy), (ox + pw, oy + ph), black);
-        let pts: Vec<(f64, f64)> = series
-            .iter()
-            .flat_map(|s| s.points.iter().copied())
-            .filter(|p| p.1.is_finite())
+    };
+    ((x0, x1), (y0, y1))
+}
+
+/// Draws `panels` side by side under `title` into a `width`×`height` PNG at `path`
+/// (written atomically).
+///
+/// # Errors
+/// No usable font ([`FONT_ENV`]), a drawing or PNG-encoding failure, or I/O, naming the file.
+pub fn save_panels(
+    path: &Path,
+    title: &str,
+    panels: &[Panel<'_>],
+    (width, height): (u32, u32),
+) -> Result<(), PlotError> {
+    font()?;
+    let draw_err = |e: &dyn std::fmt::Display| PlotError::Draw {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let mut rgb = vec![255u8; width as usize * height as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| draw_err(&e))?;
+        let root = root
+            .titled(title, ("sans-serif", 20))
+            .map_err(|e| draw_err(&e))?;
+        let areas = root.split_evenly((1, panels.len().max(1)));
+        for (area, p) in areas.iter().zip(panels) {
+            let ((x0, x1), (y0, y1)) = ranges(p);
+            let mut chart = ChartBuilder::on(area)
+                .caption(p.title, ("sans-serif", 16))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(56)
+                .build_cartesian_2d(x0..x1, y0..y1)
+                .map_err(|e| draw_err(&e))?;
+            chart
+                .configure_mesh()
+                .x_desc("step")
+                .y_desc(p.y_label)
+                .label_style(("sans-serif", 12))
+                .draw()
+                .map_err(|e| draw_err(&e))?;
+            for s in p.series.iter().filter(|s| !s.points.is_empty()) {
+                let color = s.color;
+                chart
+                    .draw_series(LineSeries::new(
+                        s.points.iter().copied(),
+                        color.stroke_width(2),
+                    ))
+                    .map_err(|e| draw_err(&e))?
+                    .label(s.name)
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                    });
+            }
+            if p.series.iter().any(|s| !s.points.is_empty()) {
+                chart
+                    .configure_series_labels()
+                    .label_font(("sans-serif", 12))
+                    .background_style(WHITE.mix(0.8))
+                    .border_style(BLACK)
+                    .draw()
+                    .map_err(|e| draw_err(&e))?;
+            }
+        }
+        root.present().map_err(|e| draw_err(&e))?;
+    }
+    let mut png_bytes = Vec::new();
+    {
+        let png_err = |source| PlotError::Png {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut enc = png::Encoder::new(&mut png_bytes, width, height);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().map_err(png_err)?;
+        w.write_image_data(&rgb).map_err(png_err)?;
+        w.finish().map_err(png_err)?;
+    }
+    byol_format::fs::write_atomic(path, &png_bytes)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plot_is_a_png_of_the_asked_size() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.png");
+        let pts: Vec<(f64, f64)> = (0..50)
+            .map(|i| (i as f64, 1.0 / (1.0 + i as f64)))
             .collect();
-        if pts.is_empty() {
-            return;
-        }
-        let (x0, x1) = pts
-            .iter()
-            .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
-        let (y0, y1) = y_range.unwrap_or_else(|| {
-            pts.iter()
-                .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.1), a.1.max(p.1)))
-        });
-        let (xs, ys) = ((x1 - x0).max(1e-12), (y1 - y0).max(1e-12));
-        for s in series {
-            let map = |p: &(f64, f64)| {
-                (
-                    ox + ((p.0 - x0) / xs * pw as f64).round() as i64,
-                    oy + ph - ((p.1 - y0) / ys * ph as f64).round() as i64,
-                )
-            };
-            let v: Vec<(i64, i64)> = s
-                .points
-                .iter()
-                .filter(|p| p.1.is_finite())
-                .map(map)
-                .collect();
-            for w in v.windows(2) {
-                self.line(w[0], w[1], s.color);
-            }
-            if v.len() == 1 {
-                for d in -2..=2 {
-                    self.line((v[0].0 - 2, v[0].1 + d), (v[0].0 + 2, v[0].1 + d), s.color);
-                }
-            }
-        }
+        save_panels(
+            &p,
+            "run",
+            &[Panel {
+                title: "loss",
+                y_label: "loss",
+                y_range: None,
+                series: &[Series {
+                    name: "loss",
+                    color: BLUE,
+                    points: &pts,
+                }],
+            }],
+            (400, 300),
+        )
+        .unwrap();
+        let b = std::fs::read(&p).unwrap();
+        assert_eq!(&b[1..4], b"PNG");
+        // IHDR: width and height, big-endian, at bytes 16..24.
+        assert_eq!(u32::from_be_bytes(b[16..20].try_into().unwrap()), 400);
+        assert_eq!(u32::from_be_bytes(b[20..24].try_into().unwrap()), 300);
     }
 }
-
-/// Two panels side by side: the left auto-scaled (loss), the right on [0, 1]
-/// (accuracies). Blue, orange, green for the series in order.
-pub fn save_curves(path: &Path, left: &[Series], right: &[Series]) -> Result<(), tch::TchError> {
-    let (w, h) = (900usize, 360usize);
-    let mut c = Canvas::new(w, h);
-    c.panel(40, 20, 400, 320, left, None);
-    c.panel(480, 20, 400, 320, right, Some((0.0, 1.0)));
-    let t = Tensor::from_slice(&c.px)
-        .view([h as i64, w as i64, 3])
-        .permute([2, 0, 1])
-        .to_kind(Kind::Uint8);
-    let tmp = path.with_extension("tmp.png");
-    tch::vision::image::save(&t, &tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| tch::TchError::FileFormat(e.to_string()))
-}
-
-pub const BLUE: [u8; 3] = [31, 119, 180];
-pub const ORANGE: [u8; 3] = [255, 127, 14];
-pub const GREEN: [u8; 3] = [44, 160, 44];

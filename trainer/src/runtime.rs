@@ -119,7 +119,7 @@ pub fn probe(ort_lib: Option<&Path>) -> RuntimeInfo {
             None,
             Some(ort::info().to_string()),
         ),
-        Err(e) => (None, Some(byol_tools::error_chain(&e)), None),
+        Err(e) => (None, Some(byol_format::error_chain(&e)), None),
     };
     let hw = crate::amp::Hardware::detect(device);
     let choice = crate::amp::choose_precision("auto", &hw).expect("auto is a known precision");

@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -14,25 +15,33 @@ use byol_pipeline::loader::DecodeFn;
 use byol_pipeline::{Cursor, Dataset, Loader, LoaderConfig};
 
 use crate::byol::{
-    channels_last, copy_into, lr_at, tau_at, train_step, Lars, Network, StepSettings,
+    channels_last, copy_into, lr_at, tau_at, train_step, Network, Optimizer, StepSettings,
 };
-use crate::config::{Resolved, TrainConfig, RESUMABLE_CHANGES};
-use byol_tools::progress::{Mode, Progress};
+use crate::config::{Resolved, TrainConfig};
+use crate::run::{
+    self, check_run_data, device_of, draw_curves, list_checkpoints, load_checkpoint, lock_run,
+    run_config, same_classes, save_checkpoint, write_atomic, CheckpointParts, CheckpointState,
+    KnnRow, Metrics,
+};
+use byol_format::progress::{Mode, Progress};
 
-/// Set by SIGINT/SIGTERM: finish the step, checkpoint, exit.
-pub static STOP: AtomicBool = AtomicBool::new(false);
+/// Set by the first SIGINT/SIGTERM: finish the step, checkpoint, exit.
+pub static STOP: LazyLock<Arc<AtomicBool>> = LazyLock::new(|| Arc::new(AtomicBool::new(false)));
 
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-/// Installs the SIGINT/SIGTERM handler that sets [`STOP`].
-pub fn install_signal_handlers() {
-    // Safety: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+/// Installs the SIGINT/SIGTERM handlers (`signal-hook`): the first signal sets [`STOP`];
+/// a second one, while a long checkpoint or kNN evaluation is still finishing, ends the
+/// process at once with exit code 130 (the run keeps its last complete checkpoint).
+///
+/// # Errors
+/// The operating system refused to install a handler.
+pub fn install_signal_handlers() -> std::io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    for sig in [SIGINT, SIGTERM] {
+        // Registered first, so that it sees the flag before the first signal sets it.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&STOP))?;
+        signal_hook::flag::register(sig, Arc::clone(&STOP))?;
     }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Default)]
@@ -42,7 +51,7 @@ pub struct TrainOptions {
     pub val: Option<PathBuf>,
     pub resume: bool,
     /// Show progress on stderr: a bar on a terminal, a plain line every 30 s otherwise
-    /// (see `byol_tools::progress`).
+    /// (see `byol_format::progress`).
     pub progress: bool,
     /// Wall-time budget in seconds for a new run: a short calibration measures this
     /// machine's training speed, then `train.total_steps` is set to what fits (see
@@ -50,49 +59,12 @@ pub struct TrainOptions {
     pub time_budget: Option<f64>,
 }
 
-/// What a checkpoint's `state.json` holds besides the tensors.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CheckpointState {
-    pub step: u64,
-    pub cursor: Cursor,
-    pub aug_rng: u64,
-    pub last_loss: f64,
-    pub config: TrainConfig,
-}
-
-/// One metrics row (`RUN/metrics.jsonl`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Metrics {
-    pub step: u64,
-    pub epoch: u64,
-    pub loss: f64,
-    pub lr: f64,
-    pub tau: f64,
-    pub images_per_s: f64,
-    /// Share of the interval the step loop waited for data.
-    pub stall: f64,
-    /// std of the L2-normalised projections × √d: about 1 when healthy, 0 when collapsed.
-    pub collapse: f64,
-    /// Accuracy of the online linear probe on this interval's training batches (view 1).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub probe_acc: Option<f64>,
-}
-
-/// A kNN-monitor row in `RUN/metrics.jsonl`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct KnnRow {
-    pub step: u64,
-    pub epoch: u64,
-    /// Weighted kNN (k = 20) top-1 of held-out images against a bank of training images.
-    pub knn_top1: f64,
-}
-
 /// The online linear probe: a linear classifier on the detached embedding, trained with
 /// SGD alongside the networks (its state is part of the checkpoint).
 struct Probe {
     vs: tch::nn::VarStore,
     lin: tch::nn::Linear,
-    opt: Lars,
+    opt: Optimizer,
 }
 
 impl Probe {
@@ -102,7 +74,7 @@ impl Probe {
         Probe {
             vs,
             lin,
-            opt: Lars::new(crate::byol::OptimizerKind::Sgd, 0.9, 0.0, 0.0),
+            opt: Optimizer::new(crate::byol::OptimizerKind::Sgd, 0.9, 0.0, 0.0),
         }
     }
 
@@ -123,16 +95,16 @@ impl Probe {
         correct
     }
 
-    fn save(&self, path: &Path) -> Result<()> {
+    /// Weights and optimizer buffers, as a checkpoint stores them.
+    fn named(&self) -> run::Named {
         let mut named = crate::byol::named_contiguous(&self.vs);
         named.extend(self.opt.state());
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        Tensor::write_safetensors(&named, path)?;
-        Ok(())
+        named
     }
 
-    fn load(&mut self, path: &Path, device: Device) -> Result<()> {
-        let named = Tensor::read_safetensors(path)?;
+    /// Restores what [`Probe::named`] saved.
+    fn load(&mut self, named: run::Named, device: Device) {
         let vars = self.vs.variables();
         let mut buffers = Vec::new();
         tch::no_grad(|| {
@@ -147,7 +119,6 @@ impl Probe {
             }
         });
         self.opt.load_state(buffers, device);
-        Ok(())
     }
 }
 
@@ -185,7 +156,7 @@ pub struct TrainSummary {
 struct Learner {
     online: Network,
     target: Network,
-    opt: Lars,
+    opt: Optimizer,
     probe: Option<Probe>,
     aug: Augmenter,
     device: Device,
@@ -388,111 +359,6 @@ fn calibrate(
     })
 }
 
-pub fn device_of(s: &str) -> Result<Device> {
-    Ok(match s {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => {
-            if !tch::Cuda::is_available() {
-                bail!("config asks for device \"cuda\" but CUDA is not available");
-            }
-            Device::Cuda(0)
-        }
-        other => bail!("unknown device {other:?} (auto, cpu or cuda)"),
-    })
-}
-
-fn checkpoints_dir(run: &Path) -> PathBuf {
-    run.join("checkpoints")
-}
-
-/// Checkpoint folders, oldest first.
-pub fn list_checkpoints(run: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(checkpoints_dir(run))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.file_name()
-                        .map(|n| n.to_string_lossy().starts_with("step-"))
-                        .unwrap_or(false)
-                        && p.join("state.json").exists()
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-/// Writes a checkpoint atomically: a temporary folder, renamed when complete.
-fn save_checkpoint(
-    run: &Path,
-    online: &Network,
-    target: &Network,
-    opt: &Lars,
-    probe: Option<&Probe>,
-    st: &CheckpointState,
-    keep: usize,
-) -> Result<PathBuf> {
-    let dir = checkpoints_dir(run);
-    std::fs::create_dir_all(&dir)?;
-    let name = format!("step-{:09}", st.step);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    online.save(&tmp.join("online.safetensors"))?;
-    target.save(&tmp.join("target.safetensors"))?;
-    let state = opt.state();
-    if !state.is_empty() {
-        Tensor::write_safetensors(&state, tmp.join("optimizer.safetensors"))?;
-    }
-    if let Some(p) = probe {
-        p.save(&tmp.join("probe.safetensors"))?;
-    }
-    std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(st)?)?;
-    let fin = dir.join(&name);
-    let _ = std::fs::remove_dir_all(&fin);
-    std::fs::rename(&tmp, &fin)?;
-    let all = list_checkpoints(run);
-    if all.len() > keep.max(1) {
-        for old in &all[..all.len() - keep.max(1)] {
-            let _ = std::fs::remove_dir_all(old);
-        }
-    }
-    Ok(fin)
-}
-
-fn load_checkpoint(
-    dir: &Path,
-    online: &mut Network,
-    target: &mut Network,
-    opt: &mut Lars,
-    probe: Option<&mut Probe>,
-    device: Device,
-) -> Result<CheckpointState> {
-    online
-        .vs
-        .load(dir.join("online.safetensors"))
-        .with_context(|| format!("loading {}", dir.display()))?;
-    target
-        .vs
-        .load(dir.join("target.safetensors"))
-        .with_context(|| format!("loading {}", dir.display()))?;
-    let o = dir.join("optimizer.safetensors");
-    if o.exists() {
-        opt.load_state(Tensor::read_safetensors(&o)?, device);
-    }
-    if let Some(p) = probe {
-        let f = dir.join("probe.safetensors");
-        if f.exists() {
-            p.load(&f, device)?;
-        }
-    }
-    let st: CheckpointState =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
-    Ok(st)
-}
-
 /// Std of the L2-normalised rows × √d.
 /// The collapse monitor as a scalar tensor on `z`'s device.
 fn collapse_monitor(z: &Tensor) -> Tensor {
@@ -520,9 +386,15 @@ pub fn train(
     let t_start = Instant::now();
     std::fs::create_dir_all(run).with_context(|| format!("creating {}", run.display()))?;
     let _lock = lock_run(run)?;
-    let cfg_path = run.join("config.toml");
+    let cfg_path = run::config_path(run);
     let latest = list_checkpoints(run).pop();
-    let mut cfg = run_config(config, run, opts, latest.is_some())?;
+    let mut cfg = run_config(
+        config,
+        run,
+        opts.resume,
+        opts.time_budget.is_some(),
+        latest.is_some(),
+    )?;
 
     if cfg.train.torch_threads > 0 {
         tch::set_num_threads(cfg.train.torch_threads);
@@ -651,14 +523,14 @@ pub fn train(
     let mut last_loss = f64::NAN;
     if opts.resume {
         if let Some(dir) = &latest {
-            let st = load_checkpoint(
-                dir,
-                &mut l.online,
-                &mut l.target,
-                &mut l.opt,
-                l.probe.as_mut(),
-                device,
-            )?;
+            let c = load_checkpoint(dir, &mut l.online, &mut l.target)?;
+            if let Some(o) = c.optimizer {
+                l.opt.load_state(o, device);
+            }
+            if let (Some(p), Some(named)) = (l.probe.as_mut(), c.probe) {
+                p.load(named, device);
+            }
+            let st = c.state;
             step = st.step;
             cursor = st.cursor;
             rng = SplitMix64::new(st.aug_rng);
@@ -666,7 +538,7 @@ pub fn train(
         }
     }
     let stop_at = opts.max_steps.unwrap_or(total).min(total);
-    let metrics_path = run.join("metrics.jsonl");
+    let metrics_path = run::metrics_path(run);
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -697,10 +569,12 @@ pub fn train(
         ($loss:expr) => {
             save_checkpoint(
                 run,
-                &l.online,
-                &l.target,
-                &l.opt,
-                l.probe.as_ref(),
+                CheckpointParts {
+                    online: &l.online,
+                    target: &l.target,
+                    optimizer: l.opt.state(),
+                    probe: l.probe.as_ref().map(Probe::named),
+                },
                 &state_of(step, cursor, &rng, $loss),
                 cfg.train.keep,
             )?
@@ -864,191 +738,6 @@ pub fn train(
     })
 }
 
-/// The run's config: the given one for a new run (refused when the folder already holds
-/// checkpoints); on `--resume` the saved one, or the given one when it differs from the
-/// saved one only in [`RESUMABLE_CHANGES`].
-fn run_config(
-    config: Option<TrainConfig>,
-    run: &Path,
-    opts: &TrainOptions,
-    has_checkpoints: bool,
-) -> Result<TrainConfig> {
-    let cfg_path = run.join("config.toml");
-    if opts.resume {
-        if opts.time_budget.is_some() {
-            bail!(
-                "--time-budget chooses the length of a new run; a resumed run keeps the steps its config.toml holds (train.total_steps); drop --time-budget"
-            );
-        }
-        let saved_text = std::fs::read_to_string(&cfg_path)
-            .with_context(|| format!("--resume: no config in {}", run.display()))?;
-        let saved = TrainConfig::from_toml(&saved_text, &[])
-            .with_context(|| format!("reading {}", cfg_path.display()))?;
-        let Some(mut c) = config else {
-            return Ok(saved);
-        };
-        let diff: Vec<String> = saved
-            .differences(&c)
-            .into_iter()
-            .filter(|k| !RESUMABLE_CHANGES.contains(&k.as_str()))
-            .collect();
-        if !diff.is_empty() {
-            bail!(
-                "--resume: the config differs from the run's in {} (only {} may change); start a new run for other settings",
-                diff.join(", "),
-                RESUMABLE_CHANGES.join(", ")
-            );
-        }
-        c.resolved = saved.resolved;
-        return Ok(c);
-    }
-    let Some(c) = config else {
-        bail!("--config is required for a new run")
-    };
-    if has_checkpoints {
-        bail!(
-            "{} already holds checkpoints; use --resume to continue it, or another --out",
-            run.display()
-        );
-    }
-    Ok(c)
-}
-
-/// The advisory lock that one `byol train` holds on its run folder (`RUN/.lock`, flock:
-/// the operating system releases it when the process ends, however it ends). Holds the
-/// holder's pid for the message another process gets.
-///
-/// # Errors
-/// The folder is locked by another process (naming it), or the lock file cannot be made.
-pub fn lock_run(run: &Path) -> Result<std::fs::File> {
-    use std::io::{Read, Seek};
-    let path = run.join(".lock");
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match f.try_lock() {
-        Ok(()) => {
-            f.set_len(0)?;
-            f.rewind()?;
-            write!(f, "{}", std::process::id())?;
-            Ok(f)
-        }
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut pid = String::new();
-            let _ = f.read_to_string(&mut pid);
-            bail!(
-                "{} is in use by another `byol train` (pid {}); wait for it to finish, stop it, or use another --out",
-                run.display(),
-                if pid.trim().is_empty() { "unknown" } else { pid.trim() }
-            )
-        }
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(anyhow::Error::new(e).context(format!("locking {}", path.display())))
-        }
-    }
-}
-
-/// What a run records of its training data (`RUN/data.json`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RunData {
-    pub path: String,
-    /// [`byol_tools::format::Manifest::fingerprint`].
-    pub fingerprint: String,
-    pub rows: u64,
-    pub classes: Vec<String>,
-}
-
-/// A new run records its data; a resumed run refuses other data, naming both.
-fn check_run_data(
-    run: &Path,
-    data: &Path,
-    m: &byol_tools::format::Manifest,
-    resume: bool,
-) -> Result<()> {
-    let path = run.join("data.json");
-    let now = RunData {
-        path: data.display().to_string(),
-        fingerprint: m.fingerprint(),
-        rows: m.totals.rows,
-        classes: m.classes.clone(),
-    };
-    if resume {
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => Some(t),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                eprintln!(
-                    "byol: warning: {} has no data.json (a run from before datasets were recorded); recording {} now, unchecked",
-                    run.display(),
-                    data.display()
-                );
-                None
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!("reading {}", path.display())))
-            }
-        };
-        if let Some(text) = text {
-            let was: RunData = serde_json::from_str(&text)
-                .with_context(|| format!("reading {}", path.display()))?;
-            if was.fingerprint != now.fingerprint {
-                bail!(
-                    "--resume: {} was trained on {} ({} rows, {} classes, {}), but --data is {} ({} rows, {} classes, {}); resume with the same data, or start a new run",
-                    run.display(),
-                    was.path,
-                    was.rows,
-                    was.classes.len(),
-                    was.fingerprint,
-                    now.path,
-                    now.rows,
-                    now.classes.len(),
-                    now.fingerprint
-                );
-            }
-            return Ok(());
-        }
-    }
-    write_atomic(&path, serde_json::to_string_pretty(&now)?.as_bytes())
-}
-
-/// Two datasets used together (training and held-out data) must have the same classes,
-/// by name and in the same order.
-///
-/// # Errors
-/// The class lists differ: the message names both datasets and the first difference.
-pub fn same_classes(a: &Path, ca: &[String], b: &Path, cb: &[String]) -> Result<()> {
-    if ca == cb {
-        return Ok(());
-    }
-    let first = ca
-        .iter()
-        .zip(cb)
-        .position(|(x, y)| x != y)
-        .map(|i| {
-            format!(
-                "class {i} is {:?} in one and {:?} in the other",
-                ca[i], cb[i]
-            )
-        })
-        .unwrap_or_else(|| format!("{} vs {} classes", ca.len(), cb.len()));
-    bail!(
-        "{} and {} have different classes ({first}); shard the held-out data with `byol-tools shard --classes-from {}`",
-        a.display(),
-        b.display(),
-        a.display()
-    )
-}
-
-/// [`byol_tools::format::write_atomic`] (temporary name, fsync, rename) with the file
-/// named in the error.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    byol_tools::format::write_atomic(path, bytes)
-        .with_context(|| format!("writing {}", path.display()))
-}
-
 /// Where the kNN monitor's images come from: the training shards (bank) and the
 /// held-out shards (queries).
 struct KnnSource {
@@ -1158,48 +847,9 @@ impl KnnMonitor {
     }
 }
 
-/// Redraws `RUN/curves.png` from `RUN/metrics.jsonl`: loss (left); online-probe and
-/// kNN accuracy (right).
-pub fn draw_curves(run: &Path) -> Result<()> {
-    use crate::plot::{save_curves, Series, BLUE, GREEN, ORANGE};
-    let text = std::fs::read_to_string(run.join("metrics.jsonl"))?;
-    let (mut loss, mut probe, mut knn) = (Vec::new(), Vec::new(), Vec::new());
-    for l in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(l)?;
-        let step = v["step"].as_f64().unwrap_or(0.0);
-        if let Some(x) = v["loss"].as_f64() {
-            loss.push((step, x));
-        }
-        if let Some(x) = v["probe_acc"].as_f64() {
-            probe.push((step, x));
-        }
-        if let Some(x) = v["knn_top1"].as_f64() {
-            knn.push((step, x));
-        }
-    }
-    save_curves(
-        &run.join("curves.png"),
-        &[Series {
-            color: BLUE,
-            points: &loss,
-        }],
-        &[
-            Series {
-                color: ORANGE,
-                points: &probe,
-            },
-            Series {
-                color: GREEN,
-                points: &knn,
-            },
-        ],
-    )?;
-    Ok(())
-}
-
 /// The online and target networks (target = copy of online) and the optimizer of a
 /// config, seeded with `train.seed`.
-pub fn build_model(cfg: &TrainConfig, device: Device) -> (Network, Network, Lars) {
+pub fn build_model(cfg: &TrainConfig, device: Device) -> (Network, Network, Optimizer) {
     tch::manual_seed(cfg.train.seed as i64);
     let mut online = Network::new(
         device,
@@ -1214,7 +864,7 @@ pub fn build_model(cfg: &TrainConfig, device: Device) -> (Network, Network, Lars
         target.to_channels_last();
     }
     let o = &cfg.optim;
-    let mut opt = Lars::new(o.kind, o.momentum, o.weight_decay, o.trust);
+    let mut opt = Optimizer::new(o.kind, o.momentum, o.weight_decay, o.trust);
     opt.beta2 = o.beta2;
     opt.eps = o.eps;
     (online, target, opt)

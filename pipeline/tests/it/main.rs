@@ -367,7 +367,7 @@ fn panicking_decoder(
     w: i32,
     s: usize,
     out: &mut [u8],
-) -> Result<(i32, i32), String> {
+) -> Result<(i32, i32), byol_format::image::ImageError> {
     if h > 0 && b.len() % 7 == 3 {
         panic!("decoder bug");
     }

@@ -8,7 +8,7 @@
 use byol_pipeline::augment::{AugmentConfig, Augmenter, SplitMix64};
 use byol_trainer::amp;
 use byol_trainer::byol::{
-    channels_last, copy_into, train_step, Lars, Network, OptimizerKind, StepSettings,
+    channels_last, copy_into, train_step, Network, Optimizer, OptimizerKind, StepSettings,
 };
 use byol_trainer::model::{Arch, EncoderConfig, HeadConfig};
 use tch::{Device, Kind, Tensor};
@@ -73,7 +73,7 @@ fn networks(s: &Start, dev: Device, cl: bool) -> (Network, Network) {
 /// Three LARS steps; returns the losses and the online and target weights of one conv.
 fn three_steps(s: &Start, dev: Device, cl: bool, amp: Option<Kind>) -> (Vec<f64>, Tensor, Tensor) {
     let (online, target) = networks(s, dev, cl);
-    let mut opt = Lars::new(OptimizerKind::Lars, 0.9, 1e-5, 1e-3);
+    let mut opt = Optimizer::new(OptimizerKind::Lars, 0.9, 1e-5, 1e-3);
     let layout = |x: &Tensor| {
         let x = x.to_device(dev);
         if cl {

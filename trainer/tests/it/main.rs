@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use byol_trainer::byol::{byol_loss, ema_update, lr_at, tau_at, Lars, OptimizerKind};
+use byol_trainer::byol::{byol_loss, ema_update, lr_at, tau_at, Optimizer, OptimizerKind};
 use byol_trainer::model::{Arch, EncoderConfig, ResNet};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -129,7 +129,7 @@ fn loss_matches_pytorch() {
 /// Steps an optimizer of `kind` (trust `eta`) over the reference's two parameters and
 /// gradients, one step per `lrs` entry, and checks each step against `want`'s `w{k}`,
 /// `b{k}` within 1e-6. Returns the optimizer.
-fn optimizer_matches(kind: OptimizerKind, eta: Option<f64>, lrs: &[f64], want: &str) -> Lars {
+fn optimizer_matches(kind: OptimizerKind, eta: Option<f64>, lrs: &[f64], want: &str) -> Optimizer {
     let (_t, d) = golden();
     let g = st(&d.join("lars.safetensors"));
     let want = st(&d.join(want));
@@ -138,7 +138,7 @@ fn optimizer_matches(kind: OptimizerKind, eta: Option<f64>, lrs: &[f64], want: &
     let vs = nn::VarStore::new(Device::Cpu);
     let w = vs.root().var_copy("w", &g["w0"]);
     let b = vs.root().var_copy("b", &g["b0"]);
-    let mut opt = Lars::new(
+    let mut opt = Optimizer::new(
         kind,
         p["momentum"].as_f64().unwrap(),
         p["wd"].as_f64().unwrap(),
@@ -240,7 +240,7 @@ fn adamw_steps_match_torch() {
         "adamw.safetensors",
     );
     // The state round-trips (step count included).
-    let mut other = Lars::new(OptimizerKind::Adamw, 0.9, 0.0, 0.0);
+    let mut other = Optimizer::new(OptimizerKind::Adamw, 0.9, 0.0, 0.0);
     other.load_state(opt.state(), Device::Cpu);
     assert_eq!(other.t, 2);
     assert_eq!(other.second.len(), 2);
@@ -291,7 +291,7 @@ fn bf16_autocast_step_is_close_to_float32() {
 
     let step = |amp: Option<Kind>| {
         let (online, target) = build();
-        let mut opt = Lars::new(OptimizerKind::Lars, 0.9, 1e-5, 1e-3);
+        let mut opt = Optimizer::new(OptimizerKind::Lars, 0.9, 1e-5, 1e-3);
         let s = StepSettings {
             lr: 1.0,
             tau: 0.99,
@@ -331,7 +331,7 @@ fn bf16_autocast_step_is_close_to_float32() {
 fn resnet50_onnx_export_matches_libtorch() {
     use byol_trainer::byol::Network;
     use byol_trainer::config::TrainConfig;
-    use byol_trainer::onnx::{export, OnnxEncoder};
+    use byol_trainer::export::{export, OnnxEncoder};
     let mut cfg = TrainConfig::default();
     cfg.model.encoder = EncoderConfig {
         arch: Arch::Resnet50,

@@ -9,7 +9,7 @@
 //! path's, step for step, in float32 (tests hold the two to 1e-5); only sums (the
 //! contrast mean, the blur taps) may round differently.
 
-use crate::augment::{gaussian_kernel1d, ViewParams};
+use super::params::{gaussian_kernel1d, ViewParams};
 
 /// One sample's planes: `[3, h, w]` contiguous.
 struct Sample<'a> {

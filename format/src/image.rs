@@ -13,8 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use crate::jpeg::{dct_reduction, fit_size, parse_jpeg, JpegInfo};
 
-/// Why an image could not be stored (goes into the manifest's `skipped` list).
-pub type Reason = String;
+pub use crate::image_error::ImageError;
 
 /// The stored form of one image.
 #[derive(Debug, Clone)]
@@ -40,8 +39,9 @@ pub fn set_opencv_threads(n: i32) {
     let _ignored = opencv::core::set_num_threads(n);
 }
 
-fn cv_err(e: opencv::Error) -> Reason {
-    format!("OpenCV: {}", e.message)
+/// OpenCV's error as an [`ImageError`] (its message; the code is in it).
+pub fn cv_err(e: opencv::Error) -> ImageError {
+    ImageError::OpenCv(e.message)
 }
 
 /// PIL's `Image.MAX_IMAGE_PIXELS`: images with more pixels are refused as possible
@@ -95,7 +95,7 @@ pub fn exif_orientation(bytes: &[u8]) -> u16 {
 /// Turns stored pixels upright for EXIF orientation `o`, as PIL's `exif_transpose`
 /// does (2 mirror, 3 rotate 180°, 4 flip, 5 transpose, 6 rotate 90° clockwise,
 /// 7 transverse, 8 rotate 90° counter-clockwise).
-pub fn apply_orientation(img: Mat, o: u16) -> Result<Mat, Reason> {
+pub fn apply_orientation(img: Mat, o: u16) -> Result<Mat, ImageError> {
     use opencv::core::{
         flip, rotate, transpose, ROTATE_180, ROTATE_90_CLOCKWISE, ROTATE_90_COUNTERCLOCKWISE,
     };
@@ -134,23 +134,18 @@ pub fn declared_size(bytes: &[u8]) -> Option<(u64, u64)> {
 /// # Errors
 /// A reason (for the manifest or the loader's fault count) when the image declares more
 /// pixels than [`max_pixels`] after `reduce`, or OpenCV cannot decode it.
-pub fn decode_bgr(bytes: &[u8], reduce: u32) -> Result<Mat, Reason> {
+pub fn decode_bgr(bytes: &[u8], reduce: u32) -> Result<Mat, ImageError> {
     let limit = max_pixels();
     if let Some((h, w)) = declared_size(bytes) {
         let r = reduce.max(1) as u64;
         let px = h.div_ceil(r) * w.div_ceil(r);
         if limit > 0 && px > limit {
-            return Err(format!(
-                "{w}x{h} pixels ({:.0} Mpx{}) exceeds the decode limit of {:.0} Mpx \
-                 (a possible decompression bomb; raise it with --max-pixels)",
-                (h * w) as f64 / 1e6,
-                if r > 1 {
-                    format!(", {:.0} Mpx at 1/{r} scale", px as f64 / 1e6)
-                } else {
-                    String::new()
-                },
-                limit as f64 / 1e6
-            ));
+            return Err(ImageError::TooLarge {
+                width: w,
+                height: h,
+                reduce: r,
+                limit,
+            });
         }
     }
     let flags = match reduce {
@@ -162,7 +157,7 @@ pub fn decode_bgr(bytes: &[u8], reduce: u32) -> Result<Mat, Reason> {
     let buf = Mat::from_slice(bytes).map_err(cv_err)?;
     let img = imgcodecs::imdecode(&buf, flags).map_err(cv_err)?;
     if img.empty() || img.rows() <= 0 || img.cols() <= 0 {
-        return Err("cannot decode: corrupt or not an image".to_string());
+        return Err(ImageError::Undecodable);
     }
     // OpenCV's TIFF reader (libtiff's RGBA path) turns TIFFs upright itself, even with
     // IMREAD_IGNORE_ORIENTATION; every other container is turned here.
@@ -178,7 +173,7 @@ fn is_tiff(b: &[u8]) -> bool {
 }
 
 /// Area-resizes `img` to `(h, w)` unless it already has that size.
-pub fn resize_area(img: Mat, h: i32, w: i32) -> Result<Mat, Reason> {
+pub fn resize_area(img: Mat, h: i32, w: i32) -> Result<Mat, ImageError> {
     if img.rows() == h && img.cols() == w {
         return Ok(img);
     }
@@ -196,46 +191,45 @@ pub fn resize_area(img: Mat, h: i32, w: i32) -> Result<Mat, Reason> {
 }
 
 /// Encodes an 8-bit BGR (or gray) image as a baseline JPEG.
-pub fn encode_jpeg(img: &Mat, quality: u8) -> Result<Vec<u8>, Reason> {
+pub fn encode_jpeg(img: &Mat, quality: u8) -> Result<Vec<u8>, ImageError> {
     let mut buf = Vector::<u8>::new();
     let params = Vector::<i32>::from_slice(&[imgcodecs::IMWRITE_JPEG_QUALITY, quality as i32]);
     let ok = imgcodecs::imencode(".jpg", img, &mut buf, &params).map_err(cv_err)?;
     if !ok {
-        return Err("JPEG encode failed".to_string());
+        return Err(ImageError::EncodeFailed("JPEG"));
     }
     Ok(buf.to_vec())
 }
 
 /// Encodes an 8-bit single-channel image given as rows of bytes as PNG (lossless).
-pub fn encode_gray_png(pixels: &[u8], height: i32, width: i32) -> Result<Vec<u8>, Reason> {
+pub fn encode_gray_png(pixels: &[u8], height: i32, width: i32) -> Result<Vec<u8>, ImageError> {
     if pixels.len() != (height as usize) * (width as usize) {
-        return Err(format!(
-            "{} bytes for a {height}x{width} image",
-            pixels.len()
-        ));
+        return Err(ImageError::BufferSize {
+            len: pixels.len(),
+            height,
+            width,
+        });
     }
     let m = Mat::new_rows_cols_with_data(height, width, pixels).map_err(cv_err)?;
     let mut buf = Vector::<u8>::new();
     let params = Vector::<i32>::from_slice(&[imgcodecs::IMWRITE_PNG_COMPRESSION, 6]);
     let ok = imgcodecs::imencode(".png", &m, &mut buf, &params).map_err(cv_err)?;
     if !ok {
-        return Err("PNG encode failed".to_string());
+        return Err(ImageError::EncodeFailed("PNG"));
     }
     Ok(buf.to_vec())
 }
 
 /// Turns source bytes into stored bytes (see the module docs).
-pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<Prepared, Reason> {
+pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<Prepared, ImageError> {
     if bytes.is_empty() {
-        return Err("empty file (0 bytes)".to_string());
+        return Err(ImageError::Empty);
     }
     let jpeg = parse_jpeg(bytes);
     if bytes.len() >= 2 && bytes[0] == 0xFF && bytes[1] == 0xD8 {
         match jpeg {
-            None => return Err("corrupt JPEG: malformed header".to_string()),
-            Some(j) if !j.complete => {
-                return Err("truncated JPEG: no end-of-image marker".to_string())
-            }
+            None => return Err(ImageError::MalformedJpeg),
+            Some(j) if !j.complete => return Err(ImageError::TruncatedJpeg),
             _ => {}
         }
     }
@@ -245,13 +239,12 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<Prepared, Reason> 
         if j.baseline && j.precision == 8 && j.components == 3 && orientation == 1 && within {
             let img = decode_bgr(bytes, 1)?;
             if img.rows() as u32 != j.height || img.cols() as u32 != j.width {
-                return Err(format!(
-                    "corrupt JPEG: header says {}x{}, decoded {}x{}",
-                    j.height,
-                    j.width,
-                    img.rows(),
-                    img.cols()
-                ));
+                return Err(ImageError::JpegSizeMismatch {
+                    header_height: j.height,
+                    header_width: j.width,
+                    height: img.rows(),
+                    width: img.cols(),
+                });
             }
             return Ok(Prepared {
                 bytes: bytes.to_vec(),
@@ -349,10 +342,15 @@ mod tests {
             max_side: None,
             quality: 90,
         };
-        let e = prepare(&src[..src.len() / 2], &opts).unwrap_err();
+        let e = prepare(&src[..src.len() / 2], &opts)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("truncated"), "{e}");
-        assert!(prepare(&[], &opts).unwrap_err().contains("empty"));
-        let e = prepare(b"hello, I am text", &opts).unwrap_err();
+        assert!(prepare(&[], &opts)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+        let e = prepare(b"hello, I am text", &opts).unwrap_err().to_string();
         assert!(e.contains("cannot decode"), "{e}");
     }
 
@@ -391,7 +389,7 @@ mod tests {
         let bomb = png_bomb(24000);
         assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
         assert_eq!(declared_size(&bomb), Some((24000, 24000)));
-        let e = decode_bgr(&bomb, 1).unwrap_err();
+        let e = decode_bgr(&bomb, 1).unwrap_err().to_string();
         assert!(e.contains("decode limit"), "{e}");
         // A small image of the same kind decodes.
         let ok = decode_bgr(&png_bomb(64), 1).expect("64x64 PNG");

@@ -1,0 +1,144 @@
+//! BYOL's two views, made on the device (GPU when present, CPU otherwise) with tch.
+//!
+//! Every probability and parameter is drawn per sample from a generator the caller
+//! owns ([`SplitMix64`], whose whole state is one `u64` that checkpoints store). The
+//! operations follow `torchvision.transforms.v2.functional` on float images in [0, 1]
+//! (values clamped after each step, as torchvision does):
+//!
+//! 1. random resized crop inside each sample's valid region (torchvision's
+//!    `RandomResizedCrop.get_params`: 10 tries, then the centre-crop fallback) and
+//!    horizontal flip, for the whole batch in one `grid_sample` (bilinear by default,
+//!    bicubic selectable; no antialiasing, i.e. `antialias=False`);
+//! 2. colour jitter with probability p: brightness, contrast, saturation, hue, factors
+//!    and the order of the four drawn per sample;
+//! 3. grayscale with probability p;
+//! 4. Gaussian blur with probability p, σ ~ U(σ_min, σ_max) per sample, separable,
+//!    kernel 23 at 224 px scaled with the output size, reflect padding;
+//! 5. solarize (x ≥ threshold → 1 − x) with probability p;
+//! 6. normalisation by mean and std.
+//!
+//! Modules: [`params`] draws every per-sample parameter (pure Rust); [`tensor`] applies
+//! them as batched tch ops on any device; [`cpu`] runs the colour stages fused per
+//! sample on the CPU. [`Augmenter`] chooses between the two paths.
+
+pub mod cpu;
+pub mod params;
+pub mod tensor;
+
+pub use params::*;
+pub use tensor::*;
+
+use tch::{Device, Kind, Tensor};
+
+/// The two-view augmentation.
+#[derive(Debug, Clone)]
+pub struct Augmenter {
+    pub cfg: AugmentConfig,
+    /// On the CPU, run the colour stages fused per sample (the default; false: the
+    /// batched tensor ops every device uses, for comparison).
+    pub fused_cpu: bool,
+}
+
+impl Augmenter {
+    pub fn new(cfg: AugmentConfig) -> Augmenter {
+        Augmenter {
+            cfg,
+            fused_cpu: true,
+        }
+    }
+
+    /// uint8 canvases `[B, 3, S, S]` on `device` (with each sample's valid region) →
+    /// two normalised float views `[B, 3, size, size]`.
+    pub fn views(
+        &self,
+        canvas: &Tensor,
+        valid: &[(i32, i32)],
+        rng: &mut SplitMix64,
+    ) -> (Tensor, Tensor) {
+        let (v1, v2, _, _) = self.views_with_params(canvas, valid, rng);
+        (v1, v2)
+    }
+
+    /// As [`Augmenter::views`], also returning the drawn parameters; views are
+    /// normalised.
+    pub fn views_with_params(
+        &self,
+        canvas: &Tensor,
+        valid: &[(i32, i32)],
+        rng: &mut SplitMix64,
+    ) -> (Tensor, Tensor, ViewParams, ViewParams) {
+        let mut img = canvas.to_kind(Kind::Float) / 255.0;
+        if self.cfg.interpolation == Interpolation::Bicubic {
+            img = replicate_beyond_valid(&img, valid);
+        }
+        let p1 = draw_view(rng, &self.cfg.view1, valid);
+        let p2 = draw_view(rng, &self.cfg.view2, valid);
+        let (t1, t2) = (
+            self.cfg.view1.solarize_threshold,
+            self.cfg.view2.solarize_threshold,
+        );
+        let a = apply_view_with(&img, &p1, &self.cfg, t1, self.fused_cpu);
+        let b = apply_view_with(&img, &p2, &self.cfg, t2, self.fused_cpu);
+        (
+            normalize(&a, self.cfg.mean, self.cfg.std),
+            normalize(&b, self.cfg.mean, self.cfg.std),
+            p1,
+            p2,
+        )
+    }
+
+    /// Un-normalised uint8 views, for previews.
+    pub fn to_uint8(&self, view: &Tensor) -> Tensor {
+        let dev = view.device();
+        let m = Tensor::from_slice(&self.cfg.mean.map(|v| v as f32))
+            .to_device(dev)
+            .view([1, 3, 1, 1]);
+        let s = Tensor::from_slice(&self.cfg.std.map(|v| v as f32))
+            .to_device(dev)
+            .view([1, 3, 1, 1]);
+        ((view * s + m) * 255.0)
+            .round()
+            .clamp(0.0, 255.0)
+            .to_kind(Kind::Uint8)
+    }
+}
+
+/// The device views are made on: CUDA when available.
+pub fn default_device() -> Device {
+    Device::cuda_if_available()
+}
+
+/// Applies drawn parameters: `img` float `[B, 3, S, S]` in [0, 1] → view `[B, 3, size, size]`
+/// in [0, 1] (before normalisation). For bicubic sampling `img` should have gone
+/// through [`replicate_beyond_valid`].
+///
+/// On the CPU the colour stages run fused per sample ([`cpu`]); elsewhere,
+/// or with `fused_cpu` false, as batched tensor ops ([`colour_stages`]).
+pub fn apply_view(img: &Tensor, p: &ViewParams, cfg: &AugmentConfig, threshold: f64) -> Tensor {
+    apply_view_with(img, p, cfg, threshold, true)
+}
+
+/// [`apply_view`], choosing whether the CPU uses the fused per-sample stages.
+pub fn apply_view_with(
+    img: &Tensor,
+    p: &ViewParams,
+    cfg: &AugmentConfig,
+    threshold: f64,
+    fused_cpu: bool,
+) -> Tensor {
+    let x = resized_crop_flip(img, &p.boxes, &p.flips, cfg.size, cfg.interpolation);
+    let k = cfg.blur_kernel();
+    if fused_cpu && x.device() == Device::Cpu && x.kind() == Kind::Float && k / 2 < cfg.size {
+        let x = x.contiguous();
+        let n = x.numel();
+        let s = cfg.size as usize;
+        // Safety: `x` is a contiguous float32 CPU tensor of `n` elements that nothing
+        // else references (a fresh output of the crop), so the slice is its whole,
+        // exclusively borrowed storage for the duration of the call.
+        let px = unsafe { std::slice::from_raw_parts_mut(x.data_ptr() as *mut f32, n) };
+        let threads = tch::get_num_threads().max(1) as usize;
+        cpu::colour_stages(px, (s, s), p, k as usize, threshold, threads);
+        return x;
+    }
+    colour_stages(x, p, cfg, threshold)
+}

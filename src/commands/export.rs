@@ -1,0 +1,71 @@
+//! `byol export`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use byol_format::cli::emit;
+
+/// Export a run's online encoder to ONNX (BatchNorm folded, normalisation inside) and
+/// check it in ONNX Runtime against libtorch.
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    #[arg(long)]
+    run: PathBuf,
+    /// A checkpoint folder [default: the run's latest].
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    #[arg(long, default_value = "encoder.onnx")]
+    out: PathBuf,
+    /// Compare on the first 256 images of these shards instead of random images.
+    #[cfg(feature = "opencv")]
+    #[arg(long)]
+    check_data: Option<PathBuf>,
+    /// libonnxruntime.so [default: $BYOL_ORT_DYLIB, $ORT_DYLIB_PATH, the venv's].
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: ExportArgs) -> Result<ExitCode> {
+    let t = byol_trainer::run::load_online(&a.run, a.checkpoint.as_deref())?;
+    #[cfg(feature = "opencv")]
+    let check = match &a.check_data {
+        Some(d) => {
+            let (x, _) = byol_trainer::eval::load_inputs(
+                d,
+                t.cfg.data.canvas,
+                t.cfg.augment.size,
+                byol_pipeline::opencv_decoder(),
+                Some(256),
+            )?;
+            Some((x, format!("images of {}", d.display())))
+        }
+        None => None,
+    };
+    #[cfg(not(feature = "opencv"))]
+    let check = None;
+    let r = byol_trainer::export::export_run(&a.run, &t, &a.out, check, a.ort_lib.as_deref())?;
+    emit(a.json, &r, || {
+        format!(
+            "wrote {} ({} convolutions, {}-d embedding, {} px input, {:.1} MB) from {}\n\
+             ONNX Runtime vs libtorch on {} {}: max |diff| {:.2e} (max |value| {:.2e}), min cosine {:.6}; \
+             {:.3} vs {:.3} ms/image\n",
+            r.file.path,
+            r.file.convs,
+            r.file.dim,
+            r.file.size,
+            r.file.bytes as f64 / 1e6,
+            r.checkpoint,
+            r.check_images,
+            r.check_source,
+            r.max_abs_diff,
+            r.max_abs_value,
+            r.min_cosine,
+            r.ort_ms_per_image,
+            r.libtorch_ms_per_image
+        )
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,68 @@
+//! The bodies of `byol`'s commands, one module each; `main.rs` only parses and
+//! dispatches.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+pub mod augment;
+pub mod bench;
+#[cfg(feature = "opencv")]
+pub mod bench_pipeline;
+#[cfg(feature = "opencv")]
+pub mod embed;
+#[cfg(feature = "opencv")]
+pub mod eval;
+pub mod export;
+pub mod info;
+#[cfg(feature = "opencv")]
+pub mod preview;
+#[cfg(feature = "opencv")]
+pub mod train;
+
+/// The machine's cores (the default number of decode threads).
+#[cfg(feature = "opencv")]
+pub fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Python with torch for reference measurements: `$BYOL_PYTHON`, the project's venv
+/// (next to `target/`), then `python3`.
+pub fn default_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("BYOL_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let exe_root = std::env::current_exe().ok().and_then(|e| {
+        e.parent()
+            .and_then(|p| p.parent())
+            .and_then(|p| p.parent())
+            .map(|p| p.join(".venv/bin/python"))
+    });
+    match exe_root {
+        Some(p) if p.exists() => p,
+        _ => PathBuf::from("python3"),
+    }
+}
+
+/// A duration such as `20m`, `1h30m` or `90s` (humantime's syntax), in seconds.
+pub fn parse_duration(s: &str) -> Result<f64, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?}: {e} (expected a duration such as 20m, 1h30m, 90s)"))?;
+    if d.is_zero() {
+        return Err(format!("{s:?}: the budget must be longer than zero"));
+    }
+    Ok(d.as_secs_f64())
+}
+
+/// A TOML config file with `--set` overrides applied.
+///
+/// # Errors
+/// The file cannot be read or is not a valid config (naming the file).
+pub fn read_config(path: &Path, sets: &[String]) -> Result<byol_trainer::config::TrainConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    byol_trainer::config::TrainConfig::from_toml(&text, sets)
+        .with_context(|| format!("{}", path.display()))
+}

@@ -1,0 +1,79 @@
+//! `byol train`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use byol_format::cli::emit;
+use byol_trainer::config::TrainConfig;
+use byol_trainer::train::{install_signal_handlers, train, TrainOptions};
+
+/// Train (or resume) a BYOL run.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// TOML config (required for a new run; on --resume compared with the run's).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    data: PathBuf,
+    /// Run folder: config.toml, metrics.jsonl, checkpoints/.
+    #[arg(long)]
+    out: PathBuf,
+    /// Override a config value, e.g. --set optim.base_lr=0.3 (repeatable).
+    #[arg(long = "set")]
+    sets: Vec<String>,
+    /// Stop (with a checkpoint) when the global step reaches N.
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Continue from the run's latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Labelled held-out shards for the kNN monitor (each `train.knn_every_epochs`).
+    #[arg(long)]
+    val: Option<PathBuf>,
+    /// Fit a new run into this wall time (e.g. 20m, 1h30m, 90s): a short calibration
+    /// measures this machine's speed and sets train.total_steps to what fits.
+    #[arg(long, value_parser = super::parse_duration)]
+    time_budget: Option<f64>,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: TrainArgs) -> Result<ExitCode> {
+    install_signal_handlers().context("installing signal handlers")?;
+    let cfg = match &a.config {
+        Some(p) => Some(super::read_config(p, &a.sets)?),
+        None if !a.sets.is_empty() && a.resume => {
+            let p = byol_trainer::run::config_path(&a.out);
+            let saved =
+                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+            Some(
+                TrainConfig::from_toml(&saved, &a.sets)
+                    .with_context(|| format!("{}", p.display()))?,
+            )
+        }
+        None => None,
+    };
+    let opts = TrainOptions {
+        max_steps: a.max_steps,
+        val: a.val,
+        resume: a.resume,
+        progress: true,
+        time_budget: a.time_budget,
+    };
+    let s = train(cfg, &a.data, &a.out, &opts, byol_pipeline::opencv_decoder())?;
+    emit(a.json, &s, || {
+        format!(
+            "{} step {}/{} (epoch {}), loss {:.4}, {:.1} images/s, data stall {:.0} %, checkpoint {}\n",
+            if s.stopped_by_signal { "stopped by signal at" } else { "done:" },
+            s.steps,
+            s.total_steps,
+            s.epoch,
+            s.last_loss,
+            s.images_per_s,
+            100.0 * s.data_stall,
+            s.checkpoint.as_deref().unwrap_or("none")
+        )
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

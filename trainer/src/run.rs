@@ -1,0 +1,539 @@
+//! The run folder, owned here: every file `byol train` writes into `RUN/` and every
+//! reader of one (`byol eval`, `export`, `embed`, `info`).
+//!
+//! ```text
+//! RUN/config.toml          the run's config, with resolved values ([`run_config`])
+//! RUN/data.json            what it was trained on ([`RunData`])
+//! RUN/.lock                held by the one `byol train` using the folder ([`lock_run`])
+//! RUN/metrics.jsonl        one JSON row per log interval ([`Metrics`]) or kNN run ([`KnnRow`])
+//! RUN/curves.png           loss and accuracies against step ([`draw_curves`])
+//! RUN/checkpoints/step-NNNNNNNNN/
+//!     online.safetensors, target.safetensors, optimizer.safetensors, probe.safetensors,
+//!     state.json ([`CheckpointState`])
+//! RUN/eval.json            `byol eval`'s report
+//! ```
+//! Every file is written atomically ([`byol_format::fs`]).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+use byol_pipeline::Cursor;
+
+use crate::byol::Network;
+use crate::config::{TrainConfig, RESUMABLE_CHANGES};
+
+/// File names inside a checkpoint folder.
+const ONLINE: &str = "online.safetensors";
+const TARGET: &str = "target.safetensors";
+const OPTIMIZER: &str = "optimizer.safetensors";
+const PROBE: &str = "probe.safetensors";
+const STATE: &str = "state.json";
+
+/// `RUN/config.toml`.
+pub fn config_path(run: &Path) -> PathBuf {
+    run.join("config.toml")
+}
+
+/// `RUN/metrics.jsonl`.
+pub fn metrics_path(run: &Path) -> PathBuf {
+    run.join("metrics.jsonl")
+}
+
+/// What a checkpoint's `state.json` holds besides the tensors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointState {
+    pub step: u64,
+    pub cursor: Cursor,
+    pub aug_rng: u64,
+    pub last_loss: f64,
+    pub config: TrainConfig,
+}
+
+/// One metrics row (`RUN/metrics.jsonl`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metrics {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub tau: f64,
+    pub images_per_s: f64,
+    /// Share of the interval the step loop waited for data.
+    pub stall: f64,
+    /// std of the L2-normalised projections × √d: about 1 when healthy, 0 when collapsed.
+    pub collapse: f64,
+    /// Accuracy of the online linear probe on this interval's training batches (view 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_acc: Option<f64>,
+}
+
+/// A kNN-monitor row in `RUN/metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KnnRow {
+    pub step: u64,
+    pub epoch: u64,
+    /// Weighted kNN (k = 20) top-1 of held-out images against a bank of training images.
+    pub knn_top1: f64,
+}
+
+pub fn device_of(s: &str) -> Result<Device> {
+    Ok(match s {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => {
+            if !tch::Cuda::is_available() {
+                bail!("config asks for device \"cuda\" but CUDA is not available");
+            }
+            Device::Cuda(0)
+        }
+        other => bail!("unknown device {other:?} (auto, cpu or cuda)"),
+    })
+}
+
+fn checkpoints_dir(run: &Path) -> PathBuf {
+    run.join("checkpoints")
+}
+
+/// Checkpoint folders, oldest first.
+pub fn list_checkpoints(run: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(checkpoints_dir(run))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .map(|n| n.to_string_lossy().starts_with("step-"))
+                        .unwrap_or(false)
+                        && p.join("state.json").exists()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Named tensors as stored in a safetensors file.
+pub type Named = Vec<(String, Tensor)>;
+
+/// What a checkpoint holds besides `state.json`: the two networks, the optimizer's
+/// buffers (empty for plain SGD without momentum) and the online probe's weights and
+/// buffers (when the run has one).
+pub struct CheckpointParts<'a> {
+    pub online: &'a Network,
+    pub target: &'a Network,
+    pub optimizer: Named,
+    pub probe: Option<Named>,
+}
+
+/// Writes `RUN/checkpoints/step-NNNNNNNNN/` atomically (a temporary folder, fsynced,
+/// renamed when complete), then removes all but the newest `keep` checkpoints.
+///
+/// # Errors
+/// I/O and serialisation errors, naming the checkpoint.
+pub fn save_checkpoint(
+    run: &Path,
+    parts: CheckpointParts<'_>,
+    st: &CheckpointState,
+    keep: usize,
+) -> Result<PathBuf> {
+    let dir = checkpoints_dir(run);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let fin = dir.join(format!("step-{:09}", st.step));
+    byol_format::fs::write_atomic_with(&fin, |tmp| -> Result<()> {
+        std::fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        parts.online.save(&tmp.join(ONLINE))?;
+        parts.target.save(&tmp.join(TARGET))?;
+        if !parts.optimizer.is_empty() {
+            Tensor::write_safetensors(&parts.optimizer, tmp.join(OPTIMIZER))?;
+        }
+        if let Some(p) = &parts.probe {
+            Tensor::write_safetensors(p, tmp.join(PROBE))?;
+        }
+        std::fs::write(tmp.join(STATE), serde_json::to_string_pretty(st)?)?;
+        Ok(())
+    })
+    .with_context(|| format!("saving checkpoint {}", fin.display()))?;
+    let all = list_checkpoints(run);
+    if all.len() > keep.max(1) {
+        for old in &all[..all.len() - keep.max(1)] {
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+    Ok(fin)
+}
+
+/// What [`load_checkpoint`] read besides the networks.
+pub struct LoadedCheckpoint {
+    pub state: CheckpointState,
+    /// The optimizer's buffers (`None`: the checkpoint has none).
+    pub optimizer: Option<Named>,
+    /// The online probe's weights and buffers (`None`: none saved).
+    pub probe: Option<Named>,
+}
+
+/// Loads checkpoint folder `dir` into `online` and `target`.
+///
+/// # Errors
+/// Missing or unreadable files, or tensors that do not fit the networks, naming `dir`.
+pub fn load_checkpoint(
+    dir: &Path,
+    online: &mut Network,
+    target: &mut Network,
+) -> Result<LoadedCheckpoint> {
+    let ctx = || format!("loading {}", dir.display());
+    online.vs.load(dir.join(ONLINE)).with_context(ctx)?;
+    target.vs.load(dir.join(TARGET)).with_context(ctx)?;
+    let read = |name: &str| -> Result<Option<Named>> {
+        let f = dir.join(name);
+        Ok(if f.exists() {
+            Some(Tensor::read_safetensors(&f).with_context(|| format!("reading {}", f.display()))?)
+        } else {
+            None
+        })
+    };
+    Ok(LoadedCheckpoint {
+        state: read_state(dir)?,
+        optimizer: read(OPTIMIZER)?,
+        probe: read(PROBE)?,
+    })
+}
+
+/// A checkpoint's `state.json`.
+///
+/// # Errors
+/// The file is missing or not a [`CheckpointState`], naming it.
+pub fn read_state(dir: &Path) -> Result<CheckpointState> {
+    let f = dir.join(STATE);
+    let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("reading {}", f.display()))
+}
+
+/// The run's config: the given one for a new run (refused when the folder already holds
+/// checkpoints); on `--resume` the saved one, or the given one when it differs from the
+/// saved one only in [`RESUMABLE_CHANGES`].
+///
+/// # Errors
+/// `--resume` without a saved config, with a config that differs in other keys, or with
+/// `--time-budget` (`budgeted`); a new run without a config, or into a folder that
+/// already holds checkpoints.
+pub fn run_config(
+    config: Option<TrainConfig>,
+    run: &Path,
+    resume: bool,
+    budgeted: bool,
+    has_checkpoints: bool,
+) -> Result<TrainConfig> {
+    let cfg_path = config_path(run);
+    if resume {
+        if budgeted {
+            bail!(
+                "--time-budget chooses the length of a new run; a resumed run keeps the steps its config.toml holds (train.total_steps); drop --time-budget"
+            );
+        }
+        let saved_text = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("--resume: no config in {}", run.display()))?;
+        let saved = TrainConfig::from_toml(&saved_text, &[])
+            .with_context(|| format!("reading {}", cfg_path.display()))?;
+        let Some(mut c) = config else {
+            return Ok(saved);
+        };
+        let diff: Vec<String> = saved
+            .differences(&c)
+            .into_iter()
+            .filter(|k| !RESUMABLE_CHANGES.contains(&k.as_str()))
+            .collect();
+        if !diff.is_empty() {
+            bail!(
+                "--resume: the config differs from the run's in {} (only {} may change); start a new run for other settings",
+                diff.join(", "),
+                RESUMABLE_CHANGES.join(", ")
+            );
+        }
+        c.resolved = saved.resolved;
+        return Ok(c);
+    }
+    let Some(c) = config else {
+        bail!("--config is required for a new run")
+    };
+    if has_checkpoints {
+        bail!(
+            "{} already holds checkpoints; use --resume to continue it, or another --out",
+            run.display()
+        );
+    }
+    Ok(c)
+}
+
+/// The advisory lock that one `byol train` holds on its run folder (`RUN/.lock`, flock:
+/// the operating system releases it when the process ends, however it ends). Holds the
+/// holder's pid for the message another process gets.
+///
+/// # Errors
+/// The folder is locked by another process (naming it), or the lock file cannot be made.
+pub fn lock_run(run: &Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek};
+    let path = run.join(".lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => {
+            f.set_len(0)?;
+            f.rewind()?;
+            write!(f, "{}", std::process::id())?;
+            Ok(f)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            bail!(
+                "{} is in use by another `byol train` (pid {}); wait for it to finish, stop it, or use another --out",
+                run.display(),
+                if pid.trim().is_empty() { "unknown" } else { pid.trim() }
+            )
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(anyhow::Error::new(e).context(format!("locking {}", path.display())))
+        }
+    }
+}
+
+/// What a run records of its training data (`RUN/data.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunData {
+    pub path: String,
+    /// [`byol_format::shards::Manifest::fingerprint`].
+    pub fingerprint: String,
+    pub rows: u64,
+    pub classes: Vec<String>,
+}
+
+/// A new run records its data in `RUN/data.json`; a resumed run refuses other data,
+/// naming both.
+///
+/// # Errors
+/// Other data on `--resume`, or an unreadable/unwritable `data.json`.
+pub fn check_run_data(
+    run: &Path,
+    data: &Path,
+    m: &byol_format::shards::Manifest,
+    resume: bool,
+) -> Result<()> {
+    let path = run.join("data.json");
+    let now = RunData {
+        path: data.display().to_string(),
+        fingerprint: m.fingerprint(),
+        rows: m.totals.rows,
+        classes: m.classes.clone(),
+    };
+    if resume {
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => Some(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!(
+                    "byol: warning: {} has no data.json (a run from before datasets were recorded); recording {} now, unchecked",
+                    run.display(),
+                    data.display()
+                );
+                None
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("reading {}", path.display())))
+            }
+        };
+        if let Some(text) = text {
+            let was: RunData = serde_json::from_str(&text)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if was.fingerprint != now.fingerprint {
+                bail!(
+                    "--resume: {} was trained on {} ({} rows, {} classes, {}), but --data is {} ({} rows, {} classes, {}); resume with the same data, or start a new run",
+                    run.display(),
+                    was.path,
+                    was.rows,
+                    was.classes.len(),
+                    was.fingerprint,
+                    now.path,
+                    now.rows,
+                    now.classes.len(),
+                    now.fingerprint
+                );
+            }
+            return Ok(());
+        }
+    }
+    write_atomic(&path, serde_json::to_string_pretty(&now)?.as_bytes())
+}
+
+/// Two datasets used together (training and held-out data) must have the same classes,
+/// by name and in the same order.
+///
+/// # Errors
+/// The class lists differ: the message names both datasets and the first difference.
+pub fn same_classes(a: &Path, ca: &[String], b: &Path, cb: &[String]) -> Result<()> {
+    if ca == cb {
+        return Ok(());
+    }
+    let first = ca
+        .iter()
+        .zip(cb)
+        .position(|(x, y)| x != y)
+        .map(|i| {
+            format!(
+                "class {i} is {:?} in one and {:?} in the other",
+                ca[i], cb[i]
+            )
+        })
+        .unwrap_or_else(|| format!("{} vs {} classes", ca.len(), cb.len()));
+    bail!(
+        "{} and {} have different classes ({first}); shard the held-out data with `byol-tools shard --classes-from {}`",
+        a.display(),
+        b.display(),
+        a.display()
+    )
+}
+
+/// [`byol_format::fs::write_atomic`] (temporary name, fsync, rename) into `anyhow`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    Ok(byol_format::fs::write_atomic(path, bytes)?)
+}
+
+/// One row of `RUN/metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MetricsRow {
+    Knn(KnnRow),
+    Step(Metrics),
+}
+
+/// Reads `RUN/metrics.jsonl`.
+///
+/// # Errors
+/// The file cannot be read, or a line is not a metrics row (naming file and line).
+pub fn read_metrics(run: &Path) -> Result<Vec<MetricsRow>> {
+    let path = metrics_path(run);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: not a metrics row", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// Redraws `RUN/curves.png` from `RUN/metrics.jsonl`: the BYOL loss (left panel), the
+/// online probe's and the kNN monitor's top-1 accuracy in % (right), against the step,
+/// titled with the run folder's name.
+///
+/// # Errors
+/// Unreadable metrics, no font for the text, or I/O (see [`crate::plot::save_panels`]).
+pub fn draw_curves(run: &Path) -> Result<()> {
+    use crate::plot::{save_panels, Panel, Series, BLUE, GREEN, ORANGE};
+    let (mut loss, mut probe, mut knn) = (Vec::new(), Vec::new(), Vec::new());
+    for row in read_metrics(run)? {
+        match row {
+            MetricsRow::Step(m) => {
+                loss.push((m.step as f64, m.loss));
+                if let Some(a) = m.probe_acc {
+                    probe.push((m.step as f64, 100.0 * a));
+                }
+            }
+            MetricsRow::Knn(k) => knn.push((k.step as f64, 100.0 * k.knn_top1)),
+        }
+    }
+    let name = std::fs::canonicalize(run)
+        .unwrap_or_else(|_| run.to_path_buf())
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| run.display().to_string());
+    save_panels(
+        &run.join("curves.png"),
+        &format!("byol run {name}"),
+        &[
+            Panel {
+                title: "BYOL loss",
+                y_label: "loss",
+                y_range: None,
+                series: &[Series {
+                    name: "loss",
+                    color: BLUE,
+                    points: &loss,
+                }],
+            },
+            Panel {
+                title: "top-1 accuracy",
+                y_label: "accuracy (%)",
+                y_range: Some((0.0, 100.0)),
+                series: &[
+                    Series {
+                        name: "online linear probe (training batches)",
+                        color: ORANGE,
+                        points: &probe,
+                    },
+                    Series {
+                        name: "kNN (k = 20), held-out",
+                        color: GREEN,
+                        points: &knn,
+                    },
+                ],
+            },
+        ],
+        (1000, 420),
+    )?;
+    Ok(())
+}
+
+/// A run's online network loaded from one of its checkpoints, in eval-ready layout.
+pub struct TrainedOnline {
+    pub cfg: TrainConfig,
+    pub net: Network,
+    pub checkpoint: PathBuf,
+    pub step: u64,
+    pub device: Device,
+}
+
+/// Loads the online network of `run` from `checkpoint` (default: the latest).
+pub fn load_online(run: &Path, checkpoint: Option<&Path>) -> Result<TrainedOnline> {
+    let cfg = TrainConfig::from_toml(
+        &std::fs::read_to_string(config_path(run))
+            .with_context(|| format!("{}: not a run folder", run.display()))?,
+        &[],
+    )?;
+    let ckpt: PathBuf = match checkpoint {
+        Some(c) => c.to_path_buf(),
+        None => list_checkpoints(run)
+            .pop()
+            .with_context(|| format!("{} has no checkpoint", run.display()))?,
+    };
+    let st = read_state(&ckpt)?;
+    let device = device_of(&cfg.train.device)?;
+    let mut net = Network::new(
+        device,
+        &cfg.model.encoder,
+        &cfg.model.projector,
+        Some(&cfg.model.predictor),
+    );
+    net.vs
+        .load(ckpt.join(ONLINE))
+        .with_context(|| format!("loading {}", ckpt.display()))?;
+    if cfg.train.channels_last {
+        net.to_channels_last();
+    }
+    Ok(TrainedOnline {
+        cfg,
+        net,
+        checkpoint: ckpt,
+        step: st.step,
+        device,
+    })
+}
