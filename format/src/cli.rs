@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 
 /// Writes `text` to stdout; a closed pipe (`| head`) is not an error.
+///
+/// # Errors
+/// Writing to stdout fails for another reason than a closed pipe.
 pub fn out(text: &str) -> Result<()> {
     let mut o = std::io::stdout().lock();
     match o.write_all(text.as_bytes()).and_then(|_| o.flush()) {
@@ -16,11 +19,17 @@ pub fn out(text: &str) -> Result<()> {
 }
 
 /// `v` as one JSON line on stdout.
+///
+/// # Errors
+/// As [`out`], or `v` does not serialise.
 pub fn json_line<T: serde::Serialize>(v: &T) -> Result<()> {
     out(&format!("{}\n", serde_json::to_string(v)?))
 }
 
 /// A command's summary: one JSON line with `--json`, else the text `text` builds.
+///
+/// # Errors
+/// As [`json_line`] / [`out`].
 pub fn emit<T: serde::Serialize>(json: bool, r: &T, text: impl FnOnce() -> String) -> Result<()> {
     if json {
         json_line(r)

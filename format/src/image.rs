@@ -95,6 +95,9 @@ pub fn exif_orientation(bytes: &[u8]) -> u16 {
 /// Turns stored pixels upright for EXIF orientation `o`, as PIL's `exif_transpose`
 /// does (2 mirror, 3 rotate 180°, 4 flip, 5 transpose, 6 rotate 90° clockwise,
 /// 7 transverse, 8 rotate 90° counter-clockwise).
+///
+/// # Errors
+/// [`ImageError::OpenCv`] when OpenCV's flip or transpose fails.
 pub fn apply_orientation(img: Mat, o: u16) -> Result<Mat, ImageError> {
     use opencv::core::{
         flip, rotate, transpose, ROTATE_180, ROTATE_90_CLOCKWISE, ROTATE_90_COUNTERCLOCKWISE,
@@ -173,6 +176,9 @@ fn is_tiff(b: &[u8]) -> bool {
 }
 
 /// Area-resizes `img` to `(h, w)` unless it already has that size.
+///
+/// # Errors
+/// [`ImageError::OpenCv`].
 pub fn resize_area(img: Mat, h: i32, w: i32) -> Result<Mat, ImageError> {
     if img.rows() == h && img.cols() == w {
         return Ok(img);
@@ -191,6 +197,9 @@ pub fn resize_area(img: Mat, h: i32, w: i32) -> Result<Mat, ImageError> {
 }
 
 /// Encodes an 8-bit BGR (or gray) image as a baseline JPEG.
+///
+/// # Errors
+/// [`ImageError::OpenCv`] or [`ImageError::EncodeFailed`].
 pub fn encode_jpeg(img: &Mat, quality: u8) -> Result<Vec<u8>, ImageError> {
     let mut buf = Vector::<u8>::new();
     let params = Vector::<i32>::from_slice(&[imgcodecs::IMWRITE_JPEG_QUALITY, quality as i32]);
@@ -202,6 +211,9 @@ pub fn encode_jpeg(img: &Mat, quality: u8) -> Result<Vec<u8>, ImageError> {
 }
 
 /// Encodes an 8-bit single-channel image given as rows of bytes as PNG (lossless).
+///
+/// # Errors
+/// [`ImageError::BufferSize`] when `pixels` is not `height × width` bytes; OpenCV's encoder failing.
 pub fn encode_gray_png(pixels: &[u8], height: i32, width: i32) -> Result<Vec<u8>, ImageError> {
     if pixels.len() != (height as usize) * (width as usize) {
         return Err(ImageError::BufferSize {
@@ -221,6 +233,9 @@ pub fn encode_gray_png(pixels: &[u8], height: i32, width: i32) -> Result<Vec<u8>
 }
 
 /// Turns source bytes into stored bytes (see the module docs).
+///
+/// # Errors
+/// An [`ImageError`] saying why the image cannot be stored (empty, corrupt or truncated JPEG, undecodable, too many pixels).
 pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<Prepared, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);

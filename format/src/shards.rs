@@ -1,5 +1,5 @@
 //! The shard format: the contract between `byol-tools` (writer) and the training
-//! pipeline (reader). See `ARCHITECTURE.md` and the README's "Shard format".
+//! pipeline (reader). See `docs/data.md` ("Shard format").
 //!
 //! A dataset is a folder holding `manifest.json` and `shard-NNNNN.parquet` files.
 //! The manifest is written last, so a folder without one is never a complete dataset.
@@ -161,6 +161,9 @@ impl Manifest {
     }
 
     /// Reads and checks `DIR/manifest.json`.
+    ///
+    /// # Errors
+    /// [`FormatError`]: no manifest, unreadable or invalid JSON, or another format version (naming the file).
     pub fn load(dir: &Path) -> Result<Manifest, FormatError> {
         let path = dir.join(MANIFEST);
         let text = match std::fs::read_to_string(&path) {
@@ -193,6 +196,9 @@ pub fn checksum_string(crc: u32) -> String {
 }
 
 /// Checksum of a whole file, as stored in the manifest.
+///
+/// # Errors
+/// The file cannot be read.
 pub fn file_checksum(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)?;

@@ -80,6 +80,9 @@ pub struct Dataset {
 
 impl Dataset {
     /// Opens `dir`: reads the manifest, maps every shard, parses every footer.
+    ///
+    /// # Errors
+    /// [`PipelineError`]: no or invalid manifest, a missing or changed shard, unreadable Parquet metadata (naming the file).
     pub fn open(dir: &Path) -> Result<Dataset, PipelineError> {
         let manifest = Manifest::load(dir)?;
         let mut shards = Vec::with_capacity(manifest.shards.len());
@@ -165,6 +168,9 @@ impl Dataset {
     /// Reads row group `index` (all columns) from the mapped shard, then tells the
     /// kernel its pages are no longer needed by this process, so resident memory stays
     /// bounded by the open row groups rather than growing with the bytes streamed.
+    ///
+    /// # Errors
+    /// [`PipelineError`]: the row group cannot be read or does not match the schema (naming the shard).
     pub fn load_group(&self, index: usize) -> Result<LoadedGroup, PipelineError> {
         let info = self.groups[index].clone();
         let sh = &self.shards[info.shard];

@@ -32,6 +32,9 @@ pub fn reduction_for(bytes: &[u8], h: i32, w: i32, canvas: usize) -> u32 {
 
 /// Decodes `bytes` (stored size `h`×`w`) into `out`, a 3×S×S RGB canvas (CHW).
 /// Returns the valid region `(height, width)`.
+///
+/// # Errors
+/// [`ImageError`]: the bytes do not decode, exceed the pixel limit, or decode to another size than the row records.
 pub fn decode_to_canvas(
     bytes: &[u8],
     h: i32,
@@ -98,6 +101,9 @@ pub fn decode_to_canvas(
 }
 
 /// Decode only (no fit, no canvas): for the benchmark's decode-only rate.
+///
+/// # Errors
+/// As [`decode_to_canvas`].
 pub fn decode_only(bytes: &[u8], h: i32, w: i32, canvas: usize) -> Result<(i32, i32), ImageError> {
     let img = decode_bgr(bytes, reduction_for(bytes, h, w, canvas))?;
     Ok((img.rows(), img.cols()))

@@ -164,6 +164,8 @@ pub struct Loader {
 }
 
 impl Loader {
+    /// # Errors
+    /// [`PipelineError::Config`] for invalid settings (batch 0, a canvas too small, more ranks than rows).
     pub fn new(ds: Dataset, cfg: LoaderConfig, decode: DecodeFn) -> Result<Loader, PipelineError> {
         if cfg.batch == 0 || cfg.canvas == 0 || cfg.world == 0 || cfg.rank >= cfg.world {
             return Err(PipelineError::Config(format!(

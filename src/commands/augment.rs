@@ -13,6 +13,9 @@ use tch::{Device, Kind, Tensor};
 use byol_pipeline::augment::{AugmentConfig, Augmenter, SplitMix64};
 
 /// Writes a grid: one row per sample with the canvas, view 1 and view 2.
+///
+/// # Errors
+/// The dataset cannot be read or the PNG cannot be written.
 #[cfg(feature = "opencv")]
 pub fn preview(
     data: &Path,
@@ -52,7 +55,11 @@ pub fn preview(
         .permute([1, 0, 2, 3])
         .reshape([3, -1, 3 * size])
         .to_device(Device::Cpu);
-    tch::vision::image::save(&grid, out).with_context(|| format!("writing {}", out.display()))?;
+    // tch picks the image format from the extension: the temporary name keeps it.
+    let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("png");
+    let tmp = byol_format::fs::temp_path(out).with_extension(format!("tmp.{ext}"));
+    tch::vision::image::save(&grid, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    byol_format::fs::commit(&tmp, out)?;
     Ok(())
 }
 
@@ -82,6 +89,9 @@ pub struct AugmentBench {
 use byol_trainer::bench::sync;
 
 /// Views/s on random canvases (no data) on the current device.
+///
+/// # Errors
+/// A tch operation fails.
 pub fn bench_synthetic(
     batch: i64,
     canvas: i64,
@@ -146,6 +156,9 @@ pub fn bench_synthetic(
 }
 
 /// Shards in, both views out: the loader feeding the augmentation.
+///
+/// # Errors
+/// The dataset cannot be opened or the loader fails.
 #[cfg(feature = "opencv")]
 pub fn bench_data(
     data: &Path,

@@ -70,6 +70,8 @@ pub enum BenchCmd {
     },
 }
 
+/// # Errors
+/// The benchmark's own errors (unreadable config or data, a failing step).
 pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
     match cmd {
         BenchCmd::Train {

@@ -75,6 +75,8 @@ fn timed_parallel(threads: usize, dur: Duration, f: &(dyn Fn(usize, &mut Vec<u8>
     counts.iter().sum::<usize>() as f64 / t0.elapsed().as_secs_f64()
 }
 
+/// # Errors
+/// The dataset cannot be opened or the loader fails.
 pub fn run(
     data: &Path,
     canvas: usize,

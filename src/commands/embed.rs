@@ -27,6 +27,8 @@ pub struct EmbedArgs {
     json: bool,
 }
 
+/// # Errors
+/// See [`byol_trainer::export::embed`].
 pub fn run(a: EmbedArgs) -> Result<ExitCode> {
     let r = byol_trainer::export::embed(
         &a.model,

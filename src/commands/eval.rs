@@ -22,6 +22,8 @@ pub struct EvalArgs {
     json: bool,
 }
 
+/// # Errors
+/// See [`byol_trainer::eval::evaluate`].
 pub fn run(a: EvalArgs) -> Result<ExitCode> {
     let r = byol_trainer::eval::evaluate(
         &a.run,

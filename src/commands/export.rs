@@ -28,6 +28,8 @@ pub struct ExportArgs {
     json: bool,
 }
 
+/// # Errors
+/// See [`byol_trainer::export::export_run`].
 pub fn run(a: ExportArgs) -> Result<ExitCode> {
     let t = byol_trainer::run::load_online(&a.run, a.checkpoint.as_deref())?;
     #[cfg(feature = "opencv")]

@@ -18,6 +18,9 @@ pub struct InfoArgs {
 }
 
 /// Exit code 1 when ONNX Runtime cannot be loaded.
+///
+/// # Errors
+/// Writing the report to stdout fails.
 pub fn run(a: InfoArgs) -> Result<ExitCode> {
     let info = byol_trainer::runtime::probe(a.ort_lib.as_deref());
     if a.json {

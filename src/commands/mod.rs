@@ -47,6 +47,9 @@ pub fn default_python() -> PathBuf {
 }
 
 /// A duration such as `20m`, `1h30m` or `90s` (humantime's syntax), in seconds.
+///
+/// # Errors
+/// Not a humantime duration, or zero.
 pub fn parse_duration(s: &str) -> Result<f64, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("{s:?}: {e} (expected a duration such as 20m, 1h30m, 90s)"))?;

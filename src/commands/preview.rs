@@ -24,6 +24,8 @@ pub struct PreviewArgs {
     size: i64,
 }
 
+/// # Errors
+/// The dataset cannot be read or the grid cannot be written.
 pub fn run(a: PreviewArgs) -> Result<ExitCode> {
     let cfg = byol_pipeline::augment::AugmentConfig {
         size: a.size,

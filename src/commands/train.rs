@@ -39,6 +39,8 @@ pub struct TrainArgs {
     json: bool,
 }
 
+/// # Errors
+/// See [`byol_trainer::train::train`]; also an unreadable config.
 pub fn run(a: TrainArgs) -> Result<ExitCode> {
     install_signal_handlers().context("installing signal handlers")?;
     let cfg = match &a.config {

@@ -50,6 +50,9 @@ pub struct BenchReport {
 
 /// A photo-like test image: smooth colour fields, edges and noise, so JPEG sizes
 /// are close to ImageNet's (about 100 KB at 500×375, quality 90).
+///
+/// # Errors
+/// OpenCV fails to make or encode the image.
 pub fn synthetic_image(h: i32, w: i32, seed: u64) -> anyhow::Result<Mat> {
     let mut r = SplitMix64::new(seed);
     let mut f =
@@ -85,6 +88,9 @@ pub fn synthetic_image(h: i32, w: i32, seed: u64) -> anyhow::Result<Mat> {
 
 /// Writes `n` generated JPEGs into `dir/class-KK/NNNNNN.jpg` (round-robin over
 /// `classes` folders) and returns their bytes.
+///
+/// # Errors
+/// The folder or an image cannot be written.
 pub fn write_synthetic_folder(
     dir: &Path,
     n: usize,
@@ -104,7 +110,7 @@ pub fn write_synthetic_folder(
         let p = dir
             .join(format!("class-{:02}", i % classes))
             .join(format!("{i:06}.jpg"));
-        std::fs::write(p, &bytes)?;
+        byol_format::fs::write_atomic(&p, &bytes)?;
         all.push(bytes);
     }
     Ok(all)
@@ -133,6 +139,8 @@ fn bare(images: &[Vec<u8>], opts: &PrepareOptions, workers: usize) -> anyhow::Re
     Ok(images.len() as f64 / t0.elapsed().as_secs_f64())
 }
 
+/// # Errors
+/// The synthetic images cannot be made.
 pub fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
     let tmp;
     let dir = match &o.dir {

@@ -44,6 +44,9 @@ impl IdxU8 {
 }
 
 /// Reads an IDX file of type unsigned byte (0x08), gzip or raw.
+///
+/// # Errors
+/// The file cannot be read, is not gzip/raw IDX of unsigned bytes, or is truncated.
 pub fn read_idx_u8(path: &Path) -> Result<IdxU8, IdxError> {
     let io = |source| IdxError::Io {
         path: path.to_path_buf(),

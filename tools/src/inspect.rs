@@ -66,6 +66,8 @@ pub fn reason_kind(reason: &str) -> String {
         .to_string()
 }
 
+/// # Errors
+/// The manifest or a shard's metadata cannot be read.
 pub fn inspect(dir: &Path) -> Result<Inspect, InspectError> {
     let m = Manifest::load(dir)?;
     let mut hist = vec![0u64; SIDE_BUCKETS.len() + 1];

@@ -66,6 +66,9 @@ impl Rows {
 }
 
 /// Reads a shard one row group at a time; `with_images: false` skips the image column.
+///
+/// # Errors
+/// [`ReadError`] naming the shard, or `f`'s own error.
 pub fn for_each_row_group(
     path: &Path,
     with_images: bool,

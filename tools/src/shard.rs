@@ -411,6 +411,9 @@ pub fn storage_order(n: usize, seed: u64) -> Vec<usize> {
 }
 
 /// Runs the whole shard job.
+///
+/// # Errors
+/// [`ShardError`]: the output folder holds another dataset or cannot be written, no image could be stored, or a worker died.
 pub fn shard(
     source: &Source,
     source_arg: &str,

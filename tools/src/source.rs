@@ -349,6 +349,9 @@ fn class_index(
 }
 
 /// Scans `src` (a folder; unused for IDX) with `layout`.
+///
+/// # Errors
+/// [`SourceError`]: a missing or empty source, an unreadable or invalid label file (naming file and line), or I/O naming the path.
 pub fn scan(src: &Path, layout: &Layout, opts: &ScanOptions) -> Result<Source, SourceError> {
     let source = match layout {
         Layout::ImageFolder => scan_image_folder(src, opts)?,

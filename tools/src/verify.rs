@@ -32,6 +32,9 @@ pub struct VerifyReport {
 }
 
 /// Checks `dir`; `workers` threads decode images.
+///
+/// # Errors
+/// The dataset's manifest cannot be loaded (problems in shards are reported, not returned as errors).
 pub fn verify(dir: &Path, workers: usize, progress: bool) -> Result<VerifyReport, FormatError> {
     let t0 = std::time::Instant::now();
     let m = Manifest::load(dir)?;

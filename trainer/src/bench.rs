@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
@@ -87,6 +87,8 @@ fn timed(
     Ok((steps * batch) as f64 / t0.elapsed().as_secs_f64())
 }
 
+/// # Errors
+/// The data cannot be opened, a step fails, or the PyTorch reference script fails.
 pub fn bench_train(
     cfg: &TrainConfig,
     steps: usize,
@@ -101,7 +103,8 @@ pub fn bench_train(
     let b = cfg.train.batch;
     let size = cfg.augment.size;
     let warmup = 3;
-    let choice = crate::amp::precision(&cfg.train.precision, dev).map_err(anyhow::Error::msg)?;
+    let choice =
+        crate::amp::precision(&cfg.train.precision, dev).map_err(crate::error::Error::Invalid)?;
     if let Some(w) = &choice.warning {
         eprintln!("byol: WARNING: {w}");
     }
@@ -147,7 +150,9 @@ pub fn bench_train(
             let ds = Dataset::open(d).with_context(|| format!("opening {}", d.display()))?;
             let lc = crate::train::loader_config(cfg);
             let loader = Loader::new(ds, lc, dec)?;
-            anyhow::ensure!(loader.batches_per_epoch() > 0, "fewer rows than one batch");
+            if loader.batches_per_epoch() == 0 {
+                crate::bail!("{}: fewer rows than one batch", d.display());
+            }
             let mut epoch = 0;
             let mut it = loader.start(Cursor { epoch, consumed: 0 });
             let mut wait0 = 0.0;
@@ -198,7 +203,7 @@ pub fn bench_train(
             };
             // The effective config (after --set), so both sides run the same settings.
             let eff = std::env::temp_dir().join(format!("byol-bench-{}.toml", std::process::id()));
-            std::fs::write(&eff, cfg.to_toml())?;
+            byol_format::fs::write_atomic(&eff, cfg.to_toml().as_bytes())?;
             let o = std::process::Command::new(py)
                 .arg(&script)
                 .arg("--config")
@@ -218,7 +223,7 @@ pub fn bench_train(
             let _ = std::fs::remove_file(&eff);
             let o = o?;
             if !o.status.success() {
-                anyhow::bail!(
+                crate::bail!(
                     "reference script failed: {}",
                     String::from_utf8_lossy(&o.stderr)
                 );

@@ -49,6 +49,9 @@ impl Network {
     }
 
     /// Writes every variable (contiguous copies) to a safetensors file.
+    ///
+    /// # Errors
+    /// The safetensors file cannot be written.
     pub fn save(&self, path: &std::path::Path) -> Result<(), tch::TchError> {
         Tensor::write_safetensors(&named_contiguous(&self.vs), path)
     }

@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use crate::bail;
+use crate::error::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
@@ -42,6 +43,9 @@ pub struct EvalReport {
 
 /// Un-augmented model inputs of a whole dataset: the centred square of each valid
 /// region resized to `size`, in [0, 1], with labels. Returns (`[N,3,size,size]` uint8, labels).
+///
+/// # Errors
+/// The shards cannot be opened or read (naming the folder).
 pub fn load_inputs(
     data: &Path,
     canvas: usize,
@@ -133,6 +137,9 @@ pub fn centred_inputs(b: &byol_pipeline::loader::Batch, size: i64) -> Tensor {
 }
 
 /// Encoder features in eval mode, in chunks.
+///
+/// # Shapes
+/// `x`: `[N, 3, S, S]` uint8 → `[N, D]` float32 embeddings (CPU).
 pub fn features(net: &Network, x: &Tensor, cfg: &TrainConfig, device: Device) -> Tensor {
     let n = x.size()[0];
     let mut out = Vec::new();
@@ -286,6 +293,9 @@ fn probe(tr: &Tensor, ytr: &Tensor, te: &Tensor, yte: &Tensor, classes: i64) -> 
 }
 
 /// `byol eval`.
+///
+/// # Errors
+/// The run or its checkpoint cannot be loaded, the datasets cannot be read or have different classes, or `eval.json` cannot be written.
 pub fn evaluate(
     run: &Path,
     train: &Path,

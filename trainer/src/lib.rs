@@ -8,12 +8,14 @@
 //!   checkpoints, metrics, curves) and everything that reads one;
 //! - [`eval`]: linear probe and kNN on frozen features;
 //! - [`export`]: ONNX export, the ONNX Runtime check and `byol embed`;
+//! - [`error`]: the library's error type;
 //! - [`plot`]: `curves.png`; [`runtime`]: the native libraries; [`bench`]: `byol bench train`.
 
 pub mod amp;
 pub mod bench;
 pub mod byol;
 pub mod config;
+pub mod error;
 pub mod eval;
 pub mod export;
 pub mod model;

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+pub use plotters::prelude::SeriesLabelPosition;
 use plotters::prelude::*;
 
 /// Environment variable naming the TrueType font used for the plots' text.
@@ -51,6 +52,8 @@ pub struct Panel<'a> {
     pub y_label: &'a str,
     pub y_range: Option<(f64, f64)>,
     pub series: &'a [Series<'a>],
+    /// Where the legend goes (away from where the lines usually are).
+    pub legend: SeriesLabelPosition,
 }
 
 pub const BLUE: RGBColor = RGBColor(31, 119, 180);
@@ -141,10 +144,14 @@ pub fn save_panels(
                 .y_label_area_size(56)
                 .build_cartesian_2d(x0..x1, y0..y1)
                 .map_err(|e| draw_err(&e))?;
+            let y_decimals = if y1 - y0 >= 10.0 { 0 } else { 2 };
             chart
                 .configure_mesh()
                 .x_desc("step")
                 .y_desc(p.y_label)
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .y_label_formatter(&|y| format!("{y:.y_decimals$}"))
+                .light_line_style(WHITE)
                 .label_style(("sans-serif", 12))
                 .draw()
                 .map_err(|e| draw_err(&e))?;
@@ -164,6 +171,7 @@ pub fn save_panels(
             if p.series.iter().any(|s| !s.points.is_empty()) {
                 chart
                     .configure_series_labels()
+                    .position(p.legend.clone())
                     .label_font(("sans-serif", 12))
                     .background_style(WHITE.mix(0.8))
                     .border_style(BLACK)
@@ -208,6 +216,7 @@ mod tests {
                 title: "loss",
                 y_label: "loss",
                 y_range: None,
+                legend: SeriesLabelPosition::UpperRight,
                 series: &[Series {
                     name: "loss",
                     color: BLUE,

@@ -17,7 +17,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use crate::bail;
+use crate::error::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
@@ -80,6 +81,8 @@ pub struct KnnRow {
     pub knn_top1: f64,
 }
 
+/// # Errors
+/// An unknown device name, or `cuda` without CUDA.
 pub fn device_of(s: &str) -> Result<Device> {
     Ok(match s {
         "auto" => Device::cuda_if_available(),
@@ -301,7 +304,7 @@ pub fn lock_run(run: &Path) -> Result<std::fs::File> {
             )
         }
         Err(std::fs::TryLockError::Error(e)) => {
-            Err(anyhow::Error::new(e).context(format!("locking {}", path.display())))
+            Err(e).with_context(|| format!("locking {}", path.display()))
         }
     }
 }
@@ -345,9 +348,7 @@ pub fn check_run_data(
                 );
                 None
             }
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!("reading {}", path.display())))
-            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
         if let Some(text) = text {
             let was: RunData = serde_json::from_str(&text)
@@ -401,6 +402,9 @@ pub fn same_classes(a: &Path, ca: &[String], b: &Path, cb: &[String]) -> Result<
 }
 
 /// [`byol_format::fs::write_atomic`] (temporary name, fsync, rename) into `anyhow`.
+///
+/// # Errors
+/// [`byol_format::fs::FileError`], naming the file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(byol_format::fs::write_atomic(path, bytes)?)
 }
@@ -438,7 +442,7 @@ pub fn read_metrics(run: &Path) -> Result<Vec<MetricsRow>> {
 /// # Errors
 /// Unreadable metrics, no font for the text, or I/O (see [`crate::plot::save_panels`]).
 pub fn draw_curves(run: &Path) -> Result<()> {
-    use crate::plot::{save_panels, Panel, Series, BLUE, GREEN, ORANGE};
+    use crate::plot::{save_panels, Panel, Series, SeriesLabelPosition, BLUE, GREEN, ORANGE};
     let (mut loss, mut probe, mut knn) = (Vec::new(), Vec::new(), Vec::new());
     for row in read_metrics(run)? {
         match row {
@@ -464,6 +468,7 @@ pub fn draw_curves(run: &Path) -> Result<()> {
                 title: "BYOL loss",
                 y_label: "loss",
                 y_range: None,
+                legend: SeriesLabelPosition::UpperRight,
                 series: &[Series {
                     name: "loss",
                     color: BLUE,
@@ -474,6 +479,7 @@ pub fn draw_curves(run: &Path) -> Result<()> {
                 title: "top-1 accuracy",
                 y_label: "accuracy (%)",
                 y_range: Some((0.0, 100.0)),
+                legend: SeriesLabelPosition::LowerRight,
                 series: &[
                     Series {
                         name: "online linear probe (training batches)",
@@ -503,6 +509,9 @@ pub struct TrainedOnline {
 }
 
 /// Loads the online network of `run` from `checkpoint` (default: the latest).
+///
+/// # Errors
+/// No `config.toml` (not a run folder), no checkpoint, or a checkpoint that does not fit the config.
 pub fn load_online(run: &Path, checkpoint: Option<&Path>) -> Result<TrainedOnline> {
     let cfg = TrainConfig::from_toml(
         &std::fs::read_to_string(config_path(run))

@@ -26,6 +26,9 @@ pub enum RuntimeError {
 
 /// Finds `libonnxruntime.so`: the explicit path, then [`ORT_ENV_VARS`], then the path
 /// `scripts/setup` found when this binary was built.
+///
+/// # Errors
+/// No library at `--ort-lib`, or none of the default places has one (the message lists them).
 pub fn ort_library(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> {
     let mut candidates: Vec<(String, PathBuf)> = Vec::new();
     if let Some(p) = explicit {
@@ -72,6 +75,9 @@ pub fn ort_library(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> {
 }
 
 /// Loads ONNX Runtime (once per process) and returns the library path used.
+///
+/// # Errors
+/// The ONNX Runtime library cannot be found or loaded.
 pub fn init_ort(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> {
     let path = ort_library(explicit)?;
     // A second call in the same process returns the already-loaded library.

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use crate::bail;
+use crate::error::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -14,6 +15,7 @@ use byol_pipeline::augment::{Augmenter, SplitMix64};
 use byol_pipeline::loader::DecodeFn;
 use byol_pipeline::{Cursor, Dataset, Loader, LoaderConfig};
 
+use crate::amp::PrecisionChoice;
 use crate::byol::{
     channels_last, copy_into, lr_at, tau_at, train_step, Network, Optimizer, StepSettings,
 };
@@ -187,6 +189,25 @@ impl Learner {
             amp,
             channels_last: cfg.train.channels_last,
         }
+    }
+
+    /// Loads checkpoint `dir` into the networks, optimizer and probe; returns where the
+    /// run stood: (step, cursor, augmentation generator, last loss).
+    fn restore(&mut self, dir: &Path) -> Result<(u64, Cursor, SplitMix64, f64)> {
+        let c = load_checkpoint(dir, &mut self.online, &mut self.target)?;
+        if let Some(o) = c.optimizer {
+            self.opt.load_state(o, self.device);
+        }
+        if let (Some(p), Some(named)) = (self.probe.as_mut(), c.probe) {
+            p.load(named, self.device);
+        }
+        let st = c.state;
+        Ok((
+            st.step,
+            st.cursor,
+            SplitMix64::new(st.aug_rng),
+            st.last_loss,
+        ))
     }
 
     /// One BYOL step (two views of `b`, online/target update, probe step) at learning
@@ -372,6 +393,11 @@ fn collapse_monitor(z: &Tensor) -> Tensor {
 /// Trains (or resumes) a run. `config` is required for a new run; on `--resume` it may be
 /// given and is then compared with the run's.
 ///
+/// The loop is a sequence of named steps: [`open_data`] and [`Session::start`] (set-up:
+/// precision, time budget, networks, resume), [`Session::step`] (one BYOL step and its
+/// metrics row), [`Session::end_epoch`] (kNN monitor, curves, checkpoint) and
+/// [`Session::finish`] (the last checkpoint and the summary).
+///
 /// # Errors
 /// Unreadable or incompatible configs and checkpoints, a dataset smaller than one batch,
 /// a time budget too small for one step, a non-finite loss (naming the last good
@@ -386,42 +412,56 @@ pub fn train(
     let t_start = Instant::now();
     std::fs::create_dir_all(run).with_context(|| format!("creating {}", run.display()))?;
     let _lock = lock_run(run)?;
-    let cfg_path = run::config_path(run);
     let latest = list_checkpoints(run).pop();
-    let mut cfg = run_config(
+    let cfg = run_config(
         config,
         run,
         opts.resume,
         opts.time_budget.is_some(),
         latest.is_some(),
     )?;
-
-    if cfg.train.torch_threads > 0 {
-        tch::set_num_threads(cfg.train.torch_threads);
+    let (loader, labelled) = open_data(&cfg, data, run, opts, decode)?;
+    let knn = opts.val.as_ref().map(|val| KnnSource {
+        data: data.to_path_buf(),
+        val: val.clone(),
+        decode,
+    });
+    let mut s = Session::start(cfg, run, opts, &loader, labelled, latest, knn, t_start)?;
+    'epochs: while s.step < s.stop_at {
+        let mut epoch = loader.start(s.cursor);
+        loop {
+            if s.step >= s.stop_at || STOP.load(Ordering::SeqCst) {
+                break 'epochs;
+            }
+            let Some(b) = epoch.next() else { break };
+            s.step(b?, &loader)?;
+        }
+        drop(epoch);
+        s.end_epoch()?;
     }
-    let device = device_of(&cfg.train.device)?;
-    let hw = crate::amp::Hardware::detect(device);
-    let choice =
-        crate::amp::choose_precision(&cfg.train.precision, &hw).map_err(anyhow::Error::msg)?;
-    eprintln!("byol train: precision {} ({})", choice.name, choice.reason);
-    if let Some(w) = &choice.warning {
-        tracing::warn!("{w}");
-        eprintln!("byol: WARNING: {w}");
-    }
-    let amp = choice.dtype;
+    s.finish(&loader)
+}
 
+/// Opens the training data (and checks the held-out data's classes), records it in the
+/// run folder, and builds the loader. Returns the loader and the number of classes when
+/// every row is labelled (then the online probe runs).
+fn open_data(
+    cfg: &TrainConfig,
+    data: &Path,
+    run: &Path,
+    opts: &TrainOptions,
+    decode: DecodeFn,
+) -> Result<(Loader, Option<i64>)> {
     let ds = Dataset::open(data).with_context(|| format!("opening {}", data.display()))?;
     check_run_data(run, data, &ds.manifest, opts.resume)?;
     if let Some(val) = &opts.val {
         let v = Dataset::open(val).with_context(|| format!("opening {}", val.display()))?;
         same_classes(data, &ds.manifest.classes, val, &v.manifest.classes)?;
     }
-    let lc = loader_config(&cfg);
     let classes = ds.manifest.classes.len() as i64;
     let labelled = (classes > 0 && ds.manifest.totals.unlabeled == 0).then_some(classes);
-    let loader = Loader::new(ds, lc, decode)?;
-    let spe = loader.batches_per_epoch();
-    if spe == 0 {
+    let loader = Loader::new(ds, loader_config(cfg), decode)?;
+    if loader.batches_per_epoch() == 0 {
         bail!(
             "{} has {} rows per rank, fewer than one batch of {}",
             data.display(),
@@ -429,313 +469,485 @@ pub fn train(
             cfg.train.batch
         );
     }
-    let mut monitor = KnnMonitor::default();
-    let knn_src = opts.val.as_ref().map(|val| KnnSource {
-        data: data.to_path_buf(),
-        val: val.clone(),
-        decode,
-    });
-    let knn_on = cfg.train.knn_every_epochs > 0;
+    Ok((loader, labelled))
+}
 
-    // A time budget: measure, then fix the run's length (and so its schedules) in its
-    // config before the first real step.
-    let mut calibration_seconds = None;
-    let mut resolved_budget = None;
-    if let Some(budget) = opts.time_budget {
-        let t_cal = Instant::now();
-        let seconds = (budget * 0.03).clamp(10.0, 60.0);
-        let knn = knn_src
-            .as_ref()
-            .filter(|_| knn_on)
-            .map(|s| (&mut monitor, s));
-        let c = calibrate(&cfg, &loader, amp, labelled, device, seconds, knn)?;
-        calibration_seconds = Some(t_cal.elapsed().as_secs_f64());
-        let spent = t_start.elapsed().as_secs_f64();
-        let available = budget * (1.0 - BUDGET_RESERVE) - spent;
-        let knn_every = if knn_src.is_some() {
-            cfg.train.knn_every_epochs
-        } else {
-            0
-        };
-        let n = steps_for_budget(available, c.step_s, spe, c.knn_s, knn_every);
-        let rate = cfg.train.batch as f64 / c.step_s;
-        if n == 0 {
-            bail!(
-                "--time-budget {budget:.0} s leaves no time for a training step: the calibration took {spent:.0} s and one step takes {:.1} s ({rate:.1} images/s)",
-                c.step_s
-            );
-        }
-        let reason = format!(
-            "calibrated {rate:.1} images/s ({} steps timed, {:.2} s each){}; {:.0} s of the {budget:.0} s budget left after {spent:.0} s of calibration and a {:.0} % reserve: {n} steps = {:.2} epochs of {spe}",
-            c.steps,
-            c.step_s,
-            if knn_every > 0 { format!(", kNN monitor {:.1} s a run", c.knn_s) } else { String::new() },
-            available,
-            100.0 * BUDGET_RESERVE,
-            n as f64 / spe as f64
-        );
-        eprintln!("byol train: time budget: {reason}");
-        cfg.train.total_steps = n;
-        cfg.train.epochs = n.div_ceil(spe);
-        resolved_budget = Some((budget, rate, reason));
+/// The precision for this machine, said on stderr (and a loud warning for emulated bf16).
+fn choose_precision(cfg: &TrainConfig, device: Device) -> Result<(PrecisionChoice, String)> {
+    let hw = crate::amp::Hardware::detect(device);
+    let choice = crate::amp::choose_precision(&cfg.train.precision, &hw)
+        .map_err(crate::error::Error::Invalid)?;
+    eprintln!("byol train: precision {} ({})", choice.name, choice.reason);
+    if let Some(w) = &choice.warning {
+        tracing::warn!("{w}");
+        eprintln!("byol: WARNING: {w}");
     }
+    Ok((choice, hw.cpu_summary()))
+}
+
+/// What `--time-budget` decided.
+struct Budget {
+    seconds: f64,
+    images_per_s: f64,
+    reason: String,
+    calibration_seconds: f64,
+}
+
+/// Calibrates, then fixes the run's length (`train.total_steps`, and so its schedules)
+/// to what fits in `budget` seconds from `t_start`.
+#[allow(clippy::too_many_arguments)]
+fn fit_budget(
+    cfg: &mut TrainConfig,
+    budget: f64,
+    loader: &Loader,
+    choice: &PrecisionChoice,
+    labelled: Option<i64>,
+    device: Device,
+    knn: Option<(&mut KnnMonitor, &KnnSource)>,
+    t_start: Instant,
+) -> Result<Budget> {
+    let t_cal = Instant::now();
+    let spe = loader.batches_per_epoch();
+    let knn_every = if knn.is_some() {
+        cfg.train.knn_every_epochs
+    } else {
+        0
+    };
+    let seconds = (budget * 0.03).clamp(10.0, 60.0);
+    let c = calibrate(cfg, loader, choice.dtype, labelled, device, seconds, knn)?;
+    let spent = t_start.elapsed().as_secs_f64();
+    let available = budget * (1.0 - BUDGET_RESERVE) - spent;
+    let n = steps_for_budget(available, c.step_s, spe, c.knn_s, knn_every);
+    let rate = cfg.train.batch as f64 / c.step_s;
+    if n == 0 {
+        bail!(
+            "--time-budget {budget:.0} s leaves no time for a training step: the calibration took {spent:.0} s and one step takes {:.1} s ({rate:.1} images/s)",
+            c.step_s
+        );
+    }
+    let reason = format!(
+        "calibrated {rate:.1} images/s ({} steps timed, {:.2} s each){}; {:.0} s of the {budget:.0} s budget left after {spent:.0} s of calibration and a {:.0} % reserve: {n} steps = {:.2} epochs of {spe}",
+        c.steps,
+        c.step_s,
+        if knn_every > 0 { format!(", kNN monitor {:.1} s a run", c.knn_s) } else { String::new() },
+        available,
+        100.0 * BUDGET_RESERVE,
+        n as f64 / spe as f64
+    );
+    eprintln!("byol train: time budget: {reason}");
+    cfg.train.total_steps = n;
+    cfg.train.epochs = n.div_ceil(spe);
+    Ok(Budget {
+        seconds: budget,
+        images_per_s: rate,
+        reason,
+        calibration_seconds: t_cal.elapsed().as_secs_f64(),
+    })
+}
+
+/// The resolved values `RUN/config.toml` records: this machine's device and precision,
+/// and the budget (this start's, or the one the run was started with).
+fn resolved(
+    cfg: &mut TrainConfig,
+    device: Device,
+    choice: &PrecisionChoice,
+    cpu: String,
+    spe: u64,
+    budget: Option<&Budget>,
+    resume: bool,
+) -> Resolved {
     let prev = cfg.resolved.take();
     if let Some(p) = prev
         .as_ref()
-        .filter(|p| opts.resume && p.precision != choice.name)
+        .filter(|p| resume && p.precision != choice.name)
     {
         eprintln!(
             "byol train: precision changes from {} (when the run last started: {}) to {} on this machine",
             p.precision, p.precision_reason, choice.name
         );
     }
-    let (time_budget_s, calibrated_images_per_s, budget_reason) = match resolved_budget {
-        Some((b, r, why)) => (Some(b), Some(r), Some(why)),
+    let (time_budget_s, calibrated_images_per_s, budget_reason) = match budget {
+        Some(b) => (
+            Some(b.seconds),
+            Some(b.images_per_s),
+            Some(b.reason.clone()),
+        ),
         None => prev
             .map(|p| (p.time_budget_s, p.calibrated_images_per_s, p.budget_reason))
             .unwrap_or_default(),
     };
-    cfg.resolved = Some(Resolved {
+    Resolved {
         device: format!("{device:?}").to_lowercase(),
         precision: choice.name.into(),
         precision_reason: choice.reason.clone(),
-        cpu: hw.cpu_summary(),
+        cpu,
         steps_per_epoch: spe,
         time_budget_s,
         calibrated_images_per_s,
         budget_reason,
-    });
-    // The config is written before training starts.
-    write_atomic(&cfg_path, cfg.to_toml().as_bytes())?;
-
-    let mut l = Learner::new(&cfg, device, amp, labelled);
-    let total = if cfg.train.total_steps > 0 {
-        cfg.train.total_steps
-    } else {
-        spe * cfg.train.epochs
-    };
-    let warmup = (cfg.optim.warmup_epochs * spe as f64).round() as u64;
-    let peak_lr = cfg.optim.base_lr * cfg.train.batch as f64 / 256.0;
-
-    let mut step = 0u64;
-    let mut cursor = Cursor::default();
-    let mut rng = SplitMix64::new(cfg.train.seed ^ 0x00A5_5A00_B10B_5EED);
-    let mut last_loss = f64::NAN;
-    if opts.resume {
-        if let Some(dir) = &latest {
-            let c = load_checkpoint(dir, &mut l.online, &mut l.target)?;
-            if let Some(o) = c.optimizer {
-                l.opt.load_state(o, device);
-            }
-            if let (Some(p), Some(named)) = (l.probe.as_mut(), c.probe) {
-                p.load(named, device);
-            }
-            let st = c.state;
-            step = st.step;
-            cursor = st.cursor;
-            rng = SplitMix64::new(st.aug_rng);
-            last_loss = st.last_loss;
-        }
     }
-    let stop_at = opts.max_steps.unwrap_or(total).min(total);
-    let metrics_path = run::metrics_path(run);
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("opening {}", metrics_path.display()))?;
-    let mut bar = Progress::new(Mode::detect(opts.progress), "train", stop_at, "steps", step);
+}
 
-    let mut last_ckpt: Option<PathBuf> = None;
-    let mut low_collapse = 0u64;
-    let mut win_t = Instant::now();
-    let mut win_imgs = 0u64;
-    let mut win_correct = 0.0f64;
-    let mut last_knn_step = u64::MAX;
-    let mut win_wait0 = loader.stats().consumer_wait_s;
-    let run_t0 = Instant::now();
-    let run_step0 = step;
-    let run_wait0 = loader.stats().consumer_wait_s;
-    let run_failures0 = loader.stats().decode_failures;
-    let state_of = |step: u64, cursor: Cursor, rng: &SplitMix64, loss: f64| CheckpointState {
-        step,
-        cursor,
-        aug_rng: rng.state(),
-        last_loss: loss,
-        config: cfg.clone(),
-    };
-    // Writes a checkpoint of the current state (networks, optimizer, probe, cursor, RNG).
-    macro_rules! checkpoint {
-        ($loss:expr) => {
-            save_checkpoint(
-                run,
-                CheckpointParts {
-                    online: &l.online,
-                    target: &l.target,
-                    optimizer: l.opt.state(),
-                    probe: l.probe.as_ref().map(Probe::named),
-                },
-                &state_of(step, cursor, &rng, $loss),
-                cfg.train.keep,
-            )?
+/// The counters of one logging interval.
+struct Window {
+    t: Instant,
+    images: u64,
+    correct: f64,
+    wait0: f64,
+}
+
+/// A run in progress: its config and learner, where it stands, and what it reports.
+struct Session<'a> {
+    run: &'a Path,
+    cfg: TrainConfig,
+    device: Device,
+    choice: PrecisionChoice,
+    l: Learner,
+    knn: Option<KnnSource>,
+    monitor: KnnMonitor,
+    // Schedule.
+    total: u64,
+    warmup: u64,
+    peak_lr: f64,
+    stop_at: u64,
+    // Position: what a checkpoint stores.
+    step: u64,
+    cursor: Cursor,
+    rng: SplitMix64,
+    last_loss: f64,
+    // Checkpoints, monitors and reporting.
+    latest: Option<PathBuf>,
+    last_ckpt: Option<PathBuf>,
+    last_knn_step: u64,
+    low_collapse: u64,
+    metrics: std::fs::File,
+    win: Window,
+    bar: Progress,
+    t_start: Instant,
+    run_t0: Instant,
+    run_step0: u64,
+    run_wait0: f64,
+    run_failures0: u64,
+    time_budget: Option<f64>,
+    calibration_seconds: Option<f64>,
+}
+
+impl<'a> Session<'a> {
+    /// Set-up: threads, device and precision; the time budget (a new run); the resolved
+    /// config written to `RUN/config.toml`; the networks, restored from the latest
+    /// checkpoint on `--resume`; the metrics file and the progress display.
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        mut cfg: TrainConfig,
+        run: &'a Path,
+        opts: &TrainOptions,
+        loader: &Loader,
+        labelled: Option<i64>,
+        latest: Option<PathBuf>,
+        knn: Option<KnnSource>,
+        t_start: Instant,
+    ) -> Result<Session<'a>> {
+        if cfg.train.torch_threads > 0 {
+            tch::set_num_threads(cfg.train.torch_threads);
+        }
+        let device = device_of(&cfg.train.device)?;
+        let (choice, cpu) = choose_precision(&cfg, device)?;
+        let spe = loader.batches_per_epoch();
+        let mut monitor = KnnMonitor::default();
+        let budget = match opts.time_budget {
+            Some(b) => {
+                let knn = knn
+                    .as_ref()
+                    .filter(|_| cfg.train.knn_every_epochs > 0)
+                    .map(|s| (&mut monitor, s));
+                Some(fit_budget(
+                    &mut cfg, b, loader, &choice, labelled, device, knn, t_start,
+                )?)
+            }
+            None => None,
         };
+        let r = resolved(
+            &mut cfg,
+            device,
+            &choice,
+            cpu,
+            spe,
+            budget.as_ref(),
+            opts.resume,
+        );
+        cfg.resolved = Some(r);
+        // The config is written before training starts.
+        write_atomic(&run::config_path(run), cfg.to_toml().as_bytes())?;
+
+        let mut l = Learner::new(&cfg, device, choice.dtype, labelled);
+        let total = if cfg.train.total_steps > 0 {
+            cfg.train.total_steps
+        } else {
+            spe * cfg.train.epochs
+        };
+        let (step, cursor, rng, last_loss) = match latest.as_ref().filter(|_| opts.resume) {
+            Some(dir) => l.restore(dir)?,
+            None => (
+                0,
+                Cursor::default(),
+                SplitMix64::new(cfg.train.seed ^ 0x00A5_5A00_B10B_5EED),
+                f64::NAN,
+            ),
+        };
+        let stop_at = opts.max_steps.unwrap_or(total).min(total);
+        let metrics_path = run::metrics_path(run);
+        let metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .with_context(|| format!("opening {}", metrics_path.display()))?;
+        let bar = Progress::new(Mode::detect(opts.progress), "train", stop_at, "steps", step);
+        let stats = loader.stats();
+        Ok(Session {
+            run,
+            warmup: (cfg.optim.warmup_epochs * spe as f64).round() as u64,
+            peak_lr: cfg.optim.base_lr * cfg.train.batch as f64 / 256.0,
+            cfg,
+            device,
+            choice,
+            l,
+            knn,
+            monitor,
+            total,
+            stop_at,
+            step,
+            cursor,
+            rng,
+            last_loss,
+            latest,
+            last_ckpt: None,
+            last_knn_step: u64::MAX,
+            low_collapse: 0,
+            metrics,
+            win: Window {
+                t: Instant::now(),
+                images: 0,
+                correct: 0.0,
+                wait0: stats.consumer_wait_s,
+            },
+            bar,
+            t_start,
+            run_t0: Instant::now(),
+            run_step0: step,
+            run_wait0: stats.consumer_wait_s,
+            run_failures0: stats.decode_failures,
+            time_budget: opts.time_budget,
+            calibration_seconds: budget.map(|b| b.calibration_seconds),
+        })
     }
-    'epochs: while step < stop_at {
-        let mut epoch = loader.start(cursor);
-        let at_epoch_end: bool;
-        loop {
-            if step >= stop_at || STOP.load(Ordering::SeqCst) {
-                break 'epochs;
-            }
-            let Some(b) = epoch.next() else {
-                at_epoch_end = true;
-                break;
-            };
-            let mut b = b?;
-            let lr = lr_at(peak_lr, step, warmup, total);
-            let tau = tau_at(cfg.train.tau_base, step, total);
-            let r = l.step(&mut b, &mut rng, lr, tau)?;
-            let (lv, collapse) = (r.loss, r.collapse);
-            win_correct += r.correct;
-            if !lv.is_finite() {
-                bail!(
-                    "loss is {lv} at step {step}; stopping. The last good checkpoint is {}",
-                    last_ckpt
-                        .as_ref()
-                        .or(latest.as_ref())
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_else(|| "none".into())
-                );
-            }
-            step += 1;
-            cursor = b.cursor;
-            last_loss = lv;
-            win_imgs += b.len() as u64;
-            drop(b);
-            if collapse < cfg.train.collapse_threshold {
-                low_collapse += 1;
-                if low_collapse == cfg.train.collapse_span {
-                    tracing::error!(
-                        step,
-                        collapse,
-                        "COLLAPSE: the projections have had almost no spread for {} steps",
-                        cfg.train.collapse_span
-                    );
-                    eprintln!("byol: warning: representation collapse suspected at step {step} (monitor {collapse:.4})");
-                }
-            } else {
-                low_collapse = 0;
-            }
-            if step.is_multiple_of(cfg.train.log_every.max(1)) || step == stop_at {
-                let dt = win_t.elapsed().as_secs_f64().max(1e-9);
-                let wait = loader.stats().consumer_wait_s;
-                let m = Metrics {
-                    step,
-                    epoch: cursor.epoch,
-                    loss: lv,
-                    lr,
-                    tau,
-                    images_per_s: win_imgs as f64 / dt,
-                    stall: ((wait - win_wait0) / dt).clamp(0.0, 1.0),
-                    collapse,
-                    probe_acc: l
-                        .probe
-                        .as_ref()
-                        .map(|_| win_correct / win_imgs.max(1) as f64),
-                };
-                writeln!(metrics, "{}", serde_json::to_string(&m)?)?;
-                bar.set_message(format!(
-                    "loss {lv:.4}, lr {lr:.4}, tau {tau:.4}, {:.0} images/s, stall {:.0} %",
-                    m.images_per_s,
-                    100.0 * m.stall
+
+    /// One BYOL step on batch `b` at this step's learning rate and τ, then the collapse
+    /// monitor, a metrics row every `train.log_every` steps and a checkpoint every
+    /// `train.checkpoint_every`.
+    fn step(&mut self, mut b: byol_pipeline::loader::Batch, loader: &Loader) -> Result<()> {
+        let lr = lr_at(self.peak_lr, self.step, self.warmup, self.total);
+        let tau = tau_at(self.cfg.train.tau_base, self.step, self.total);
+        let r = self.l.step(&mut b, &mut self.rng, lr, tau)?;
+        if !r.loss.is_finite() {
+            bail!(
+                "loss is {} at step {}; stopping. The last good checkpoint is {}",
+                r.loss,
+                self.step,
+                self.last_ckpt
+                    .as_ref()
+                    .or(self.latest.as_ref())
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "none".into())
+            );
+        }
+        self.step += 1;
+        self.cursor = b.cursor;
+        self.last_loss = r.loss;
+        self.win.images += b.len() as u64;
+        self.win.correct += r.correct;
+        drop(b);
+        self.watch_collapse(r.collapse);
+        if self.step.is_multiple_of(self.cfg.train.log_every.max(1)) || self.step == self.stop_at {
+            self.log(lr, tau, r.collapse, loader)?;
+        }
+        self.bar.set_position(self.step);
+        if self
+            .step
+            .is_multiple_of(self.cfg.train.checkpoint_every.max(1))
+        {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Warns once when the projections have had almost no spread for
+    /// `train.collapse_span` steps.
+    fn watch_collapse(&mut self, collapse: f64) {
+        if collapse >= self.cfg.train.collapse_threshold {
+            self.low_collapse = 0;
+            return;
+        }
+        self.low_collapse += 1;
+        if self.low_collapse == self.cfg.train.collapse_span {
+            tracing::error!(
+                step = self.step,
+                collapse,
+                "COLLAPSE: the projections have had almost no spread for {} steps",
+                self.cfg.train.collapse_span
+            );
+            eprintln!(
+                "byol: warning: representation collapse suspected at step {} (monitor {collapse:.4})",
+                self.step
+            );
+        }
+    }
+
+    /// Writes the interval's metrics row and updates the progress message.
+    fn log(&mut self, lr: f64, tau: f64, collapse: f64, loader: &Loader) -> Result<()> {
+        let dt = self.win.t.elapsed().as_secs_f64().max(1e-9);
+        let wait = loader.stats().consumer_wait_s;
+        let m = Metrics {
+            step: self.step,
+            epoch: self.cursor.epoch,
+            loss: self.last_loss,
+            lr,
+            tau,
+            images_per_s: self.win.images as f64 / dt,
+            stall: ((wait - self.win.wait0) / dt).clamp(0.0, 1.0),
+            collapse,
+            probe_acc: self
+                .l
+                .probe
+                .as_ref()
+                .map(|_| self.win.correct / self.win.images.max(1) as f64),
+        };
+        writeln!(self.metrics, "{}", serde_json::to_string(&m)?)?;
+        self.bar.set_message(format!(
+            "loss {:.4}, lr {lr:.4}, tau {tau:.4}, {:.0} images/s, stall {:.0} %",
+            m.loss,
+            m.images_per_s,
+            100.0 * m.stall
+        ));
+        self.win = Window {
+            t: Instant::now(),
+            images: 0,
+            correct: 0.0,
+            wait0: wait,
+        };
+        Ok(())
+    }
+
+    /// Saves a checkpoint of the current state (networks, optimizer, probe, cursor, RNG).
+    fn checkpoint(&mut self) -> Result<()> {
+        let st = CheckpointState {
+            step: self.step,
+            cursor: self.cursor,
+            aug_rng: self.rng.state(),
+            last_loss: self.last_loss,
+            config: self.cfg.clone(),
+        };
+        let parts = CheckpointParts {
+            online: &self.l.online,
+            target: &self.l.target,
+            optimizer: self.l.opt.state(),
+            probe: self.l.probe.as_ref().map(Probe::named),
+        };
+        self.last_ckpt = Some(save_checkpoint(self.run, parts, &st, self.cfg.train.keep)?);
+        Ok(())
+    }
+
+    /// Runs the kNN monitor (when due) and appends its row; returns its accuracy.
+    fn knn_row(&mut self, epoch: u64) -> Result<Option<f64>> {
+        let Some(src) = &self.knn else {
+            return Ok(None);
+        };
+        let acc = self
+            .monitor
+            .top1(&self.l.online, &self.cfg, src, self.device)?;
+        self.last_knn_step = self.step;
+        let row = KnnRow {
+            step: self.step,
+            epoch,
+            knn_top1: acc,
+        };
+        writeln!(self.metrics, "{}", serde_json::to_string(&row)?)?;
+        Ok(Some(acc))
+    }
+
+    /// At an epoch's end: the cursor moves to the next epoch, the kNN monitor runs every
+    /// `train.knn_every_epochs`, `curves.png` is redrawn and a checkpoint saved.
+    fn end_epoch(&mut self) -> Result<()> {
+        self.cursor = Cursor {
+            epoch: self.cursor.epoch + 1,
+            consumed: 0,
+        };
+        let every = self.cfg.train.knn_every_epochs;
+        if every > 0 && self.cursor.epoch.is_multiple_of(every) {
+            if let Some(acc) = self.knn_row(self.cursor.epoch)? {
+                self.bar.println(&format!(
+                    "epoch {}: kNN top-1 {:.2} %",
+                    self.cursor.epoch,
+                    100.0 * acc
                 ));
-                win_t = Instant::now();
-                win_imgs = 0;
-                win_correct = 0.0;
-                win_wait0 = wait;
-            }
-            bar.set_position(step);
-            if step.is_multiple_of(cfg.train.checkpoint_every.max(1)) {
-                last_ckpt = Some(checkpoint!(lv));
             }
         }
-        drop(epoch);
-        if at_epoch_end {
-            cursor = Cursor {
-                epoch: cursor.epoch + 1,
-                consumed: 0,
-            };
-            if let Some(src) = &knn_src {
-                if knn_on && cursor.epoch.is_multiple_of(cfg.train.knn_every_epochs) {
-                    let acc = monitor.top1(&l.online, &cfg, src, device)?;
-                    last_knn_step = step;
-                    let row = KnnRow {
-                        step,
-                        epoch: cursor.epoch,
-                        knn_top1: acc,
-                    };
-                    writeln!(metrics, "{}", serde_json::to_string(&row)?)?;
-                    bar.println(&format!(
-                        "epoch {}: kNN top-1 {:.2} %",
-                        cursor.epoch,
-                        100.0 * acc
-                    ));
-                }
-            }
-            if let Err(e) = draw_curves(run) {
-                tracing::warn!("curves.png not written: {e}");
-            }
-            last_ckpt = Some(checkpoint!(last_loss));
+        if let Err(e) = draw_curves(self.run) {
+            tracing::warn!("curves.png not written: {}", byol_format::error_chain(&e));
         }
+        self.checkpoint()
     }
-    bar.finish();
-    // The run's last state gets a kNN row too (the final epoch end is not reached when
-    // the step budget ends exactly there).
-    if let Some(src) = &knn_src {
-        if knn_on && step > run_step0 && last_knn_step != step && step == total {
-            let acc = monitor.top1(&l.online, &cfg, src, device)?;
-            let row = KnnRow {
-                step,
-                epoch: cursor.epoch + 1,
-                knn_top1: acc,
-            };
-            writeln!(metrics, "{}", serde_json::to_string(&row)?)?;
+
+    /// After the last step (or a signal): the run's final kNN row when it finished
+    /// between epoch ends, the curves, a checkpoint at the step reached, the summary.
+    fn finish(mut self, loader: &Loader) -> Result<TrainSummary> {
+        self.bar.finish();
+        let knn_due = self.cfg.train.knn_every_epochs > 0
+            && self.step > self.run_step0
+            && self.last_knn_step != self.step
+            && self.step == self.total;
+        if knn_due {
+            self.knn_row(self.cursor.epoch + 1)?;
         }
+        if let Err(e) = draw_curves(self.run) {
+            tracing::warn!("curves.png not written: {}", byol_format::error_chain(&e));
+        }
+        let stopped = STOP.load(Ordering::SeqCst);
+        // Always leave a checkpoint at the step reached.
+        let have = self
+            .last_ckpt
+            .as_ref()
+            .is_some_and(|p| p.ends_with(format!("step-{:09}", self.step)));
+        if !have && self.step > 0 {
+            self.checkpoint()?;
+        }
+        let secs = self.run_t0.elapsed().as_secs_f64().max(1e-9);
+        let knn_in_run = self.monitor.seconds - self.monitor.calibration_seconds;
+        let images = ((self.step - self.run_step0) * self.cfg.train.batch as u64) as f64;
+        let stats = loader.stats();
+        Ok(TrainSummary {
+            command: "train".into(),
+            run: self.run.display().to_string(),
+            steps: self.step,
+            total_steps: self.total,
+            epoch: self.cursor.epoch,
+            last_loss: self.last_loss,
+            images_per_s: images / secs,
+            train_images_per_s: images / (secs - knn_in_run).max(1e-9),
+            monitor_seconds: knn_in_run,
+            data_stall: ((stats.consumer_wait_s - self.run_wait0) / secs).clamp(0.0, 1.0),
+            decode_failures: stats.decode_failures - self.run_failures0,
+            checkpoint: self
+                .last_ckpt
+                .or(self.latest)
+                .map(|p| p.display().to_string()),
+            stopped_by_signal: stopped,
+            seconds: self.t_start.elapsed().as_secs_f64(),
+            precision: self.choice.name.into(),
+            precision_reason: self.choice.reason,
+            time_budget_s: self.time_budget,
+            calibration_seconds: self.calibration_seconds,
+        })
     }
-    let _ = draw_curves(run);
-    let stopped = STOP.load(Ordering::SeqCst);
-    // Always leave a checkpoint at the step we stopped at.
-    let have = last_ckpt
-        .as_ref()
-        .is_some_and(|p| p.ends_with(format!("step-{step:09}")));
-    if !have && step > 0 {
-        last_ckpt = Some(checkpoint!(last_loss));
-    }
-    let secs = run_t0.elapsed().as_secs_f64().max(1e-9);
-    let knn_in_run = monitor.seconds - monitor.calibration_seconds;
-    Ok(TrainSummary {
-        command: "train".into(),
-        run: run.display().to_string(),
-        steps: step,
-        total_steps: total,
-        epoch: cursor.epoch,
-        last_loss,
-        images_per_s: ((step - run_step0) * cfg.train.batch as u64) as f64 / secs,
-        train_images_per_s: ((step - run_step0) * cfg.train.batch as u64) as f64
-            / (secs - knn_in_run).max(1e-9),
-        monitor_seconds: knn_in_run,
-        data_stall: ((loader.stats().consumer_wait_s - run_wait0) / secs).clamp(0.0, 1.0),
-        decode_failures: loader.stats().decode_failures - run_failures0,
-        checkpoint: last_ckpt
-            .map(|p| p.display().to_string())
-            .or_else(|| latest.map(|p| p.display().to_string())),
-        stopped_by_signal: stopped,
-        seconds: t_start.elapsed().as_secs_f64(),
-        precision: choice.name.into(),
-        precision_reason: choice.reason,
-        time_budget_s: opts.time_budget,
-        calibration_seconds,
-    })
 }
 
 /// Where the kNN monitor's images come from: the training shards (bank) and the

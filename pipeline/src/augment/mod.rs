@@ -49,6 +49,9 @@ impl Augmenter {
 
     /// uint8 canvases `[B, 3, S, S]` on `device` (with each sample's valid region) →
     /// two normalised float views `[B, 3, size, size]`.
+    ///
+    /// # Shapes
+    /// `canvas`: `[B, 3, S, S]` uint8 → two `[B, 3, size, size]` float views.
     pub fn views(
         &self,
         canvas: &Tensor,

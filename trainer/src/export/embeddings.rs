@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use tch::Kind;
 
 use super::session::OnnxEncoder;
@@ -27,6 +27,12 @@ pub struct EmbedReport {
 /// Embeds every image of the shard folder `data` with the ONNX encoder `model` and writes
 /// `out` (Parquet: `row` UInt64, `key` Utf8, `label` Int32, `embedding`
 /// FixedSizeList<Float32, D>), through a temporary name.
+///
+/// # Shapes
+/// Writes one `D`-float embedding per decoded image.
+///
+/// # Errors
+/// The model or the shards cannot be loaded, the model has no canvas and none is given, or the Parquet file cannot be written (it is then left unwritten).
 pub fn embed(
     model: &Path,
     data: &Path,

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use crate::bail;
+use crate::error::{Context, Result};
 use tch::{Kind, Tensor};
 
 use super::proto::{
@@ -110,6 +111,9 @@ pub struct ExportInfo {
 }
 
 /// Writes the online encoder of `net` (eval mode) as ONNX to `path` (atomically).
+///
+/// # Errors
+/// The network is not a ResNet encoder of the expected layout (a variable is missing), or the file cannot be written.
 pub fn export(
     net: &Network,
     cfg: &TrainConfig,

@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use crate::bail;
+use crate::error::{Context, Result};
 use tch::{Kind, Tensor};
 
 use super::graph::{export, ExportInfo};
@@ -22,6 +23,9 @@ pub struct OnnxEncoder {
 
 impl OnnxEncoder {
     /// Loads `path` with the ONNX Runtime library found by [`crate::runtime::ort_library`].
+    ///
+    /// # Errors
+    /// ONNX Runtime cannot be loaded, or the model is not an encoder with `pixels [N,3,S,S]` and `embedding [N,D]`.
     pub fn load(path: &Path, ort_lib: Option<&Path>, threads: usize) -> Result<OnnxEncoder> {
         let lib = crate::runtime::ort_library(ort_lib)?;
         let env = ort::init_from(&lib)
@@ -32,7 +36,7 @@ impl OnnxEncoder {
         if threads > 0 {
             builder = builder
                 .with_intra_threads(threads)
-                .map_err(|e| anyhow::anyhow!("ONNX Runtime session options: {e}"))?;
+                .context("ONNX Runtime session options")?;
         }
         let session = builder
             .commit_from_file(path)
@@ -70,6 +74,12 @@ impl OnnxEncoder {
     }
 
     /// Embeddings of `x` (`[N, 3, S, S]`, float in [0, 1]) as `[N, D]` float32 (CPU).
+    ///
+    /// # Shapes
+    /// `x`: `[N, 3, S, S]` float in [0, 1] → `[N, D]` float32 (CPU).
+    ///
+    /// # Errors
+    /// ONNX Runtime fails on the input.
     pub fn embed(&mut self, x: &Tensor) -> Result<Tensor> {
         let x = x
             .to_kind(Kind::Float)
@@ -114,6 +124,9 @@ pub const EXPORT_TOL: f64 = 1e-3;
 /// ONNX Runtime and compares its embeddings with libtorch's on `check` inputs
 /// (`[N,3,S,S]` uint8; random images when `None`). The file is renamed into place only
 /// when the check passes.
+///
+/// # Errors
+/// The export fails, ONNX Runtime cannot run it, or its embeddings differ from libtorch's by more than [`EXPORT_TOL`] (the file is then not written).
 pub fn export_run(
     run: &Path,
     t: &crate::run::TrainedOnline,
