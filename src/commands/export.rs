@@ -6,8 +6,18 @@ use std::process::ExitCode;
 use anyhow::Result;
 use byol_format::cli::emit;
 
+/// What `byol export` writes.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// ONNX: the encoder in inference form (BatchNorm folded, normalisation inside),
+    /// checked in ONNX Runtime against libtorch.
+    Onnx,
+    /// safetensors under torchvision's resnet `state_dict` names, for PyTorch.
+    Torchvision,
+}
+
 /// Export a run's online encoder to ONNX (BatchNorm folded, normalisation inside) and
-/// check it in ONNX Runtime against libtorch.
+/// check it in ONNX Runtime against libtorch; or its weights for torchvision.
 #[derive(clap::Args)]
 pub struct ExportArgs {
     #[arg(long)]
@@ -15,8 +25,11 @@ pub struct ExportArgs {
     /// A checkpoint folder [default: the run's latest].
     #[arg(long)]
     checkpoint: Option<PathBuf>,
-    #[arg(long, default_value = "encoder.onnx")]
-    out: PathBuf,
+    #[arg(long, value_enum, default_value = "onnx")]
+    format: Format,
+    /// Output file [default: encoder.onnx, or encoder.safetensors for torchvision].
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Compare on the first 256 images of these shards instead of random images.
     #[cfg(feature = "opencv")]
     #[arg(long)]
@@ -32,6 +45,33 @@ pub struct ExportArgs {
 /// See [`byol_trainer::export::export_run`].
 pub fn run(a: ExportArgs) -> Result<ExitCode> {
     let t = byol_trainer::run::load_online(&a.run, a.checkpoint.as_deref())?;
+    if a.format == Format::Torchvision {
+        let out = a
+            .out
+            .unwrap_or_else(|| PathBuf::from("encoder.safetensors"));
+        let r = byol_trainer::export::export_torchvision(&a.run, &t, &out)?;
+        emit(a.json, &r, || {
+            format!(
+                "wrote {} ({} tensors under torchvision's {} names, {:.1} MB) from {}\n{}",
+                r.file,
+                r.tensors,
+                r.arch,
+                r.bytes as f64 / 1e6,
+                r.checkpoint,
+                if r.loads_into_stock_model {
+                    format!("torchvision.models.{}() loads it with strict=False; only fc.* is missing\n", r.arch)
+                } else {
+                    format!(
+                        "differs from torchvision.models.{}(): {}\n",
+                        r.arch,
+                        r.differences.join("; ")
+                    )
+                }
+            )
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let out = a.out.unwrap_or_else(|| PathBuf::from("encoder.onnx"));
     #[cfg(feature = "opencv")]
     let check = match &a.check_data {
         Some(d) => {
@@ -48,7 +88,7 @@ pub fn run(a: ExportArgs) -> Result<ExitCode> {
     };
     #[cfg(not(feature = "opencv"))]
     let check = None;
-    let r = byol_trainer::export::export_run(&a.run, &t, &a.out, check, a.ort_lib.as_deref())?;
+    let r = byol_trainer::export::export_run(&a.run, &t, &out, check, a.ort_lib.as_deref())?;
     emit(a.json, &r, || {
         format!(
             "wrote {} ({} convolutions, {}-d embedding, {} px input, {:.1} MB) from {}\n\

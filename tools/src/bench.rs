@@ -10,8 +10,26 @@ use serde::{Deserialize, Serialize};
 
 use crate::shard::{shard, ShardOptions};
 use crate::source::{scan, Layout, ScanOptions};
+use byol_format::fs::FileError;
+use byol_format::image::cv_err;
 use byol_format::image::{encode_jpeg, prepare, PrepareOptions};
 use byol_format::rng::SplitMix64;
+
+/// Why the benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Image(#[from] byol_format::image::ImageError),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    #[error(transparent)]
+    Shard(#[from] crate::shard::ShardError),
+    /// A measured step did not do what it should (the text says what).
+    #[error("{0}")]
+    Check(String),
+}
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -53,7 +71,7 @@ pub struct BenchReport {
 ///
 /// # Errors
 /// OpenCV fails to make or encode the image.
-pub fn synthetic_image(h: i32, w: i32, seed: u64) -> anyhow::Result<Mat> {
+pub fn synthetic_image(h: i32, w: i32, seed: u64) -> Result<Mat, BenchError> {
     let mut r = SplitMix64::new(seed);
     let mut f =
         |lo: f64, hi: f64| lo + (hi - lo) * (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
@@ -82,8 +100,11 @@ pub fn synthetic_image(h: i32, w: i32, seed: u64) -> anyhow::Result<Mat> {
             }
         }
     }
-    let m = Mat::new_rows_cols_with_data(h, w * 3, &data)?;
-    Ok(m.reshape(3, h)?.try_clone()?)
+    let m = Mat::new_rows_cols_with_data(h, w * 3, &data).map_err(cv_err)?;
+    Ok(m.reshape(3, h)
+        .map_err(cv_err)?
+        .try_clone()
+        .map_err(cv_err)?)
 }
 
 /// Writes `n` generated JPEGs into `dir/class-KK/NNNNNN.jpg` (round-robin over
@@ -97,15 +118,21 @@ pub fn write_synthetic_folder(
     (h, w): (i32, i32),
     quality: u8,
     classes: usize,
-) -> anyhow::Result<Vec<Vec<u8>>> {
+) -> Result<Vec<Vec<u8>>, BenchError> {
     let classes = classes.max(1);
     for c in 0..classes {
-        std::fs::create_dir_all(dir.join(format!("class-{c:02}")))?;
+        let d = dir.join(format!("class-{c:02}"));
+        std::fs::create_dir_all(&d).map_err(FileError::at("creating", &d))?;
     }
     let mut all = Vec::with_capacity(n);
     for i in 0..n {
         let img = synthetic_image(h, w, i as u64)?;
-        anyhow::ensure!(img.rows() == h);
+        if img.rows() != h {
+            return Err(BenchError::Check(format!(
+                "synthetic image {i} has {} rows, not {h}",
+                img.rows()
+            )));
+        }
         let bytes = encode_jpeg(&img, quality)?;
         let p = dir
             .join(format!("class-{:02}", i % classes))
@@ -117,7 +144,7 @@ pub fn write_synthetic_folder(
 }
 
 /// `prepare` over in-memory bytes on `workers` threads; images/s.
-fn bare(images: &[Vec<u8>], opts: &PrepareOptions, workers: usize) -> anyhow::Result<f64> {
+fn bare(images: &[Vec<u8>], opts: &PrepareOptions, workers: usize) -> Result<f64, BenchError> {
     let t0 = Instant::now();
     let failures: usize = std::thread::scope(|s| {
         let hs: Vec<_> = (0..workers)
@@ -132,16 +159,17 @@ fn bare(images: &[Vec<u8>], opts: &PrepareOptions, workers: usize) -> anyhow::Re
             .collect();
         hs.into_iter().map(|h| h.join().unwrap_or(usize::MAX)).sum()
     });
-    anyhow::ensure!(
-        failures == 0,
-        "{failures} generated images failed to prepare"
-    );
+    if failures != 0 {
+        return Err(BenchError::Check(format!(
+            "{failures} generated images failed to prepare"
+        )));
+    }
     Ok(images.len() as f64 / t0.elapsed().as_secs_f64())
 }
 
 /// # Errors
 /// The synthetic images cannot be made.
-pub fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
+pub fn run(o: &BenchOptions) -> Result<BenchReport, BenchError> {
     let tmp;
     let dir = match &o.dir {
         Some(d) => d.clone(),
@@ -178,12 +206,13 @@ pub fn run(o: &BenchOptions) -> anyhow::Result<BenchReport> {
         let t0 = Instant::now();
         let summary = shard(&source, &src.display().to_string(), &out, &opts)?;
         let shard_rate = summary.rows as f64 / t0.elapsed().as_secs_f64();
-        anyhow::ensure!(
-            summary.rows as usize == images.len(),
-            "shard stored {} of {}",
-            summary.rows,
-            images.len()
-        );
+        if summary.rows as usize != images.len() {
+            return Err(BenchError::Check(format!(
+                "shard stored {} of {}",
+                summary.rows,
+                images.len()
+            )));
+        }
         cases.push(BenchCase {
             case: match max_side {
                 None => "keep".into(),
@@ -214,8 +243,8 @@ impl Drop for TmpDir {
     }
 }
 
-fn tempdir() -> anyhow::Result<TmpDir> {
+fn tempdir() -> Result<TmpDir, BenchError> {
     let base = std::env::temp_dir().join(format!("byol-tools-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&base)?;
+    std::fs::create_dir_all(&base).map_err(FileError::at("creating", &base))?;
     Ok(TmpDir(base))
 }

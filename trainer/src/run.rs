@@ -156,7 +156,9 @@ pub fn save_checkpoint(
         if let Some(p) = &parts.probe {
             Tensor::write_safetensors(p, tmp.join(PROBE))?;
         }
-        std::fs::write(tmp.join(STATE), serde_json::to_string_pretty(st)?)?;
+        let state = tmp.join(STATE);
+        std::fs::write(&state, serde_json::to_string_pretty(st)?)
+            .with_context(|| format!("writing {}", state.display()))?;
         Ok(())
     })
     .with_context(|| format!("saving checkpoint {}", fin.display()))?;
@@ -289,9 +291,10 @@ pub fn lock_run(run: &Path) -> Result<std::fs::File> {
         .with_context(|| format!("opening {}", path.display()))?;
     match f.try_lock() {
         Ok(()) => {
-            f.set_len(0)?;
-            f.rewind()?;
-            write!(f, "{}", std::process::id())?;
+            f.set_len(0)
+                .and_then(|_| f.rewind())
+                .and_then(|_| write!(f, "{}", std::process::id()))
+                .with_context(|| format!("writing {}", path.display()))?;
             Ok(f)
         }
         Err(std::fs::TryLockError::WouldBlock) => {

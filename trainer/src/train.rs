@@ -802,6 +802,12 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Appends one line to `RUN/metrics.jsonl`.
+    fn append(&mut self, line: &str) -> Result<()> {
+        writeln!(self.metrics, "{line}")
+            .with_context(|| format!("writing {}", run::metrics_path(self.run).display()))
+    }
+
     /// Writes the interval's metrics row and updates the progress message.
     fn log(&mut self, lr: f64, tau: f64, collapse: f64, loader: &Loader) -> Result<()> {
         let dt = self.win.t.elapsed().as_secs_f64().max(1e-9);
@@ -821,7 +827,7 @@ impl<'a> Session<'a> {
                 .as_ref()
                 .map(|_| self.win.correct / self.win.images.max(1) as f64),
         };
-        writeln!(self.metrics, "{}", serde_json::to_string(&m)?)?;
+        self.append(&serde_json::to_string(&m)?)?;
         self.bar.set_message(format!(
             "loss {:.4}, lr {lr:.4}, tau {tau:.4}, {:.0} images/s, stall {:.0} %",
             m.loss,
@@ -870,7 +876,7 @@ impl<'a> Session<'a> {
             epoch,
             knn_top1: acc,
         };
-        writeln!(self.metrics, "{}", serde_json::to_string(&row)?)?;
+        self.append(&serde_json::to_string(&row)?)?;
         Ok(Some(acc))
     }
 

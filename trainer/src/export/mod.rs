@@ -12,13 +12,17 @@
 //! - [`graph`]: the graph with BatchNorm folding ([`export`]);
 //! - [`session`]: the ONNX Runtime session ([`OnnxEncoder`]) and the parity check
 //!   against libtorch ([`export_run`]);
-//! - [`embeddings`]: the embeddings Parquet writer ([`embed`]).
+//! - [`embeddings`]: the embeddings Parquet writer ([`embed`]);
+//! - [`torchvision`]: the encoder's weights under torchvision's names, as safetensors
+//!   ([`export_torchvision`]).
 
 pub mod embeddings;
 pub mod graph;
 pub mod proto;
 pub mod session;
+pub mod torchvision;
 
 pub use embeddings::{embed, EmbedReport};
 pub use graph::{export, ExportInfo};
 pub use session::{export_run, ExportReport, OnnxEncoder, EXPORT_TOL};
+pub use torchvision::{export_torchvision, TorchvisionExport};
