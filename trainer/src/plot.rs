@@ -88,6 +88,14 @@ fn font() -> Result<(), PlotError> {
     .map_err(PlotError::Font)
 }
 
+/// Decimals that tell apart about ten ticks over `range`.
+fn decimals(range: f64) -> usize {
+    if range <= 0.0 || !range.is_finite() {
+        return 2;
+    }
+    (-(range / 10.0).log10()).ceil().clamp(0.0, 4.0) as usize
+}
+
 /// The x and y ranges of a panel (never empty: a single point gets a margin).
 fn ranges(p: &Panel<'_>) -> ((f64, f64), (f64, f64)) {
     let pts = p.series.iter().flat_map(|s| s.points.iter());
@@ -104,7 +112,7 @@ fn ranges(p: &Panel<'_>) -> ((f64, f64), (f64, f64)) {
     let (y0, y1) = match p.y_range {
         Some(r) => r,
         None => {
-            let pad = ((y1 - y0) * 0.05).max(1e-3);
+            let pad = ((y1 - y0) * 0.05).max(y0.abs().max(y1.abs()) * 0.05).max(1e-3);
             (y0 - pad, y1 + pad)
         }
     };
@@ -144,12 +152,12 @@ pub fn save_panels(
                 .y_label_area_size(56)
                 .build_cartesian_2d(x0..x1, y0..y1)
                 .map_err(|e| draw_err(&e))?;
-            let y_decimals = if y1 - y0 >= 10.0 { 0 } else { 2 };
+            let (x_decimals, y_decimals) = (decimals(x1 - x0), decimals(y1 - y0));
             chart
                 .configure_mesh()
                 .x_desc("step")
                 .y_desc(p.y_label)
-                .x_label_formatter(&|x| format!("{x:.0}"))
+                .x_label_formatter(&|x| format!("{x:.x_decimals$}"))
                 .y_label_formatter(&|y| format!("{y:.y_decimals$}"))
                 .light_line_style(WHITE)
                 .label_style(("sans-serif", 12))
@@ -167,6 +175,12 @@ pub fn save_panels(
                     .legend(move |(x, y)| {
                         PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
                     });
+                // Sparse series (the kNN monitor: one value per few epochs) get markers.
+                if s.points.len() <= 30 {
+                    chart
+                        .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                        .map_err(|e| draw_err(&e))?;
+                }
             }
             if p.series.iter().any(|s| !s.points.is_empty()) {
                 chart
