@@ -24,7 +24,7 @@ build: setup
 demo: build
 	@bash $(ROOT)/scripts/demo
 
-# What a lent GPU machine runs (scripts/device_checks), built and stripped into
+# What a GPU machine runs (scripts/device_checks), built and stripped into
 # target/device/; see scripts/device_prepare.
 device: setup
 	@bash $(ROOT)/scripts/device_prepare

@@ -64,6 +64,9 @@ pub struct BenchReport {
     pub workers: usize,
     pub mean_jpeg_bytes: f64,
     pub cases: Vec<BenchCase>,
+    /// Shard throughput from an uncompressed tar of the same images (`keep` case, read
+    /// in place) over that from the folder: 1.0 means the archive costs nothing.
+    pub tar_vs_folder: f64,
 }
 
 /// A photo-like test image: smooth colour fields, edges and noise, so JPEG sizes
@@ -223,7 +226,50 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport, BenchError> {
             ratio: shard_rate / bare_rate,
         });
     }
+    // The same images as one uncompressed tar of class folders, sharded in place.
+    let tar_path = dir.join("synthetic.tar");
+    let write_tar = || -> std::io::Result<()> {
+        let mut b = tar::Builder::new(std::fs::File::create(&tar_path)?);
+        b.append_dir_all(".", &src)?;
+        b.into_inner()?.sync_all()
+    };
+    write_tar().map_err(FileError::at("writing", &tar_path))?;
+    let tar_source = scan(&tar_path, &Layout::Tar, &ScanOptions::default())?;
+    let opts = ShardOptions {
+        max_side: None,
+        quality: o.quality,
+        rows_per_shard: None,
+        shard_bytes: Some(64 << 20),
+        row_group_rows: 256,
+        workers: o.workers,
+        seed: 0,
+        force: true,
+        progress: false,
+    };
+    let t0 = Instant::now();
+    let summary = shard(
+        &tar_source,
+        &tar_path.display().to_string(),
+        &dir.join("shards"),
+        &opts,
+    )?;
+    let tar_rate = summary.rows as f64 / t0.elapsed().as_secs_f64();
+    if summary.rows as usize != images.len() {
+        return Err(BenchError::Check(format!(
+            "shard from the tar stored {} of {}",
+            summary.rows,
+            images.len()
+        )));
+    }
+    let (folder_rate, keep_bare) = (cases[0].shard_images_per_s, cases[0].bare_images_per_s);
+    cases.push(BenchCase {
+        case: "keep-tar".into(),
+        shard_images_per_s: tar_rate,
+        bare_images_per_s: keep_bare,
+        ratio: tar_rate / keep_bare,
+    });
     Ok(BenchReport {
+        tar_vs_folder: tar_rate / folder_rate,
         command: "bench".into(),
         images: images.len(),
         height: o.height,

@@ -7,9 +7,12 @@
 pub mod bench;
 pub mod idx;
 pub mod inspect;
+pub mod keys;
 pub mod read;
 #[cfg(feature = "opencv")]
 pub mod shard;
 pub mod source;
+#[cfg(unix)]
+pub mod tar_source;
 #[cfg(feature = "opencv")]
 pub mod verify;

@@ -387,6 +387,16 @@ fn process(source: &Source, idx: usize, opts: &PrepareOptions) -> Result<Prepare
             let bytes = std::fs::read(path).map_err(SkipReason::Unreadable)?;
             Ok(prepare(&bytes, opts)?)
         }
+        Src::Tar {
+            archive,
+            offset,
+            size,
+        } => {
+            let path = &source.archives[*archive];
+            let bytes = crate::tar_source::read_member(path, *offset, *size)
+                .map_err(SkipReason::Unreadable)?;
+            Ok(prepare(&bytes, opts)?)
+        }
         Src::Idx(i) => {
             let Some(idx) = &source.idx else {
                 return Err(SkipReason::NoIdx);

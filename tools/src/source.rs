@@ -5,13 +5,9 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
 use crate::idx::{read_idx_u8, IdxU8};
+use crate::keys::has_image_extension;
+pub use crate::keys::{key_of, unescape_key, IMAGE_EXTENSIONS};
 use byol_format::shards::{Manifest, Skipped};
-
-/// Extensions (lower case) of files that are looked at; everything else is ignored.
-pub const IMAGE_EXTENSIONS: &[&str] = &[
-    "jpg", "jpeg", "jpe", "jfif", "png", "bmp", "dib", "tif", "tiff", "webp", "pbm", "pgm", "ppm",
-    "pnm", "pxm", "jp2", "sr", "ras", "exr", "hdr", "pic",
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -39,6 +35,8 @@ pub enum SourceError {
     Idx(#[from] crate::idx::IdxError),
     #[error(transparent)]
     Manifest(#[from] byol_format::shards::FormatError),
+    #[error(transparent)]
+    Tar(#[from] crate::tar_source::TarError),
 }
 
 /// How the source is organised.
@@ -59,6 +57,9 @@ pub enum Layout {
         images: PathBuf,
         labels: Option<PathBuf>,
     },
+    /// An uncompressed tar archive, read in place: class folders, a tar of class tars,
+    /// or images without folders (see [`crate::tar_source`]).
+    Tar,
 }
 
 impl Layout {
@@ -67,6 +68,7 @@ impl Layout {
             Layout::ImageFolder => "imagefolder",
             Layout::Flat { .. } => "flat",
             Layout::Idx { .. } => "idx",
+            Layout::Tar => "tar",
         }
     }
 }
@@ -77,6 +79,12 @@ pub enum Src {
     File(PathBuf),
     /// Index into [`Source::idx`].
     Idx(usize),
+    /// `size` bytes at `offset` of the archive [`Source::archives`]`[archive]`.
+    Tar {
+        archive: usize,
+        offset: u64,
+        size: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +112,8 @@ pub struct Source {
     pub escaped: Vec<String>,
     /// The IDX images, for [`Src::Idx`] items.
     pub idx: Option<IdxU8>,
+    /// The archives [`Src::Tar`] items are read from.
+    pub archives: Vec<PathBuf>,
 }
 
 /// Options that apply to every layout.
@@ -115,88 +125,11 @@ pub struct ScanOptions {
     pub class_names: Option<Vec<String>>,
 }
 
-fn has_image_extension(p: &Path) -> bool {
-    p.extension()
-        .and_then(|e| e.to_str())
-        .map(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-        .unwrap_or(false)
-}
-
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
     move |source| SourceError::Io {
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// A path relative to a source root as a `key`: its components joined by `/`. A key
-/// whose path is valid UTF-8 is that text. A path with a component that is not valid
-/// UTF-8 (Latin-1 names from old archives, say) is spelled with every byte outside
-/// UTF-8, and every `%`, of each component written `%XX`; such keys are listed in the
-/// manifest's `escaped_keys`, and [`unescape_key`] turns them back into the bytes.
-pub fn key_of(rel: &Path) -> (String, bool) {
-    use std::os::unix::ffi::OsStrExt;
-    let parts: Vec<&std::ffi::OsStr> = rel.components().map(|c| c.as_os_str()).collect();
-    if let Some(t) = rel.to_str() {
-        return (
-            parts
-                .iter()
-                .map(|p| p.to_str().unwrap_or(t))
-                .collect::<Vec<_>>()
-                .join("/"),
-            false,
-        );
-    }
-    let esc = |b: &[u8]| {
-        let mut out = String::new();
-        let mut rest = b;
-        while !rest.is_empty() {
-            match std::str::from_utf8(rest) {
-                Ok(t) => {
-                    out.push_str(&t.replace('%', "%25"));
-                    break;
-                }
-                Err(e) => {
-                    let (ok, bad) = rest.split_at(e.valid_up_to());
-                    out.push_str(&std::str::from_utf8(ok).unwrap_or("").replace('%', "%25"));
-                    let n = e.error_len().unwrap_or(bad.len());
-                    for x in &bad[..n] {
-                        out.push_str(&format!("%{x:02X}"));
-                    }
-                    rest = &bad[n..];
-                }
-            }
-        }
-        out
-    };
-    (
-        parts
-            .iter()
-            .map(|p| esc(p.as_bytes()))
-            .collect::<Vec<_>>()
-            .join("/"),
-        true,
-    )
-}
-
-/// The path bytes of an escaped key (see [`key_of`]).
-pub fn unescape_key(key: &str) -> Vec<u8> {
-    let b = key.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
 }
 
 /// What a walk found: (key, path, size) of image files, and what it left out.
@@ -357,6 +290,7 @@ pub fn scan(src: &Path, layout: &Layout, opts: &ScanOptions) -> Result<Source, S
         Layout::ImageFolder => scan_image_folder(src, opts)?,
         Layout::Flat { labels, synsets } => scan_flat(src, labels, synsets.as_deref(), opts)?,
         Layout::Idx { images, labels } => scan_idx(images, labels.as_deref(), opts)?,
+        Layout::Tar => scan_tar(src, opts)?,
     };
     let mut source = source;
     drop_escaped_collisions(&mut source);
@@ -414,6 +348,7 @@ fn scan_image_folder(src: &Path, opts: &ScanOptions) -> Result<Source, SourceErr
             skipped: w.skipped,
             escaped: w.escaped,
             idx: None,
+            archives: Vec::new(),
         });
     }
     // Files next to the class folders belong to no class.
@@ -468,6 +403,7 @@ fn scan_image_folder(src: &Path, opts: &ScanOptions) -> Result<Source, SourceErr
         skipped: w.skipped,
         escaped: w.escaped,
         idx: None,
+        archives: Vec::new(),
     })
 }
 
@@ -774,6 +710,62 @@ fn scan_flat(
         skipped,
         escaped: w.escaped,
         idx: None,
+        archives: Vec::new(),
+    })
+}
+
+/// A tar archive ([`crate::tar_source`]): a later member of the same name replaces an
+/// earlier one (tar's rule); with class folders or inner tars, members outside them
+/// belong to no class and are ignored, as files next to class folders are; without
+/// any, every image is unlabeled.
+fn scan_tar(archive: &Path, opts: &ScanOptions) -> Result<Source, SourceError> {
+    let mut t = crate::tar_source::scan(archive)?;
+    let mut by_key: BTreeMap<String, crate::tar_source::TarMember> = BTreeMap::new();
+    for m in std::mem::take(&mut t.members) {
+        if let Some(old) = by_key.insert(m.key.clone(), m) {
+            t.skipped.push(Skipped {
+                key: old.key,
+                reason: "replaced by a later member of the same name".into(),
+            });
+        }
+    }
+    let labelled = by_key.values().any(|m| m.class.is_some());
+    let names: BTreeSet<String> = by_key.values().filter_map(|m| m.class.clone()).collect();
+    let (classes, index) = if labelled {
+        class_index(&names, opts)?
+    } else {
+        (Vec::new(), BTreeMap::new())
+    };
+    let mut items = Vec::new();
+    for m in by_key.into_values() {
+        let label = match &m.class {
+            Some(c) => index[c],
+            None if labelled => {
+                t.ignored += 1;
+                continue;
+            }
+            None => -1,
+        };
+        items.push(Item {
+            key: m.key,
+            label,
+            src: Src::Tar {
+                archive: 0,
+                offset: m.offset,
+                size: m.size,
+            },
+            size: m.size,
+        });
+    }
+    Ok(Source {
+        layout: "tar",
+        classes,
+        items,
+        ignored: t.ignored,
+        skipped: t.skipped,
+        escaped: t.escaped,
+        idx: None,
+        archives: vec![archive.to_path_buf()],
     })
 }
 
@@ -843,6 +835,7 @@ fn scan_idx(
         skipped: Vec::new(),
         escaped: Vec::new(),
         idx: Some(imgs),
+        archives: Vec::new(),
     })
 }
 

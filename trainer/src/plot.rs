@@ -112,7 +112,9 @@ fn ranges(p: &Panel<'_>) -> ((f64, f64), (f64, f64)) {
     let (y0, y1) = match p.y_range {
         Some(r) => r,
         None => {
-            let pad = ((y1 - y0) * 0.05).max(y0.abs().max(y1.abs()) * 0.05).max(1e-3);
+            let pad = ((y1 - y0) * 0.05)
+                .max(y0.abs().max(y1.abs()) * 0.05)
+                .max(1e-3);
             (y0 - pad, y1 + pad)
         }
     };

@@ -824,3 +824,172 @@ print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
         "{reasons:?}"
     );
 }
+
+/// (key, label, SHA-1 of the stored image) of every row of a shard folder, sorted.
+fn rows_of(ds: &Path) -> Vec<(String, i64, String)> {
+    let code = r#"
+import sys, os, json, hashlib, pyarrow.parquet as pq
+d = sys.argv[1]
+rows = []
+for f in sorted(os.listdir(d)):
+    if f.endswith(".parquet"):
+        t = pq.read_table(os.path.join(d, f), columns=["key", "label", "image"])
+        for k, l, b in zip(t["key"].to_pylist(), t["label"].to_pylist(), t["image"].to_pylist()):
+            rows.append((k, l, hashlib.sha1(b).hexdigest()))
+print(json.dumps(sorted(rows)))
+"#;
+    let o = Command::new(python())
+        .args(["-c", code, s(ds)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// A tar of class folders, a tar of class tars (ImageNet train's form) and a tar
+/// without folders are sharded in place, giving the rows, labels and bytes the same
+/// images give from a folder; broken members (empty, not an image, a path with `..`)
+/// are skipped and listed; a truncated archive is an error naming it and the byte
+/// where it breaks; the same archive and seed give byte-identical shards.
+#[test]
+fn tar_sources_give_the_same_rows_as_the_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let src = t.join("src");
+    byol_tools::bench::write_synthetic_folder(&src, 24, (32, 40), 90, 3).unwrap();
+    let make = r#"
+import io, os, sys, tarfile
+src, out = sys.argv[1], sys.argv[2]
+classes = sorted(os.listdir(src))
+def add_bytes(tf, name, data):
+    ti = tarfile.TarInfo(name); ti.size = len(data); tf.addfile(ti, io.BytesIO(data))
+with tarfile.open(os.path.join(out, "classes.tar"), "w", format=tarfile.GNU_FORMAT) as tf:
+    for c in classes:
+        for f in sorted(os.listdir(os.path.join(src, c))):
+            tf.add(os.path.join(src, c, f), arcname=f"{c}/{f}")
+    add_bytes(tf, "class-00/empty.jpg", b"")
+    add_bytes(tf, "class-00/notimage.jpg", b"this is text, not a JPEG")
+    add_bytes(tf, "../evil.jpg", open(os.path.join(src, classes[0], sorted(os.listdir(os.path.join(src, classes[0])))[0]), "rb").read())
+    add_bytes(tf, "class-01/readme.txt", b"ignored")
+with tarfile.open(os.path.join(out, "nested.tar"), "w") as outer:
+    for c in classes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as inner:
+            for f in sorted(os.listdir(os.path.join(src, c))):
+                inner.add(os.path.join(src, c, f), arcname=f)
+        add_bytes(outer, f"{c}.tar", buf.getvalue())
+with tarfile.open(os.path.join(out, "flat.tar"), "w") as tf:
+    for c in classes:
+        for f in sorted(os.listdir(os.path.join(src, c))):
+            tf.add(os.path.join(src, c, f), arcname=f"{c}-{f}")
+"#;
+    let o = Command::new(python())
+        .args(["-c", make, s(&src), s(t)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let folder = t.join("folder-ds");
+    ok_json(&["shard", "--src", s(&src), "--out", s(&folder), "--json"]);
+    let want = rows_of(&folder);
+    assert_eq!(want.len(), 24);
+
+    // A tar of class folders: detected from the extension.
+    let ds = t.join("classes-ds");
+    let r = ok_json(&[
+        "shard",
+        "--src",
+        s(&t.join("classes.tar")),
+        "--out",
+        s(&ds),
+        "--json",
+    ]);
+    assert_eq!(rows_of(&ds), want);
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(ds.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["classes"], json_of(&folder)["classes"]);
+    let skipped: Vec<(String, String)> = m["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["key"].as_str().unwrap().into(),
+                x["reason"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let reason = |k: &str| {
+        skipped
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, r)| r.clone())
+            .unwrap_or_else(|| panic!("{k} not skipped: {skipped:?}"))
+    };
+    assert!(reason("class-00/empty.jpg").contains("empty"));
+    assert!(reason("class-00/notimage.jpg").contains("cannot decode"));
+    assert!(reason("../evil.jpg").contains("leaves the archive"));
+    assert_eq!(r["ignored"].as_u64(), Some(1), "{r}");
+
+    // A tar of class tars gives the same keys (inner tar stem / member).
+    let ds2 = t.join("nested-ds");
+    ok_json(&[
+        "shard",
+        "--src",
+        s(&t.join("nested.tar")),
+        "--out",
+        s(&ds2),
+        "--layout",
+        "tar",
+        "--json",
+    ]);
+    assert_eq!(rows_of(&ds2), want);
+
+    // Without folders: every image unlabeled, same bytes.
+    let ds3 = t.join("flat-ds");
+    ok_json(&[
+        "shard",
+        "--src",
+        s(&t.join("flat.tar")),
+        "--out",
+        s(&ds3),
+        "--json",
+    ]);
+    let flat = rows_of(&ds3);
+    assert_eq!(flat.len(), 24);
+    assert!(flat.iter().all(|(_, l, _)| *l == -1));
+    let mut a: Vec<&String> = flat.iter().map(|r| &r.2).collect();
+    let mut b: Vec<&String> = want.iter().map(|r| &r.2).collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+
+    // Determinism: the same archive and seed, byte-identical shards.
+    let again = t.join("classes-ds2");
+    ok_json(&[
+        "shard",
+        "--src",
+        s(&t.join("classes.tar")),
+        "--out",
+        s(&again),
+        "--json",
+    ]);
+    assert_eq!(files_of(&ds), files_of(&again));
+
+    // A truncated archive: an error naming it and where it breaks; nothing written.
+    let whole = std::fs::read(t.join("classes.tar")).unwrap();
+    let cut = t.join("cut.tar");
+    std::fs::write(&cut, &whole[..whole.len() / 2 + 100]).unwrap();
+    let o = tools(&["shard", "--src", s(&cut), "--out", s(&t.join("cut-ds"))]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("cut.tar") && err.contains("truncated"),
+        "{err}"
+    );
+    assert!(!t.join("cut-ds").join("manifest.json").exists());
+}
+
+fn json_of(ds: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(ds.join("manifest.json")).unwrap()).unwrap()
+}

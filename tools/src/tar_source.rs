@@ -1,0 +1,266 @@
+//! Tar archives as a source, read in place (nothing extracted): a tar of class folders
+//! (`class/xxx.jpg`), or a tar of tars where each inner tar is a class (ImageNet's
+//! `ILSVRC2012_img_train.tar`: `n01440764.tar`, …), or a tar of images without folders
+//! (unlabeled).
+//!
+//! A scan reads only the headers (the `tar` crate, seeking past member data; an inner
+//! tar is scanned the same way through a window of the archive file) and records where
+//! each member's bytes lie in the archive file; the shard workers then read those bytes
+//! with positioned reads. Memory is bounded by the item list, not by the archive.
+//! Uncompressed archives only: a gzip-compressed tar cannot be read at an offset and is
+//! refused with a message.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use byol_format::shards::Skipped;
+
+use crate::keys::{has_image_extension, key_of};
+
+/// Why an archive cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TarError {
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is gzip-compressed: byol-tools reads tar members in place, which needs an uncompressed tar (gunzip it first)")]
+    Gzip(PathBuf),
+    #[error(
+        "{archive}: truncated or corrupt tar after byte {good_to} ({detail}); nothing was sharded"
+    )]
+    Truncated {
+        archive: PathBuf,
+        good_to: u64,
+        detail: String,
+    },
+}
+
+/// What a scan found.
+#[derive(Debug, Default)]
+pub struct TarScan {
+    /// Image members in archive order (a later one may repeat an earlier key).
+    pub members: Vec<TarMember>,
+    /// Members not used, with the reason (a path leaving the archive).
+    pub skipped: Vec<Skipped>,
+    /// Keys spelled with `%XX` escapes (see [`key_of`]).
+    pub escaped: Vec<String>,
+    /// Members without an image extension.
+    pub ignored: u64,
+}
+
+/// Bytes `[start, start + len)` of a file, as a seekable reader (an inner tar).
+struct Window {
+    file: BufReader<File>,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl Read for Window {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.len.saturating_sub(self.pos);
+        let n = (buf.len() as u64).min(left) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let got = self.file.read(&mut buf[..n])?;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+impl Seek for Window {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let target = match to {
+            SeekFrom::Start(p) => p as i128,
+            SeekFrom::Current(d) => self.pos as i128 + d as i128,
+            SeekFrom::End(d) => self.len as i128 + d as i128,
+        };
+        if target < 0 {
+            return Err(std::io::Error::other(
+                "seek before the start of an inner tar",
+            ));
+        }
+        self.pos = target as u64;
+        self.file.seek(SeekFrom::Start(self.start + self.pos))?;
+        Ok(self.pos)
+    }
+}
+
+/// One image member: key (`%XX`-escaped where not UTF-8), the class folder or inner
+/// tar it belongs to (`None`: at the top of the archive), and where its bytes are in
+/// the archive file.
+#[derive(Debug, Clone)]
+pub struct TarMember {
+    pub key: String,
+    pub class: Option<String>,
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// Whether a member path stays inside the archive's tree (no `..`, not absolute).
+fn safe(path: &Path) -> bool {
+    path.components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
+/// The path a member names, without a leading `./`.
+fn clean(bytes: &[u8]) -> std::path::PathBuf {
+    Path::new(OsStr::from_bytes(bytes))
+        .components()
+        .filter(|c| !matches!(c, Component::CurDir))
+        .collect()
+}
+
+struct Scan<'a> {
+    archive: &'a Path,
+    out: TarScan,
+    /// Where the last complete member ended (for the truncation message).
+    good_to: u64,
+}
+
+impl Scan<'_> {
+    fn truncated(&self, e: std::io::Error) -> TarError {
+        TarError::Truncated {
+            archive: self.archive.to_path_buf(),
+            good_to: self.good_to,
+            detail: e.to_string(),
+        }
+    }
+
+    /// Records one regular-file member at `offset` (in the archive file) under `path`.
+    fn member(&mut self, path: &Path, class: Option<String>, offset: u64, size: u64) {
+        let (key, escaped) = key_of(path);
+        if !safe(path) {
+            self.out.skipped.push(Skipped {
+                key,
+                reason: "member path leaves the archive (absolute or ..)".into(),
+            });
+            return;
+        }
+        if !has_image_extension(path) {
+            self.out.ignored += 1;
+            return;
+        }
+        if escaped {
+            self.out.escaped.push(key.clone());
+        }
+        self.out.members.push(TarMember {
+            key,
+            class,
+            offset,
+            size,
+        });
+    }
+
+    /// The members of the inner tar (a class) at bytes `[base, base + len)` of the
+    /// archive file.
+    fn inner(&mut self, class: &str, base: u64, len: u64) -> Result<(), TarError> {
+        let f = File::open(self.archive).map_err(|e| self.truncated(e))?;
+        let mut w = Window {
+            file: BufReader::with_capacity(1 << 16, f),
+            start: base,
+            len,
+            pos: 0,
+        };
+        w.seek(SeekFrom::Start(0)).map_err(|e| self.truncated(e))?;
+        let mut ar = tar::Archive::new(w);
+        let entries = ar.entries_with_seek().map_err(|e| self.truncated(e))?;
+        for e in entries {
+            let e = e.map_err(|e| self.truncated(e))?;
+            if !e.header().entry_type().is_file() {
+                continue;
+            }
+            let path = clean(&e.path_bytes());
+            let (offset, size) = (base + e.raw_file_position(), e.size());
+            self.member(
+                &Path::new(class).join(&path),
+                Some(class.to_string()),
+                offset,
+                size,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Scans `archive` (see the module docs).
+///
+/// # Errors
+/// [`TarError`]: the archive cannot be opened, is gzip-compressed, or is truncated or
+/// corrupt (naming the archive and the byte after which it breaks).
+pub fn scan(archive: &Path) -> Result<TarScan, TarError> {
+    let io_err = |source| TarError::Io {
+        path: archive.to_path_buf(),
+        source,
+    };
+    let mut f = File::open(archive).map_err(io_err)?;
+    let mut magic = [0u8; 2];
+    let n = f.read(&mut magic).map_err(io_err)?;
+    if n == 2 && magic == [0x1f, 0x8b] {
+        return Err(TarError::Gzip(archive.to_path_buf()));
+    }
+    let f = File::open(archive).map_err(io_err)?;
+    let mut s = Scan {
+        archive,
+        out: TarScan::default(),
+        good_to: 0,
+    };
+    let len = f.metadata().map_err(io_err)?.len();
+    let mut ar = tar::Archive::new(BufReader::with_capacity(1 << 16, f));
+    let entries = ar.entries_with_seek().map_err(|e| s.truncated(e))?;
+    for e in entries {
+        let e = e.map_err(|e| s.truncated(e))?;
+        if !e.header().entry_type().is_file() {
+            continue;
+        }
+        let path = clean(&e.path_bytes());
+        let (offset, size) = (e.raw_file_position(), e.size());
+        if offset + size > len {
+            let e = std::io::Error::other(format!(
+                "member {} needs bytes up to {}, the file has {len}",
+                path.display(),
+                offset + size
+            ));
+            return Err(s.truncated(e));
+        }
+        let is_tar = path.extension() == Some(OsStr::new("tar"));
+        if is_tar && path.components().count() == 1 && safe(&path) {
+            let class = key_of(Path::new(path.file_stem().unwrap_or_default())).0;
+            s.inner(&class, offset, size)?;
+        } else {
+            let mut comps = path.components();
+            let class = match (comps.next(), comps.next()) {
+                (Some(c), Some(_)) => Some(key_of(Path::new(c.as_os_str())).0),
+                _ => None,
+            };
+            s.member(&path, class, offset, size);
+        }
+        s.good_to = offset + size;
+    }
+    // Seeking past data never fails: a member whose bytes end beyond the file means the
+    // archive was cut.
+    if let Some(m) = s.out.members.iter().find(|m| m.offset + m.size > len) {
+        let e = std::io::Error::other(format!("member {} ends beyond the end of the file", m.key));
+        return Err(s.truncated(e));
+    }
+    Ok(s.out)
+}
+
+/// The bytes of a member: `size` bytes at `offset` of `archive` (a positioned read).
+///
+/// # Errors
+/// The archive cannot be opened or ends before the member does.
+pub fn read_member(archive: &Path, offset: u64, size: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(archive)?;
+    let mut buf = vec![0u8; size as usize];
+    f.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
+}
