@@ -31,6 +31,8 @@ enum LayoutArg {
     /// An uncompressed tar, read in place: class folders, a tar of class tars
     /// (ImageNet train), or images without folders (unlabeled).
     Tar,
+    /// WebDataset shards (a .tar or a folder of them): KEY.jpg/png/… + KEY.cls.
+    Webdataset,
 }
 
 // Parsed once per process; boxing the large variant would buy nothing.
@@ -60,7 +62,7 @@ enum Cmd {
         /// Take the class list (names and order) from this existing dataset.
         #[arg(long)]
         classes_from: Option<PathBuf>,
-        /// Comma-separated class names for IDX labels 0, 1, ...
+        /// Comma-separated class names for IDX and WebDataset labels 0, 1, ...
         #[arg(long)]
         class_names: Option<String>,
         /// Re-encode images whose longer side exceeds N, scaled to N (area interpolation).
@@ -206,6 +208,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         bail!("--layout tar needs --src ARCHIVE.tar")
                     };
                     (source::Layout::Tar, s.clone(), s.display().to_string())
+                }
+                LayoutArg::Webdataset => {
+                    let Some(s) = src else {
+                        bail!("--layout webdataset needs --src SHARD.tar or a folder of shards")
+                    };
+                    (
+                        source::Layout::WebDataset,
+                        s.clone(),
+                        s.display().to_string(),
+                    )
                 }
                 LayoutArg::Imagefolder => {
                     let Some(s) = src else {

@@ -60,6 +60,9 @@ pub enum Layout {
     /// An uncompressed tar archive, read in place: class folders, a tar of class tars,
     /// or images without folders (see [`crate::tar_source`]).
     Tar,
+    /// WebDataset shards (one `.tar`, or a folder of them): samples grouped by key,
+    /// `KEY.jpg|png|…` the image, `KEY.cls` the label (an integer).
+    WebDataset,
 }
 
 impl Layout {
@@ -69,6 +72,7 @@ impl Layout {
             Layout::Flat { .. } => "flat",
             Layout::Idx { .. } => "idx",
             Layout::Tar => "tar",
+            Layout::WebDataset => "webdataset",
         }
     }
 }
@@ -291,6 +295,7 @@ pub fn scan(src: &Path, layout: &Layout, opts: &ScanOptions) -> Result<Source, S
         Layout::Flat { labels, synsets } => scan_flat(src, labels, synsets.as_deref(), opts)?,
         Layout::Idx { images, labels } => scan_idx(images, labels.as_deref(), opts)?,
         Layout::Tar => scan_tar(src, opts)?,
+        Layout::WebDataset => scan_webdataset(src, opts)?,
     };
     let mut source = source;
     drop_escaped_collisions(&mut source);
@@ -766,6 +771,107 @@ fn scan_tar(archive: &Path, opts: &ScanOptions) -> Result<Source, SourceError> {
         escaped: t.escaped,
         idx: None,
         archives: vec![archive.to_path_buf()],
+    })
+}
+
+/// WebDataset shards: `src` is one `.tar` or a folder whose `*.tar` files (sorted by
+/// name) are the shards. One row per sample key with an image member; its label is the
+/// integer in `KEY.cls`, the class names `--class-names` (index = label) or the numbers
+/// `0..=max`. Without any `.cls` every sample is unlabeled; with some, a sample without
+/// one, or with text that is not a label, is skipped with the reason. A key seen again
+/// in a later shard replaces the earlier sample (skipped with the reason).
+fn scan_webdataset(src: &Path, opts: &ScanOptions) -> Result<Source, SourceError> {
+    use crate::tar_source::{scan_webdataset as scan_shard, webdataset_key};
+    let archives: Vec<PathBuf> = if src.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(src)
+            .map_err(io_err(src))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()
+            .map_err(io_err(src))?;
+        v.retain(|p| p.extension().is_some_and(|e| e == "tar"));
+        v.sort();
+        v
+    } else {
+        vec![src.to_path_buf()]
+    };
+    let (mut skipped, mut escaped, mut ignored) = (Vec::new(), Vec::new(), 0u64);
+    // sample key → (archive, member)
+    let mut samples: BTreeMap<String, (usize, crate::tar_source::TarMember)> = BTreeMap::new();
+    let mut labels: BTreeMap<String, String> = BTreeMap::new();
+    for (ai, a) in archives.iter().enumerate() {
+        let (t, l) = scan_shard(a)?;
+        skipped.extend(t.skipped);
+        escaped.extend(t.escaped);
+        ignored += t.ignored;
+        labels.extend(l);
+        for m in t.members {
+            let key = webdataset_key(&m.key).to_string();
+            if let Some((_, old)) = samples.insert(key.clone(), (ai, m)) {
+                skipped.push(Skipped {
+                    key: old.key,
+                    reason: format!("sample {key} appears again (a later member or shard)"),
+                });
+            }
+        }
+    }
+    let labelled = !labels.is_empty();
+    let mut items = Vec::new();
+    let mut max_label = -1i32;
+    for (key, (ai, m)) in samples {
+        let label = match (labelled, labels.get(&key)) {
+            (false, _) => -1,
+            (true, None) => {
+                skipped.push(Skipped {
+                    key,
+                    reason: "no .cls label".into(),
+                });
+                continue;
+            }
+            (true, Some(text)) => match text.parse::<i32>() {
+                Ok(n) if n >= 0 => n,
+                _ => {
+                    skipped.push(Skipped {
+                        key,
+                        reason: format!(".cls holds {text:?}, not a label (an integer >= 0)"),
+                    });
+                    continue;
+                }
+            },
+        };
+        max_label = max_label.max(label);
+        items.push(Item {
+            key,
+            label,
+            src: Src::Tar {
+                archive: ai,
+                offset: m.offset,
+                size: m.size,
+            },
+            size: m.size,
+        });
+    }
+    let classes: Vec<String> = match &opts.class_names {
+        Some(names) => {
+            if max_label >= names.len() as i32 {
+                return Err(SourceError::Invalid(format!(
+                    "{}: label {max_label} in a .cls file, but --class-names gives {} names",
+                    src.display(),
+                    names.len()
+                )));
+            }
+            names.clone()
+        }
+        None => (0..=max_label).map(|n| n.to_string()).collect(),
+    };
+    Ok(Source {
+        layout: "webdataset",
+        classes,
+        items,
+        ignored,
+        skipped,
+        escaped,
+        idx: None,
+        archives,
     })
 }
 

@@ -1,4 +1,5 @@
-//! Tar archives as a source, read in place (nothing extracted): a tar of class folders
+//! Tar archives as a source, read in place (nothing extracted): WebDataset shards
+//! ([`scan_webdataset`]), a tar of class folders
 //! (`class/xxx.jpg`), or a tar of tars where each inner tar is a class (ImageNet's
 //! `ILSVRC2012_img_train.tar`: `n01440764.tar`, …), or a tar of images without folders
 //! (unlabeled).
@@ -190,12 +191,13 @@ impl Scan<'_> {
     }
 }
 
-/// Scans `archive` (see the module docs).
-///
-/// # Errors
-/// [`TarError`]: the archive cannot be opened, is gzip-compressed, or is truncated or
-/// corrupt (naming the archive and the byte after which it breaks).
-pub fn scan(archive: &Path) -> Result<TarScan, TarError> {
+/// Visits every regular-file member of `archive` with (its path, the offset of its
+/// data in the file, its size, a reader of its data), seeking past data the visitor
+/// does not read.
+fn each_member(
+    archive: &Path,
+    mut visit: impl FnMut(&mut Scan, &Path, u64, u64, &mut dyn Read) -> Result<(), TarError>,
+) -> Result<TarScan, TarError> {
     let io_err = |source| TarError::Io {
         path: archive.to_path_buf(),
         source,
@@ -216,7 +218,7 @@ pub fn scan(archive: &Path) -> Result<TarScan, TarError> {
     let mut ar = tar::Archive::new(BufReader::with_capacity(1 << 16, f));
     let entries = ar.entries_with_seek().map_err(|e| s.truncated(e))?;
     for e in entries {
-        let e = e.map_err(|e| s.truncated(e))?;
+        let mut e = e.map_err(|e| s.truncated(e))?;
         if !e.header().entry_type().is_file() {
             continue;
         }
@@ -230,18 +232,7 @@ pub fn scan(archive: &Path) -> Result<TarScan, TarError> {
             ));
             return Err(s.truncated(e));
         }
-        let is_tar = path.extension() == Some(OsStr::new("tar"));
-        if is_tar && path.components().count() == 1 && safe(&path) {
-            let class = key_of(Path::new(path.file_stem().unwrap_or_default())).0;
-            s.inner(&class, offset, size)?;
-        } else {
-            let mut comps = path.components();
-            let class = match (comps.next(), comps.next()) {
-                (Some(c), Some(_)) => Some(key_of(Path::new(c.as_os_str())).0),
-                _ => None,
-            };
-            s.member(&path, class, offset, size);
-        }
+        visit(&mut s, &path, offset, size, &mut e)?;
         s.good_to = offset + size;
     }
     // Seeking past data never fails: a member whose bytes end beyond the file means the
@@ -251,6 +242,63 @@ pub fn scan(archive: &Path) -> Result<TarScan, TarError> {
         return Err(s.truncated(e));
     }
     Ok(s.out)
+}
+
+/// Scans `archive` (see the module docs): class folders, inner class tars, or images.
+///
+/// # Errors
+/// [`TarError`]: the archive cannot be opened, is gzip-compressed, or is truncated or
+/// corrupt (naming the archive and the byte after which it breaks).
+pub fn scan(archive: &Path) -> Result<TarScan, TarError> {
+    each_member(archive, |s, path, offset, size, _| {
+        let is_tar = path.extension() == Some(OsStr::new("tar"));
+        if is_tar && path.components().count() == 1 && safe(path) {
+            let class = key_of(Path::new(path.file_stem().unwrap_or_default())).0;
+            return s.inner(&class, offset, size);
+        }
+        let mut comps = path.components();
+        let class = match (comps.next(), comps.next()) {
+            (Some(c), Some(_)) => Some(key_of(Path::new(c.as_os_str())).0),
+            _ => None,
+        };
+        s.member(path, class, offset, size);
+        Ok(())
+    })
+}
+
+/// A WebDataset sample's key: the member path up to the first `.` of its file name
+/// (`a/000001.seg.png` → `a/000001`).
+pub fn webdataset_key(member_key: &str) -> &str {
+    let start = member_key.rfind('/').map_or(0, |i| i + 1);
+    match member_key[start..].find('.') {
+        Some(d) => &member_key[..start + d],
+        None => member_key,
+    }
+}
+
+/// Scans a WebDataset shard: image members as in [`scan`] (without classes), and the
+/// text of every `KEY.cls` member by sample key (trimmed; at most 1 KiB read).
+///
+/// # Errors
+/// As [`scan`].
+pub fn scan_webdataset(
+    archive: &Path,
+) -> Result<(TarScan, std::collections::BTreeMap<String, String>), TarError> {
+    let mut labels = std::collections::BTreeMap::new();
+    let t = each_member(archive, |s, path, offset, size, data| {
+        if path.extension() == Some(OsStr::new("cls")) {
+            let mut text = String::new();
+            data.take(1024)
+                .read_to_string(&mut text)
+                .map_err(|e| s.truncated(e))?;
+            let key = key_of(path).0;
+            labels.insert(webdataset_key(&key).to_string(), text.trim().to_string());
+            return Ok(());
+        }
+        s.member(path, None, offset, size);
+        Ok(())
+    })?;
+    Ok((t, labels))
 }
 
 /// The bytes of a member: `size` bytes at `offset` of `archive` (a positioned read).

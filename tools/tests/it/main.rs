@@ -993,3 +993,80 @@ with tarfile.open(os.path.join(out, "flat.tar"), "w") as tf:
 fn json_of(ds: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(ds.join("manifest.json")).unwrap()).unwrap()
 }
+
+/// WebDataset shards (a folder of `.tar`s, samples `KEY.jpg` + `KEY.cls` + `KEY.json`)
+/// give one row per sample under its key, labelled from `.cls` with `--class-names`,
+/// with the same bytes as the folder; a sample without `.cls` or with a `.cls` that is
+/// not a label is skipped with the reason.
+#[test]
+fn webdataset_shards_give_one_labelled_row_per_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let src = t.join("src");
+    byol_tools::bench::write_synthetic_folder(&src, 24, (32, 40), 90, 3).unwrap();
+    let make = r#"
+import io, os, sys, tarfile
+src, out = sys.argv[1], sys.argv[2]
+os.makedirs(out)
+classes = sorted(os.listdir(src))
+files = [(ci, os.path.join(src, c, f)) for ci, c in enumerate(classes) for f in sorted(os.listdir(os.path.join(src, c)))]
+def add_bytes(tf, name, data):
+    ti = tarfile.TarInfo(name); ti.size = len(data); tf.addfile(ti, io.BytesIO(data))
+for shard in range(2):
+    with tarfile.open(os.path.join(out, f"train-{shard:06d}.tar"), "w") as tf:
+        for i, (ci, path) in enumerate(files):
+            if i % 2 != shard:
+                continue
+            add_bytes(tf, f"sample{i:04d}.jpg", open(path, "rb").read())
+            add_bytes(tf, f"sample{i:04d}.cls", f"{ci}\n".encode())
+            add_bytes(tf, f"sample{i:04d}.json", b"{}")
+        if shard == 1:
+            add_bytes(tf, "nolabel.jpg", open(files[0][1], "rb").read())
+            add_bytes(tf, "badlabel.jpg", open(files[0][1], "rb").read())
+            add_bytes(tf, "badlabel.cls", b"cat")
+"#;
+    let wds = t.join("wds");
+    let o = Command::new(python())
+        .args(["-c", make, s(&src), s(&wds)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let folder = t.join("folder-ds");
+    ok_json(&["shard", "--src", s(&src), "--out", s(&folder), "--json"]);
+    let ds = t.join("wds-ds");
+    let r = ok_json(&[
+        "shard",
+        "--layout",
+        "webdataset",
+        "--src",
+        s(&wds),
+        "--out",
+        s(&ds),
+        "--class-names",
+        "a,b,c",
+        "--json",
+    ]);
+    assert_eq!(r["ignored"].as_u64(), Some(24), "{r}"); // the .json members
+    let m = json_of(&ds);
+    assert_eq!(m["classes"], serde_json::json!(["a", "b", "c"]));
+    let rows = rows_of(&ds);
+    assert_eq!(rows.len(), 24);
+    assert!(rows.iter().all(|(k, _, _)| k.starts_with("sample")));
+    let mut got: Vec<(i64, String)> = rows.into_iter().map(|(_, l, h)| (l, h)).collect();
+    let mut want: Vec<(i64, String)> = rows_of(&folder)
+        .into_iter()
+        .map(|(_, l, h)| (l, h))
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    let skipped = m["skipped"].to_string();
+    assert!(
+        skipped.contains("nolabel") && skipped.contains("no .cls label"),
+        "{skipped}"
+    );
+    assert!(
+        skipped.contains("badlabel") && skipped.contains("not a label"),
+        "{skipped}"
+    );
+}
