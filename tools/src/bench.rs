@@ -9,7 +9,7 @@ use opencv::core::{Mat, MatTraitConst};
 use serde::{Deserialize, Serialize};
 
 use crate::shard::{shard, ShardOptions};
-use crate::source::{scan, Layout, ScanOptions};
+use crate::source::{scan, Layout, ScanOptions, Source};
 use byol_format::fs::FileError;
 use byol_format::image::cv_err;
 use byol_format::image::{encode_jpeg, prepare, PrepareOptions};
@@ -185,16 +185,8 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport, BenchError> {
     let images = write_synthetic_folder(&src, o.images, (o.height, o.width), o.quality, 1)?;
     let mean = images.iter().map(|b| b.len()).sum::<usize>() as f64 / images.len().max(1) as f64;
     let source = scan(&src, &Layout::ImageFolder, &ScanOptions::default())?;
-    let mut cases = Vec::new();
-    for max_side in [None, Some(o.resize_to)] {
-        let prep = PrepareOptions {
-            max_side,
-            quality: o.quality,
-        };
-        // Warm the page cache and OpenCV once, then measure.
-        let _ = bare(&images[..images.len().min(8)], &prep, 1);
-        let bare_rate = bare(&images, &prep, o.workers)?;
-        let out = dir.join("shards");
+    // Shards `source` into DIR/shards, checks every image was stored; images/s.
+    let timed_shard = |source: &Source, from: &Path, max_side| -> Result<f64, BenchError> {
         let opts = ShardOptions {
             max_side,
             quality: o.quality,
@@ -207,15 +199,29 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport, BenchError> {
             progress: false,
         };
         let t0 = Instant::now();
-        let summary = shard(&source, &src.display().to_string(), &out, &opts)?;
-        let shard_rate = summary.rows as f64 / t0.elapsed().as_secs_f64();
+        let out = dir.join("shards");
+        let summary = shard(source, &from.display().to_string(), &out, &opts)?;
+        let rate = summary.rows as f64 / t0.elapsed().as_secs_f64();
         if summary.rows as usize != images.len() {
             return Err(BenchError::Check(format!(
-                "shard stored {} of {}",
+                "shard from {} stored {} of {}",
+                from.display(),
                 summary.rows,
                 images.len()
             )));
         }
+        Ok(rate)
+    };
+    let mut cases = Vec::new();
+    for max_side in [None, Some(o.resize_to)] {
+        let prep = PrepareOptions {
+            max_side,
+            quality: o.quality,
+        };
+        // Warm the page cache and OpenCV once, then measure.
+        let _ = bare(&images[..images.len().min(8)], &prep, 1);
+        let bare_rate = bare(&images, &prep, o.workers)?;
+        let shard_rate = timed_shard(&source, &src, max_side)?;
         cases.push(BenchCase {
             case: match max_side {
                 None => "keep".into(),
@@ -235,32 +241,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport, BenchError> {
     };
     write_tar().map_err(FileError::at("writing", &tar_path))?;
     let tar_source = scan(&tar_path, &Layout::Tar, &ScanOptions::default())?;
-    let opts = ShardOptions {
-        max_side: None,
-        quality: o.quality,
-        rows_per_shard: None,
-        shard_bytes: Some(64 << 20),
-        row_group_rows: 256,
-        workers: o.workers,
-        seed: 0,
-        force: true,
-        progress: false,
-    };
-    let t0 = Instant::now();
-    let summary = shard(
-        &tar_source,
-        &tar_path.display().to_string(),
-        &dir.join("shards"),
-        &opts,
-    )?;
-    let tar_rate = summary.rows as f64 / t0.elapsed().as_secs_f64();
-    if summary.rows as usize != images.len() {
-        return Err(BenchError::Check(format!(
-            "shard from the tar stored {} of {}",
-            summary.rows,
-            images.len()
-        )));
-    }
+    let tar_rate = timed_shard(&tar_source, &tar_path, None)?;
     let (folder_rate, keep_bare) = (cases[0].shard_images_per_s, cases[0].bare_images_per_s);
     cases.push(BenchCase {
         case: "keep-tar".into(),
