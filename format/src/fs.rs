@@ -68,15 +68,27 @@ pub fn sync_dir(dir: &Path) {
     }
 }
 
-/// Moves a complete temporary file or folder `tmp` to `path`: fsyncs it, removes an
-/// existing folder at `path` (a file is replaced by the rename itself), renames, and
-/// fsyncs the parent folder.
+/// Moves a complete temporary file or folder `tmp` to `path`: fsyncs it, renames, and
+/// fsyncs the parent folder. A file replaces a file; a folder replaces a folder (the
+/// old one is removed first). A file never replaces a folder: that is refused, so an
+/// output path that names a folder (a run, a dataset) is never lost.
 ///
 /// # Errors
-/// [`FileError`] naming the file that could not be synced, removed or renamed.
+/// [`FileError`] naming the file that could not be synced, removed or renamed, or the
+/// folder a file would have replaced.
 pub fn commit(tmp: &Path, path: &Path) -> Result<(), FileError> {
     sync_tree(tmp)?;
     if path.is_dir() {
+        if !tmp.is_dir() {
+            return Err(FileError {
+                op: "writing",
+                path: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::IsADirectory,
+                    "a folder is there; give a file name",
+                ),
+            });
+        }
         std::fs::remove_dir_all(path).map_err(FileError::at("removing", path))?;
     }
     std::fs::rename(tmp, path).map_err(FileError::at("renaming to", path))?;
@@ -94,6 +106,18 @@ pub fn write_atomic_with<T, E: From<FileError>>(
     path: &Path,
     write: impl FnOnce(&Path) -> Result<T, E>,
 ) -> Result<T, E> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(d) = dir.filter(|d| !d.is_dir()) {
+        return Err(FileError {
+            op: "writing",
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no folder {}", d.display()),
+            ),
+        }
+        .into());
+    }
     let tmp = temp_path(path);
     remove_any(&tmp);
     match write(&tmp) {
@@ -149,6 +173,26 @@ mod tests {
         assert!(r.unwrap_err().to_string().contains(".a.json.tmp"));
         assert_eq!(std::fs::read(&p).unwrap(), b"old");
         assert!(!temp_path(&p).exists());
+    }
+
+    #[test]
+    fn a_file_never_replaces_a_folder() {
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::write(run.join("keep.txt"), b"x").unwrap();
+        let e = write_atomic(&run, b"model").unwrap_err();
+        assert!(e.to_string().contains("run"), "{e}");
+        assert_eq!(std::fs::read(run.join("keep.txt")).unwrap(), b"x");
+        assert!(!temp_path(&run).exists());
+        let e = write_atomic(&d.path().join("nodir/x.bin"), b"x").unwrap_err();
+        assert!(
+            std::error::Error::source(&e)
+                .unwrap()
+                .to_string()
+                .contains("no folder"),
+            "{e}"
+        );
     }
 
     #[test]

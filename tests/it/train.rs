@@ -402,7 +402,8 @@ fn export_and_embed_agree_with_pytorch_and_onnxruntime() {
 /// with only `fc.*` missing, and its eval-mode features on real images equal byol's
 /// (the ONNX export of the same checkpoint in onnxruntime) within 1e-4 relative
 /// (`scripts/fixtures/check_torchvision.py`). A CIFAR-stem encoder is written too, with
-/// what differs from the stock model said.
+/// what differs from the stock model said. An `--out` naming a folder is refused, the
+/// folder kept (regression: the atomic rename once replaced a run folder by the file).
 #[test]
 fn torchvision_weights_load_into_torchvision_with_the_same_features() {
     let tmp = tempfile::tempdir().unwrap();
@@ -461,6 +462,40 @@ fn torchvision_weights_load_into_torchvision_with_the_same_features() {
     assert_eq!(c["images"], 64);
     let d = c["max_abs_diff"].as_f64().unwrap();
     assert!(d < 1e-4 * c["max_abs"].as_f64().unwrap().max(1.0), "{c}");
+
+    // An --out that names a folder (here the run itself) is refused and the folder kept,
+    // in both formats; so is an --out in a folder that does not exist.
+    for format in ["torchvision", "onnx"] {
+        let o = Command::new(BIN)
+            .args([
+                "export",
+                "--run",
+                run.to_str().unwrap(),
+                "--format",
+                format,
+                "--out",
+            ])
+            .arg(&run)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{format}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("a folder is there"));
+        assert!(run.join("config.toml").exists() && run.join("checkpoints").is_dir());
+    }
+    let o = Command::new(BIN)
+        .args([
+            "export",
+            "--run",
+            run.to_str().unwrap(),
+            "--format",
+            "torchvision",
+            "--out",
+        ])
+        .arg(tmp.path().join("nodir/enc.safetensors"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no folder"));
 
     // The tiny CIFAR-stem encoder at width 0.125: written, with the differences said.
     summary(&train(tmp.path(), &data, "tiny", &["--max-steps", "1"]));

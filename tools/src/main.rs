@@ -197,11 +197,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 byol_format::image::set_max_pixels(n);
             }
             let layout = layout.unwrap_or_else(|| match &src {
-                Some(p) if p.is_file() && p.extension().is_some_and(|e| e == "tar") => {
-                    LayoutArg::Tar
-                }
+                Some(p) if p.is_file() && is_tar_name(p) => LayoutArg::Tar,
                 _ => LayoutArg::Imagefolder,
             });
+            if let Some(names) = &class_names {
+                let v: Vec<&str> = names.split(',').map(str::trim).collect();
+                if v.iter().any(|n| n.is_empty()) {
+                    bail!("--class-names {names:?}: a class name is empty");
+                }
+                if let Some(d) = v.iter().enumerate().find(|(i, n)| v[..*i].contains(n)) {
+                    bail!("--class-names {names:?}: {:?} is given twice", d.1);
+                }
+                if !matches!(layout, LayoutArg::Idx | LayoutArg::Webdataset) {
+                    bail!("--class-names names IDX and WebDataset labels; other layouts take class names from folders or --labels");
+                }
+            }
+            if labels.is_some() && !matches!(layout, LayoutArg::Flat | LayoutArg::Idx) {
+                bail!("--labels is read by --layout flat and idx only (a tar with a label file is not supported yet)");
+            }
             let (layout, src_dir, src_arg) = match layout {
                 LayoutArg::Tar => {
                     let Some(s) = src else {
@@ -409,6 +422,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// A tar archive's name: `.tar`, or gzip-compressed `.tar.gz` / `.tgz` (refused with a
+/// message by the tar source).
+fn is_tar_name(p: &std::path::Path) -> bool {
+    let n = p.to_string_lossy().to_ascii_lowercase();
+    n.ends_with(".tar") || n.ends_with(".tar.gz") || n.ends_with(".tgz")
 }
 
 fn main() -> ExitCode {

@@ -724,6 +724,15 @@ fn scan_flat(
 /// belong to no class and are ignored, as files next to class folders are; without
 /// any, every image is unlabeled.
 fn scan_tar(archive: &Path, opts: &ScanOptions) -> Result<Source, SourceError> {
+    if !archive.exists() {
+        return Err(SourceError::Missing(archive.to_path_buf()));
+    }
+    if archive.is_dir() {
+        return Err(SourceError::Invalid(format!(
+            "{} is a folder; --layout tar takes an archive file",
+            archive.display()
+        )));
+    }
     let mut t = crate::tar_source::scan(archive)?;
     let mut by_key: BTreeMap<String, crate::tar_source::TarMember> = BTreeMap::new();
     for m in std::mem::take(&mut t.members) {
@@ -790,7 +799,15 @@ fn scan_webdataset(src: &Path, opts: &ScanOptions) -> Result<Source, SourceError
             .map_err(io_err(src))?;
         v.retain(|p| p.extension().is_some_and(|e| e == "tar"));
         v.sort();
+        if v.is_empty() {
+            return Err(SourceError::Invalid(format!(
+                "{} holds no .tar shards (WebDataset shards are uncompressed .tar files)",
+                src.display()
+            )));
+        }
         v
+    } else if !src.exists() {
+        return Err(SourceError::Missing(src.to_path_buf()));
     } else {
         vec![src.to_path_buf()]
     };
@@ -808,8 +825,11 @@ fn scan_webdataset(src: &Path, opts: &ScanOptions) -> Result<Source, SourceError
             let key = webdataset_key(&m.key).to_string();
             if let Some((_, old)) = samples.insert(key.clone(), (ai, m)) {
                 skipped.push(Skipped {
-                    key: old.key,
-                    reason: format!("sample {key} appears again (a later member or shard)"),
+                    key: key.clone(),
+                    reason: format!(
+                        "{} replaced by a later image of the same sample (member or shard)",
+                        old.key
+                    ),
                 });
             }
         }
@@ -828,6 +848,22 @@ fn scan_webdataset(src: &Path, opts: &ScanOptions) -> Result<Source, SourceError
                 continue;
             }
             (true, Some(text)) => match text.parse::<i32>() {
+                Ok(n)
+                    if n >= 0
+                        && opts
+                            .class_names
+                            .as_ref()
+                            .is_some_and(|c| n as usize >= c.len()) =>
+                {
+                    skipped.push(Skipped {
+                        key,
+                        reason: format!(
+                            ".cls label {n} is beyond the {} --class-names",
+                            opts.class_names.as_ref().map_or(0, |c| c.len())
+                        ),
+                    });
+                    continue;
+                }
                 Ok(n) if n >= 0 => n,
                 _ => {
                     skipped.push(Skipped {
@@ -851,16 +887,7 @@ fn scan_webdataset(src: &Path, opts: &ScanOptions) -> Result<Source, SourceError
         });
     }
     let classes: Vec<String> = match &opts.class_names {
-        Some(names) => {
-            if max_label >= names.len() as i32 {
-                return Err(SourceError::Invalid(format!(
-                    "{}: label {max_label} in a .cls file, but --class-names gives {} names",
-                    src.display(),
-                    names.len()
-                )));
-            }
-            names.clone()
-        }
+        Some(names) => names.clone(),
         None => (0..=max_label).map(|n| n.to_string()).collect(),
     };
     Ok(Source {

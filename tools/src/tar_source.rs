@@ -128,24 +128,50 @@ struct Scan<'a> {
 
 impl Scan<'_> {
     fn truncated(&self, e: std::io::Error) -> TarError {
+        // The tar crate quotes header bytes of a corrupt archive: keep the text printable.
+        let detail = e
+            .to_string()
+            .chars()
+            .map(|c| {
+                if c.is_control() || c == '\u{FFFD}' {
+                    '?'
+                } else {
+                    c
+                }
+            })
+            .collect();
         TarError::Truncated {
             archive: self.archive.to_path_buf(),
             good_to: self.good_to,
-            detail: e.to_string(),
+            detail,
+        }
+    }
+
+    /// A link member (symbolic or hard) with an image name is listed as skipped: the
+    /// archive's bytes for it are not an image, and following it could leave the archive.
+    fn link(&mut self, path: &Path, kind: tar::EntryType) {
+        if (kind.is_symlink() || kind.is_hard_link()) && has_image_extension(path) {
+            self.out.skipped.push(Skipped {
+                key: key_of(path).0,
+                reason: "a link member, not followed".into(),
+            });
         }
     }
 
     /// Records one regular-file member at `offset` (in the archive file) under `path`.
     fn member(&mut self, path: &Path, class: Option<String>, offset: u64, size: u64) {
-        let (key, escaped) = key_of(path);
         if !safe(path) {
             self.out.skipped.push(Skipped {
-                key,
+                key: path.display().to_string(),
                 reason: "member path leaves the archive (absolute or ..)".into(),
             });
             return;
         }
-        if !has_image_extension(path) {
+        let (key, escaped) = key_of(path);
+        let hidden = path
+            .components()
+            .any(|c| c.as_os_str().as_bytes().first() == Some(&b'.'));
+        if hidden || !has_image_extension(path) {
             self.out.ignored += 1;
             return;
         }
@@ -175,11 +201,19 @@ impl Scan<'_> {
         let entries = ar.entries_with_seek().map_err(|e| self.truncated(e))?;
         for e in entries {
             let e = e.map_err(|e| self.truncated(e))?;
+            let path = clean(&e.path_bytes());
             if !e.header().entry_type().is_file() {
+                self.link(&Path::new(class).join(&path), e.header().entry_type());
                 continue;
             }
-            let path = clean(&e.path_bytes());
             let (offset, size) = (base + e.raw_file_position(), e.size());
+            if e.raw_file_position() + size > len {
+                let err = std::io::Error::other(format!(
+                    "the inner tar {class}.tar ends inside its member {}",
+                    path.display()
+                ));
+                return Err(self.truncated(err));
+            }
             self.member(
                 &Path::new(class).join(&path),
                 Some(class.to_string()),
@@ -220,6 +254,7 @@ fn each_member(
     for e in entries {
         let mut e = e.map_err(|e| s.truncated(e))?;
         if !e.header().entry_type().is_file() {
+            s.link(&clean(&e.path_bytes()), e.header().entry_type());
             continue;
         }
         let path = clean(&e.path_bytes());
