@@ -60,49 +60,38 @@ impl From<ort::Error<ort::session::builder::SessionBuilder>> for Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Adds what was being done to an error (or turns a `None` into [`Error::Invalid`]).
-pub trait Context<T> {
+pub trait Context<T>: Sized {
     /// # Errors
     /// The error, inside an [`Error::Context`] saying `context`.
-    fn context(self, context: impl Display) -> Result<T>;
+    fn context(self, context: impl Display) -> Result<T> {
+        self.with_context(|| context)
+    }
     /// # Errors
     /// As [`Context::context`], the text made only on error.
     fn with_context<C: Display>(self, f: impl FnOnce() -> C) -> Result<T>;
 }
 
-impl<T, E: Into<Error>> Context<T> for std::result::Result<T, E> {
-    fn context(self, context: impl Display) -> Result<T> {
-        self.map_err(|e| Error::Context {
-            context: context.to_string(),
-            source: Box::new(e.into()),
-        })
+/// `source` inside an [`Error::Context`] saying `context`.
+fn wrap(context: impl Display, source: Error) -> Error {
+    Error::Context {
+        context: context.to_string(),
+        source: Box::new(source),
     }
+}
+
+impl<T, E: Into<Error>> Context<T> for std::result::Result<T, E> {
     fn with_context<C: Display>(self, f: impl FnOnce() -> C) -> Result<T> {
-        self.map_err(|e| Error::Context {
-            context: f().to_string(),
-            source: Box::new(e.into()),
-        })
+        self.map_err(|e| wrap(f(), e.into()))
     }
 }
 
 impl<T> Context<T> for std::result::Result<T, std::io::Error> {
-    fn context(self, context: impl Display) -> Result<T> {
-        self.map_err(|e| Error::Context {
-            context: context.to_string(),
-            source: Box::new(Error::Io(e)),
-        })
-    }
     fn with_context<C: Display>(self, f: impl FnOnce() -> C) -> Result<T> {
-        self.map_err(|e| Error::Context {
-            context: f().to_string(),
-            source: Box::new(Error::Io(e)),
-        })
+        self.map_err(|e| wrap(f(), Error::Io(e)))
     }
 }
 
 impl<T> Context<T> for Option<T> {
-    fn context(self, context: impl Display) -> Result<T> {
-        self.ok_or_else(|| Error::Invalid(context.to_string()))
-    }
     fn with_context<C: Display>(self, f: impl FnOnce() -> C) -> Result<T> {
         self.ok_or_else(|| Error::Invalid(f().to_string()))
     }

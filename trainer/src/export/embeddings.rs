@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::error::{Context, Result};
 use tch::Kind;
 
-use super::session::OnnxEncoder;
+use super::onnx_runtime::OnnxEncoder;
 
 /// What `byol embed` wrote.
 #[derive(Debug, Clone, serde::Serialize)]

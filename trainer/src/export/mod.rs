@@ -10,7 +10,7 @@
 //!
 //! - [`proto`]: the protobuf wire format and ONNX's field numbers;
 //! - [`graph`]: the graph with BatchNorm folding ([`export`]);
-//! - [`session`]: the ONNX Runtime session ([`OnnxEncoder`]) and the parity check
+//! - [`onnx_runtime`]: the encoder in ONNX Runtime ([`OnnxEncoder`]) and the parity check
 //!   against libtorch ([`export_run`]);
 //! - [`embeddings`]: the embeddings Parquet writer ([`embed`]);
 //! - [`torchvision`]: the encoder's weights under torchvision's names, as safetensors
@@ -18,11 +18,11 @@
 
 pub mod embeddings;
 pub mod graph;
+pub mod onnx_runtime;
 pub mod proto;
-pub mod session;
 pub mod torchvision;
 
 pub use embeddings::{embed, EmbedReport};
 pub use graph::{export, ExportInfo};
-pub use session::{export_run, ExportReport, OnnxEncoder, EXPORT_TOL};
+pub use onnx_runtime::{export_run, ExportReport, OnnxEncoder, EXPORT_TOL};
 pub use torchvision::{export_torchvision, TorchvisionExport};
