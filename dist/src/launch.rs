@@ -1,0 +1,254 @@
+//! `byol train --nproc-per-node N`: starts N local workers of the same command with
+//! torchrun's environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`,
+//! `MASTER_ADDR=127.0.0.1`, `MASTER_PORT` = a free port), so that a single-node user needs
+//! no Python. Each worker runs in its own process group: a terminal's Ctrl-C reaches the
+//! launcher only, which forwards every SIGINT/SIGTERM to all workers (they then stop
+//! after the same step, see the trainer). Worker stderr lines are prefixed `[rank R]`;
+//! rank 0's stdout (the `--json` summary) passes through unchanged, other ranks' stdout
+//! is prefixed. When a worker fails, the launcher names it, stops the others (SIGTERM,
+//! then SIGKILL after [`LaunchOptions::grace`]) and exits non-zero.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::{DistError, Result};
+
+/// Environment variables of an outer launcher that must not leak into the workers.
+const CLEARED: &[&str] = &[
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_RUN_ID",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+];
+
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    /// Workers to start (the world size).
+    pub nproc: usize,
+    /// The program and its arguments (the same command without `--nproc-per-node`).
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    /// How long stopped workers get between SIGTERM and SIGKILL.
+    pub grace: Duration,
+}
+
+/// Removes `--nproc-per-node N` / `--nproc-per-node=N` from a command line.
+pub fn without_nproc_flag(args: &[OsString]) -> Vec<OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut skip = false;
+    for a in args {
+        if skip {
+            skip = false;
+            continue;
+        }
+        let s = a.to_string_lossy();
+        if s == "--nproc-per-node" {
+            skip = true;
+        } else if !s.starts_with("--nproc-per-node=") {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released for rank 0's TCPStore).
+///
+/// # Errors
+/// No port could be bound.
+pub fn free_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with code {c}"),
+        (None, Some(s)) => format!("was killed by signal {s}"),
+        _ => "ended".into(),
+    }
+}
+
+fn pipe_lines<R: Read + Send + 'static>(
+    r: R,
+    prefix: Option<String>,
+    to_stdout: bool,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(r);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let mut buf = Vec::with_capacity(line.len() + 12);
+            if let Some(p) = &prefix {
+                buf.extend_from_slice(p.as_bytes());
+            }
+            buf.extend_from_slice(&line);
+            if !buf.ends_with(b"\n") {
+                buf.push(b'\n');
+            }
+            // A closed terminal must not kill the launcher.
+            let _ = if to_stdout {
+                std::io::stdout().lock().write_all(&buf)
+            } else {
+                std::io::stderr().lock().write_all(&buf)
+            };
+        }
+    })
+}
+
+fn signal_all(children: &[Child], alive: &[bool], sig: i32) {
+    for (c, &a) in children.iter().zip(alive) {
+        if a {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+}
+
+/// Runs the workers to completion; returns the launcher's exit code: 0 when every worker
+/// exited 0, else 1 (the failing worker is named on stderr).
+///
+/// # Errors
+/// A worker could not be started, or no free port was found.
+pub fn run(opts: &LaunchOptions) -> Result<i32> {
+    let n = opts.nproc;
+    if n == 0 {
+        return Err(DistError::Launch(
+            "--nproc-per-node must be at least 1".into(),
+        ));
+    }
+    let port = free_port().map_err(|e| DistError::Launch(format!("finding a free port: {e}")))?;
+    let signals = Arc::new(AtomicUsize::new(0));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let s = Arc::clone(&signals);
+        // SAFETY: the handler only touches an atomic.
+        unsafe {
+            signal_hook::low_level::register(sig, move || {
+                s.fetch_add(1, Ordering::SeqCst);
+            })
+        }
+        .map_err(|e| DistError::Launch(format!("installing signal handlers: {e}")))?;
+    }
+    eprintln!(
+        "byol: starting {n} workers (MASTER_ADDR=127.0.0.1 MASTER_PORT={port}, Gloo/NCCL by device)"
+    );
+    let mut children = Vec::with_capacity(n);
+    let mut pipes = Vec::new();
+    for rank in 0..n {
+        let mut cmd = Command::new(&opts.program);
+        cmd.args(&opts.args)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        for v in CLEARED {
+            cmd.env_remove(v);
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(source) => {
+                let alive = vec![true; children.len()];
+                signal_all(&children, &alive, libc::SIGKILL);
+                for c in children.iter_mut() {
+                    let _ = Child::wait(c);
+                }
+                return Err(DistError::Spawn { rank, source });
+            }
+        };
+        let out = child.stdout.take().expect("piped");
+        let err = child.stderr.take().expect("piped");
+        let out_prefix = (rank > 0).then(|| format!("[rank {rank}] "));
+        pipes.push(pipe_lines(out, out_prefix, true));
+        pipes.push(pipe_lines(err, Some(format!("[rank {rank}] ")), false));
+        children.push(child);
+    }
+    let mut alive = vec![true; n];
+    let mut forwarded = 0usize;
+    let mut failed: Option<(usize, String)> = None;
+    let mut kill_at: Option<Instant> = None;
+    while alive.iter().any(|&a| a) {
+        let got = signals.load(Ordering::SeqCst);
+        if got > forwarded {
+            forwarded = got;
+            eprintln!("byol: signal received; forwarding it to the workers (they stop after the same step and checkpoint)");
+            signal_all(&children, &alive, libc::SIGINT);
+        }
+        let mut newly_failed = false;
+        for (rank, c) in children.iter_mut().enumerate() {
+            if !alive[rank] {
+                continue;
+            }
+            if let Ok(Some(status)) = c.try_wait() {
+                alive[rank] = false;
+                if !status.success() && failed.is_none() {
+                    let what = format!("worker rank {rank} (pid {}) {}", c.id(), describe(status));
+                    eprintln!("byol: {what}; stopping the other workers");
+                    failed = Some((rank, what));
+                    newly_failed = true;
+                }
+            }
+        }
+        if newly_failed {
+            signal_all(&children, &alive, libc::SIGTERM);
+            kill_at = Some(Instant::now() + opts.grace);
+        }
+        if kill_at.is_some_and(|t| Instant::now() >= t) {
+            signal_all(&children, &alive, libc::SIGKILL);
+            kill_at = None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for p in pipes {
+        let _ = p.join();
+    }
+    Ok(match failed {
+        None => 0,
+        Some((_, what)) => {
+            eprintln!("byol: the job failed: {what}");
+            1
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_nproc_flag_is_removed_in_both_forms() {
+        let a: Vec<OsString> = [
+            "train",
+            "--nproc-per-node",
+            "2",
+            "--out",
+            "r",
+            "--nproc-per-node=3",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        let b: Vec<String> = without_nproc_flag(&a)
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(b, ["train", "--out", "r"]);
+    }
+}

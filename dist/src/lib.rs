@@ -1,0 +1,535 @@
+//! Data-parallel training over libtorch's c10d, the distributed engine PyTorch itself
+//! uses: a `TCPStore` rendezvous, `ProcessGroupGloo` on the CPU and `ProcessGroupNCCL` on
+//! CUDA (when this build has it, see `build.rs`), the collectives byol needs
+//! ([`ProcessGroup::all_reduce_sum`], [`ProcessGroup::broadcast`],
+//! [`ProcessGroup::all_gather`], [`ProcessGroup::barrier`]), bucketed gradient averaging
+//! ([`ProcessGroup::average_gradients`], DistributedDataParallel's job in PyTorch) and
+//! SyncBatchNorm ([`ProcessGroup::sync_batch_norm`]) as a libtorch autograd function.
+//!
+//! The environment is torchrun's ([`DistEnv`]); [`launch`] starts N local workers with
+//! that same environment for users without Python.
+//!
+//! No other byol crate knows c10d exists: the C++ is in `src/c10d.cpp`, compiled by
+//! `build.rs` against the venv's torch wheel.
+
+mod env;
+mod ffi;
+pub mod launch;
+
+use std::ffi::CString;
+use std::os::raw::{c_char, c_int};
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+
+pub use env::DistEnv;
+
+/// The c10d backend: Gloo (CPU tensors) or NCCL (CUDA tensors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Gloo,
+    Nccl,
+}
+
+impl Backend {
+    /// NCCL for a CUDA device, Gloo otherwise (as `torch.distributed` picks by device).
+    pub fn for_device(device: Device) -> Backend {
+        if device.is_cuda() {
+            Backend::Nccl
+        } else {
+            Backend::Gloo
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Gloo => "gloo",
+            Backend::Nccl => "nccl",
+        }
+    }
+}
+
+/// Whether this build has `ProcessGroupNCCL` (see `build.rs`).
+pub fn has_nccl() -> bool {
+    // SAFETY: a constant-returning C function.
+    unsafe { ffi::byol_c10d_has_nccl() != 0 }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    /// A distributed-environment variable is missing or malformed.
+    #[error("{var}={value:?}: {reason}")]
+    Env {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// The TCPStore rendezvous or the process group could not be set up.
+    #[error(
+        "rank {rank} of {world}: c10d {backend} process group via the TCPStore at {addr}:{port} failed: {message}"
+    )]
+    Rendezvous {
+        rank: usize,
+        world: usize,
+        backend: &'static str,
+        addr: String,
+        port: u16,
+        message: String,
+    },
+    /// A collective failed (a peer vanished, hung past the timeout, or bad tensors).
+    #[error("{op} failed on rank {rank} of {world}: {message}{peers}")]
+    Collective {
+        op: &'static str,
+        rank: usize,
+        world: usize,
+        message: String,
+        /// What the store says about the other ranks (who stopped reporting).
+        peers: String,
+    },
+    #[error("starting worker {rank}: {source}")]
+    Spawn {
+        rank: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Launch(String),
+}
+
+pub type Result<T, E = DistError> = std::result::Result<T, E>;
+
+/// One process's membership of a c10d process group.
+///
+/// Every rank must issue the same collectives in the same order; a collective that a peer
+/// never joins fails after the group's timeout with [`DistError::Collective`], which names
+/// the ranks whose last reported step ([`ProcessGroup::report_step`]) is behind.
+pub struct ProcessGroup {
+    raw: NonNull<ffi::Group>,
+    env: DistEnv,
+    backend: Backend,
+    timeout: Duration,
+    /// Nanoseconds spent inside collectives called from Rust.
+    comm_ns: AtomicU64,
+    step: AtomicU64,
+}
+
+// SAFETY: c10d process groups and stores are used from one thread at a time by byol
+// (the training thread); the C++ objects are themselves thread-safe for that.
+unsafe impl Send for ProcessGroup {}
+// SAFETY: as above; every method takes `&self` and c10d serialises its work queue.
+unsafe impl Sync for ProcessGroup {}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: created by byol_c10d_new_group, freed once.
+        unsafe { ffi::byol_c10d_free_group(self.raw.as_ptr()) }
+    }
+}
+
+fn cstring(s: &str) -> CString {
+    CString::new(s.replace('\0', "")).expect("NUL removed")
+}
+
+fn ptr_of(t: &Tensor) -> ffi::CTensor {
+    t.as_ptr() as ffi::CTensor
+}
+
+impl ProcessGroup {
+    /// Joins the group `env` describes: rank 0 hosts the TCPStore at `MASTER_ADDR:MASTER_PORT`
+    /// unless torchrun's agent hosts it (`TORCHELASTIC_USE_AGENT_STORE=True`, then every
+    /// rank is a client, under torchrun's `/worker/attempt_N` prefix). Gloo binds to
+    /// `GLOO_SOCKET_IFNAME` when set, to 127.0.0.1 when the master is on loopback, else to
+    /// the address of this host's name. `timeout` bounds the rendezvous and every collective.
+    ///
+    /// # Errors
+    /// [`DistError::Rendezvous`]: the store is unreachable within `timeout`, the port is
+    /// taken, or this build lacks the backend (NCCL).
+    pub fn new(env: &DistEnv, backend: Backend, timeout: Duration) -> Result<ProcessGroup> {
+        let host = cstring(&env.master_addr);
+        let prefix = cstring(&if env.agent_store {
+            format!("/worker/attempt_{}/byol/", env.restart_count)
+        } else {
+            "byol/".to_string()
+        });
+        let iface = std::env::var("GLOO_SOCKET_IFNAME").unwrap_or_default();
+        let loopback = env.master_addr == "localhost" || env.master_addr.starts_with("127.");
+        let ghost = if iface.is_empty() && loopback {
+            "127.0.0.1"
+        } else {
+            ""
+        };
+        let (iface, ghost) = (cstring(&iface), cstring(ghost));
+        let mut err: *mut c_char = ptr::null_mut();
+        // SAFETY: valid C strings for the call's duration; err is an out-pointer.
+        let raw = unsafe {
+            ffi::byol_c10d_new_group(
+                host.as_ptr(),
+                c_int::from(env.master_port),
+                env.rank as c_int,
+                env.world as c_int,
+                c_int::from(env.rank == 0 && !env.agent_store),
+                prefix.as_ptr(),
+                timeout.as_millis() as i64,
+                match backend {
+                    Backend::Gloo => 0,
+                    Backend::Nccl => 1,
+                },
+                iface.as_ptr(),
+                ghost.as_ptr(),
+                &mut err,
+            )
+        };
+        match NonNull::new(raw) {
+            Some(raw) => Ok(ProcessGroup {
+                raw,
+                env: env.clone(),
+                backend,
+                timeout,
+                comm_ns: AtomicU64::new(0),
+                step: AtomicU64::new(0),
+            }),
+            None => Err(DistError::Rendezvous {
+                rank: env.rank,
+                world: env.world,
+                backend: backend.name(),
+                addr: env.master_addr.clone(),
+                port: env.master_port,
+                // SAFETY: set by the failed call.
+                message: unsafe { ffi::take_message(err) },
+            }),
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.env.rank
+    }
+
+    pub fn world(&self) -> usize {
+        self.env.world
+    }
+
+    pub fn env(&self) -> &DistEnv {
+        &self.env
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Seconds this process has spent blocked in collectives called from Rust (not the
+    /// ones inside SyncBatchNorm).
+    pub fn comm_seconds(&self) -> f64 {
+        self.comm_ns.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    /// Records this rank's step in the store (`progress/RANK`), so that a failed
+    /// collective can say which rank stopped reporting.
+    ///
+    /// # Errors
+    /// The store is unreachable.
+    pub fn report_step(&self, step: u64) -> Result<()> {
+        self.step.store(step, Ordering::Relaxed);
+        let key = cstring(&format!("progress/{}", self.env.rank));
+        let v = step.to_string();
+        let mut err: *mut c_char = ptr::null_mut();
+        // SAFETY: valid pointers for the call's duration.
+        let rc = unsafe {
+            ffi::byol_c10d_store_set(
+                self.raw.as_ptr(),
+                key.as_ptr(),
+                v.as_ptr(),
+                v.len(),
+                &mut err,
+            )
+        };
+        self.check("store set", rc, err)
+    }
+
+    /// The step another rank last reported (`None`: never, or the store is gone).
+    fn reported_step(&self, rank: usize) -> std::result::Result<Option<u64>, String> {
+        let key = cstring(&format!("progress/{rank}"));
+        let (mut found, mut value, mut len): (c_int, *mut u8, usize) = (0, ptr::null_mut(), 0);
+        let mut err: *mut c_char = ptr::null_mut();
+        // SAFETY: out-pointers valid for the call.
+        let rc = unsafe {
+            ffi::byol_c10d_store_try_get(
+                self.raw.as_ptr(),
+                key.as_ptr(),
+                &mut found,
+                &mut value,
+                &mut len,
+                &mut err,
+            )
+        };
+        if rc != 0 {
+            // SAFETY: set by the failed call.
+            return Err(unsafe { ffi::take_message(err) });
+        }
+        if found == 0 {
+            return Ok(None);
+        }
+        // SAFETY: `len` bytes malloc'ed by c10d.cpp, freed here with the string freer (free()).
+        let bytes = unsafe { std::slice::from_raw_parts(value, len) }.to_vec();
+        // SAFETY: allocated with malloc.
+        unsafe { ffi::byol_c10d_free_string(value as *mut c_char) };
+        Ok(String::from_utf8_lossy(&bytes).parse().ok())
+    }
+
+    /// What the store says about the other ranks after a failed collective.
+    fn peers(&self) -> String {
+        let me = self.step.load(Ordering::Relaxed);
+        let mut behind = Vec::new();
+        for r in (0..self.env.world).filter(|&r| r != self.env.rank) {
+            match self.reported_step(r) {
+                Ok(Some(s)) if s < me => {
+                    behind.push(format!("rank {r} last reported step {s}"))
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => behind.push(format!("rank {r} never reported a step")),
+                Err(_) => {
+                    return format!(
+                        "; the TCPStore at {}:{} is unreachable too, so its host (rank 0, or torchrun's agent) is gone",
+                        self.env.master_addr, self.env.master_port
+                    )
+                }
+            }
+        }
+        if behind.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; this rank is at step {me}, {} (it died, or hangs)",
+                behind.join(", ")
+            )
+        }
+    }
+
+    fn check(&self, op: &'static str, rc: c_int, err: *mut c_char) -> Result<()> {
+        if rc == 0 {
+            return Ok(());
+        }
+        // SAFETY: set by the failed call.
+        let message = unsafe { ffi::take_message(err) };
+        Err(DistError::Collective {
+            op,
+            rank: self.env.rank,
+            world: self.env.world,
+            message,
+            peers: self.peers(),
+        })
+    }
+
+    fn timed<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let r = f();
+        self.comm_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r
+    }
+
+    /// Sums each tensor over all ranks, in place (every rank ends with the same values).
+    /// Tensors must be contiguous and on this group's device type.
+    ///
+    /// # Errors
+    /// [`DistError::Collective`] naming the rank that vanished or hung.
+    pub fn all_reduce_sum(&self, tensors: &[&Tensor]) -> Result<()> {
+        let ptrs: Vec<ffi::CTensor> = tensors.iter().map(|t| ptr_of(t)).collect();
+        let mut err: *mut c_char = ptr::null_mut();
+        // SAFETY: tensor pointers live for the call (borrowed).
+        let rc = self.timed(|| unsafe {
+            ffi::byol_c10d_all_reduce_sum(self.raw.as_ptr(), ptrs.as_ptr(), ptrs.len(), &mut err)
+        });
+        self.check("all_reduce", rc, err)
+    }
+
+    /// Copies `root`'s `t` into every rank's `t`, in place (`t` contiguous).
+    ///
+    /// # Errors
+    /// [`DistError::Collective`].
+    pub fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
+        let mut err: *mut c_char = ptr::null_mut();
+        // SAFETY: the tensor lives for the call.
+        let rc = self.timed(|| unsafe {
+            ffi::byol_c10d_broadcast(self.raw.as_ptr(), ptr_of(t), root as c_int, &mut err)
+        });
+        self.check("broadcast", rc, err)
+    }
+
+    /// Every rank's `t`, in rank order (`world` new tensors of `t`'s shape).
+    ///
+    /// # Errors
+    /// [`DistError::Collective`].
+    pub fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>> {
+        let t = t.contiguous();
+        let mut out: Vec<ffi::CTensor> = vec![ptr::null_mut(); self.env.world];
+        let mut err: *mut c_char = ptr::null_mut();
+        // SAFETY: `out` has room for `world` pointers, filled on success.
+        let rc = self.timed(|| unsafe {
+            ffi::byol_c10d_all_gather(self.raw.as_ptr(), ptr_of(&t), out.as_mut_ptr(), &mut err)
+        });
+        self.check("all_gather", rc, err)?;
+        // SAFETY: each is a fresh heap at::Tensor that tch now owns.
+        Ok(out
+            .into_iter()
+            .map(|p| unsafe { Tensor::from_ptr(p) })
+            .collect())
+    }
+
+    /// Waits until every rank has called it.
+    ///
+    /// # Errors
+    /// [`DistError::Collective`].
+    pub fn barrier(&self) -> Result<()> {
+        let mut err: *mut c_char = ptr::null_mut();
+        // SAFETY: plain call.
+        let rc = self.timed(|| unsafe { ffi::byol_c10d_barrier(self.raw.as_ptr(), &mut err) });
+        self.check("barrier", rc, err)
+    }
+
+    /// Broadcasts each tensor from `root` in place, in the given order (non-contiguous
+    /// tensors, such as channels-last weights, go through a contiguous copy).
+    ///
+    /// # Errors
+    /// [`DistError::Collective`].
+    pub fn broadcast_all(&self, tensors: &[Tensor], root: usize) -> Result<()> {
+        tch::no_grad(|| {
+            for t in tensors {
+                if t.is_contiguous() {
+                    self.broadcast(t, root)?;
+                } else {
+                    let c = t.contiguous();
+                    self.broadcast(&c, root)?;
+                    t.shallow_clone().copy_(&c);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Averages gradients over ranks, as DistributedDataParallel does: the gradients, in
+    /// the order given (the caller's fixed name order), are flattened into buckets of at
+    /// most [`BUCKET_BYTES`], each bucket is summed with one `all_reduce` and divided by
+    /// the world size (Gloo has no average), and the values are copied back.
+    ///
+    /// # Errors
+    /// [`DistError::Collective`].
+    pub fn average_gradients(&self, grads: &[Tensor]) -> Result<()> {
+        let world = self.env.world as f64;
+        tch::no_grad(|| {
+            let mut start = 0;
+            while start < grads.len() {
+                let kind = grads[start].kind();
+                let mut end = start;
+                let mut bytes = 0usize;
+                while end < grads.len()
+                    && grads[end].kind() == kind
+                    && (end == start
+                        || bytes + grads[end].numel() * kind.elt_size_in_bytes() <= BUCKET_BYTES)
+                {
+                    bytes += grads[end].numel() * kind.elt_size_in_bytes();
+                    end += 1;
+                }
+                let bucket = &grads[start..end];
+                let mut flat = Tensor::cat(
+                    &bucket.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(),
+                    0,
+                );
+                self.all_reduce_sum(&[&flat])?;
+                let _ = flat.f_div_scalar_(world);
+                let mut off = 0i64;
+                for g in bucket {
+                    let n = g.numel() as i64;
+                    let part = flat.narrow(0, off, n).view_as(&g.contiguous());
+                    g.shallow_clone().copy_(&part);
+                    off += n;
+                }
+                start = end;
+            }
+            Ok(())
+        })
+    }
+
+    /// BatchNorm in training mode with statistics over every rank's batch
+    /// (`torch.nn.SyncBatchNorm`): each rank's count, mean and biased variance are
+    /// gathered and combined into the global mean and variance, the running statistics are
+    /// updated with the global values (unbiased variance, `momentum` as in PyTorch), and
+    /// the backward pass all-reduces the two per-channel sums `Σ dy` and `Σ dy·(x − μ)` so
+    /// that the input gradient is that of the loss summed over ranks. Parameter gradients
+    /// stay local (they are averaged with the others by [`ProcessGroup::average_gradients`]).
+    /// Statistics are computed in float32 for reduced-precision input (float64 stays
+    /// float64); the output has the input's dtype.
+    ///
+    /// # Shapes
+    /// `x`: `[N, C, *]`; `weight`, `bias`, `running_mean`, `running_var`: `[C]`. Returns
+    /// `[N, C, *]`.
+    ///
+    /// # Errors
+    /// [`DistError::Collective`] (a peer vanished, or mismatched channel counts).
+    pub fn sync_batch_norm(
+        &self,
+        x: &Tensor,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        running: Option<(&Tensor, &Tensor)>,
+        momentum: f64,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let opt = |t: Option<&Tensor>| t.map(ptr_of).unwrap_or(ptr::null_mut());
+        let mut err: *mut c_char = ptr::null_mut();
+        // SAFETY: every pointer is null or a live tensor for the call's duration.
+        let out = unsafe {
+            ffi::byol_c10d_sync_batch_norm(
+                self.raw.as_ptr(),
+                ptr_of(x),
+                opt(weight),
+                opt(bias),
+                opt(running.map(|r| r.0)),
+                opt(running.map(|r| r.1)),
+                momentum,
+                eps,
+                &mut err,
+            )
+        };
+        if out.is_null() {
+            self.check("sync_batch_norm", 1, err)?;
+        }
+        // SAFETY: a fresh heap at::Tensor that tch now owns.
+        Ok(unsafe { Tensor::from_ptr(out) })
+    }
+
+    /// Sums `values` over ranks (one `all_reduce` of a float64 tensor on the CPU, or on
+    /// the group's device for NCCL).
+    ///
+    /// # Errors
+    /// [`DistError::Collective`].
+    pub fn sum_f64(&self, values: &[f64], device: Device) -> Result<Vec<f64>> {
+        let t = Tensor::from_slice(values).to_device(device);
+        self.all_reduce_sum(&[&t])?;
+        Ok(
+            Vec::<f64>::try_from(t.to_kind(Kind::Double).to_device(Device::Cpu))
+                .expect("a 1-D float64 tensor"),
+        )
+    }
+}
+
+/// Largest gradient bucket of [`ProcessGroup::average_gradients`] (DistributedDataParallel's
+/// default `bucket_cap_mb` is 25).
+pub const BUCKET_BYTES: usize = 25 << 20;
+
+/// Makes any panic abort the process at once after printing its message, so that a
+/// launcher (torchrun or `byol train --nproc-per-node`) sees the rank die and tears the
+/// group down instead of the others waiting for it.
+pub fn abort_on_panic(rank: usize) {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        eprintln!("byol: rank {rank}: panic, aborting this worker");
+        default(info);
+        std::process::abort();
+    }));
+}
