@@ -12,6 +12,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -25,6 +26,9 @@ struct Group {
   c10::intrusive_ptr<c10d::Backend> backend;
   int rank;
   int world;
+  // Nanoseconds spent waiting for collectives to complete (communication, and waiting
+  // for slower ranks), SyncBatchNorm's included.
+  std::atomic<int64_t> wait_ns{0};
 };
 
 char* dup(const std::string& s) {
@@ -49,8 +53,11 @@ int guarded(char** err, F&& f) {
   return 1;
 }
 
-void wait(const c10::intrusive_ptr<c10d::Work>& w) {
+void wait(Group* g, const c10::intrusive_ptr<c10d::Work>& w) {
+  auto t0 = std::chrono::steady_clock::now();
   w->wait();
+  auto dt = std::chrono::steady_clock::now() - t0;
+  g->wait_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(dt).count();
 }
 
 // Every dimension but the channel dimension (1).
@@ -95,7 +102,7 @@ struct SyncBatchNormFn : public torch::autograd::Function<SyncBatchNormFn> {
     std::vector<at::Tensor> input{at::cat({mean_l, var_l, count})};
     std::vector<std::vector<at::Tensor>> output(1);
     for (int r = 0; r < g->world; ++r) output[0].push_back(at::empty_like(input[0]));
-    wait(g->backend->allgather(output, input));
+    wait(g, g->backend->allgather(output, input));
     auto all = at::stack(output[0]);  // [world, 2C + 1]
     auto means = all.narrow(1, 0, c);
     auto vars = all.narrow(1, c, c);
@@ -142,7 +149,7 @@ struct SyncBatchNormFn : public torch::autograd::Function<SyncBatchNormFn> {
     if (has_bias) grad_bias = sum_dy.to(weight.defined() ? weight.scalar_type() : ct);
     int64_t c = x.size(1);
     std::vector<at::Tensor> both{at::cat({sum_dy, sum_dy_xmu})};
-    wait(g->backend->allreduce(both));
+    wait(g, g->backend->allreduce(both));
     auto mean_dy = both[0].narrow(0, 0, c) / n;
     auto mean_dy_xmu = both[0].narrow(0, c, c) / n;
     auto scale = weight.defined() ? invstd * weight.to(ct) : invstd;
@@ -218,6 +225,8 @@ Group* byol_c10d_new_group(const char* host, int port, int rank, int world, int 
 
 void byol_c10d_free_group(Group* g) { delete g; }
 
+double byol_c10d_wait_seconds(Group* g) { return g->wait_ns.load() * 1e-9; }
+
 int byol_c10d_all_reduce_sum(Group* g, at::Tensor** ts, size_t n, char** err) {
   return guarded(err, [&] {
     std::vector<at::Tensor> v;
@@ -226,7 +235,7 @@ int byol_c10d_all_reduce_sum(Group* g, at::Tensor** ts, size_t n, char** err) {
     // keeps the semantics backend-independent.
     for (auto& t : v) {
       std::vector<at::Tensor> one{t};
-      wait(g->backend->allreduce(one));
+      wait(g, g->backend->allreduce(one));
     }
   });
 }
@@ -236,7 +245,7 @@ int byol_c10d_broadcast(Group* g, at::Tensor* t, int root, char** err) {
     std::vector<at::Tensor> v{*t};
     c10d::BroadcastOptions o;
     o.rootRank = root;
-    wait(g->backend->broadcast(v, o));
+    wait(g, g->backend->broadcast(v, o));
   });
 }
 
@@ -246,13 +255,13 @@ int byol_c10d_all_gather(Group* g, at::Tensor* t, at::Tensor** out, char** err) 
     std::vector<at::Tensor> input{*t};
     std::vector<std::vector<at::Tensor>> output(1);
     for (int r = 0; r < g->world; ++r) output[0].push_back(at::empty_like(*t));
-    wait(g->backend->allgather(output, input));
+    wait(g, g->backend->allgather(output, input));
     for (int r = 0; r < g->world; ++r) out[r] = new at::Tensor(output[0][r]);
   });
 }
 
 int byol_c10d_barrier(Group* g, char** err) {
-  return guarded(err, [&] { wait(g->backend->barrier()); });
+  return guarded(err, [&] { wait(g, g->backend->barrier()); });
 }
 
 int byol_c10d_store_set(Group* g, const char* key, const uint8_t* value, size_t len,

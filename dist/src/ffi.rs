@@ -30,6 +30,7 @@ unsafe extern "C" {
         err: *mut *mut c_char,
     ) -> *mut Group;
     pub fn byol_c10d_free_group(g: *mut Group);
+    pub fn byol_c10d_wait_seconds(g: *mut Group) -> f64;
     pub fn byol_c10d_all_reduce_sum(
         g: *mut Group,
         ts: *const CTensor,

@@ -20,7 +20,7 @@ use std::ffi::CString;
 use std::os::raw::{c_char, c_int};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tch::{Device, Kind, Tensor};
 
@@ -110,8 +110,6 @@ pub struct ProcessGroup {
     env: DistEnv,
     backend: Backend,
     timeout: Duration,
-    /// Nanoseconds spent inside collectives called from Rust.
-    comm_ns: AtomicU64,
     step: AtomicU64,
 }
 
@@ -120,6 +118,18 @@ pub struct ProcessGroup {
 unsafe impl Send for ProcessGroup {}
 // SAFETY: as above; every method takes `&self` and c10d serialises its work queue.
 unsafe impl Sync for ProcessGroup {}
+
+impl std::fmt::Debug for ProcessGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ProcessGroup({}, rank {} of {})",
+            self.backend.name(),
+            self.env.rank,
+            self.env.world
+        )
+    }
+}
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
@@ -187,7 +197,6 @@ impl ProcessGroup {
                 env: env.clone(),
                 backend,
                 timeout,
-                comm_ns: AtomicU64::new(0),
                 step: AtomicU64::new(0),
             }),
             None => Err(DistError::Rendezvous {
@@ -222,10 +231,11 @@ impl ProcessGroup {
         self.timeout
     }
 
-    /// Seconds this process has spent blocked in collectives called from Rust (not the
-    /// ones inside SyncBatchNorm).
+    /// Seconds this process has spent waiting for collectives to complete (the transfer,
+    /// and waiting for slower ranks), SyncBatchNorm's included.
     pub fn comm_seconds(&self) -> f64 {
-        self.comm_ns.load(Ordering::Relaxed) as f64 * 1e-9
+        // SAFETY: reads an atomic of a live group.
+        unsafe { ffi::byol_c10d_wait_seconds(self.raw.as_ptr()) }
     }
 
     /// Records this rank's step in the store (`progress/RANK`), so that a failed
@@ -325,14 +335,6 @@ impl ProcessGroup {
         })
     }
 
-    fn timed<T>(&self, f: impl FnOnce() -> T) -> T {
-        let t = Instant::now();
-        let r = f();
-        self.comm_ns
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        r
-    }
-
     /// Sums each tensor over all ranks, in place (every rank ends with the same values).
     /// Tensors must be contiguous and on this group's device type.
     ///
@@ -342,9 +344,9 @@ impl ProcessGroup {
         let ptrs: Vec<ffi::CTensor> = tensors.iter().map(|t| ptr_of(t)).collect();
         let mut err: *mut c_char = ptr::null_mut();
         // SAFETY: tensor pointers live for the call (borrowed).
-        let rc = self.timed(|| unsafe {
+        let rc = unsafe {
             ffi::byol_c10d_all_reduce_sum(self.raw.as_ptr(), ptrs.as_ptr(), ptrs.len(), &mut err)
-        });
+        };
         self.check("all_reduce", rc, err)
     }
 
@@ -355,9 +357,9 @@ impl ProcessGroup {
     pub fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
         let mut err: *mut c_char = ptr::null_mut();
         // SAFETY: the tensor lives for the call.
-        let rc = self.timed(|| unsafe {
+        let rc = unsafe {
             ffi::byol_c10d_broadcast(self.raw.as_ptr(), ptr_of(t), root as c_int, &mut err)
-        });
+        };
         self.check("broadcast", rc, err)
     }
 
@@ -370,9 +372,9 @@ impl ProcessGroup {
         let mut out: Vec<ffi::CTensor> = vec![ptr::null_mut(); self.env.world];
         let mut err: *mut c_char = ptr::null_mut();
         // SAFETY: `out` has room for `world` pointers, filled on success.
-        let rc = self.timed(|| unsafe {
+        let rc = unsafe {
             ffi::byol_c10d_all_gather(self.raw.as_ptr(), ptr_of(&t), out.as_mut_ptr(), &mut err)
-        });
+        };
         self.check("all_gather", rc, err)?;
         // SAFETY: each is a fresh heap at::Tensor that tch now owns.
         Ok(out
@@ -388,7 +390,7 @@ impl ProcessGroup {
     pub fn barrier(&self) -> Result<()> {
         let mut err: *mut c_char = ptr::null_mut();
         // SAFETY: plain call.
-        let rc = self.timed(|| unsafe { ffi::byol_c10d_barrier(self.raw.as_ptr(), &mut err) });
+        let rc = unsafe { ffi::byol_c10d_barrier(self.raw.as_ptr(), &mut err) };
         self.check("barrier", rc, err)
     }
 

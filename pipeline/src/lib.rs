@@ -18,7 +18,7 @@ pub mod plan;
 
 pub use dataset::Dataset;
 pub use loader::{Batch, Epoch, Loader, LoaderConfig, StatsSnapshot};
-pub use plan::Cursor;
+pub use plan::{Cursor, Split};
 
 use std::path::PathBuf;
 

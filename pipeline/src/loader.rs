@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::dataset::{Dataset, LoadedGroup};
-use crate::plan::{epoch_order, per_rank, Cursor, GroupSpan, PlanConfig};
+use crate::plan::{epoch_order, per_rank, resumed_order, Cursor, GroupSpan, PlanConfig, Split};
 use crate::PipelineError;
 use byol_format::image_error::ImageError;
 
@@ -264,9 +264,24 @@ impl Loader {
             .collect()
     }
 
+    /// The global row ids this rank reads in `epoch` after `splits` (see
+    /// [`crate::plan::resumed_order`]), in order.
+    pub fn order_resumed(&self, epoch: u64, splits: &[Split]) -> Vec<u64> {
+        resumed_order(&self.spans, &self.plan(), epoch, splits)
+            .iter()
+            .map(|p| p.row)
+            .collect()
+    }
+
     /// Starts streaming from `cursor` to the end of its epoch.
     pub fn start(&self, cursor: Cursor) -> Epoch {
-        let order = epoch_order(&self.spans, &self.plan(), cursor.epoch);
+        self.start_resumed(cursor, &[])
+    }
+
+    /// Starts streaming from `cursor` in an epoch that earlier world sizes began
+    /// (`splits`, see [`crate::plan::resumed_order`]; empty: [`Loader::start`]).
+    pub fn start_resumed(&self, cursor: Cursor, splits: &[Split]) -> Epoch {
+        let order = resumed_order(&self.spans, &self.plan(), cursor.epoch, splits);
         let b = self.cfg.batch;
         let start = (cursor.consumed as usize).min(order.len());
         let remaining = order.len() - start;

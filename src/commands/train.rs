@@ -25,9 +25,14 @@ pub struct TrainArgs {
     /// Stop (with a checkpoint) when the global step reaches N.
     #[arg(long)]
     max_steps: Option<u64>,
-    /// Continue from the run's latest checkpoint.
-    #[arg(long)]
-    resume: bool,
+    /// Continue from the run's latest checkpoint. `--resume auto`: continue when the run
+    /// has a checkpoint, else start it (the one command line for torchrun --max-restarts).
+    #[arg(long, num_args = 0..=1, default_missing_value = "yes", value_parser = ["yes", "auto"])]
+    resume: Option<String>,
+    /// Start N local workers of this command (data-parallel over c10d: Gloo on the CPU,
+    /// NCCL on CUDA, one GPU each), as `torchrun --nproc-per-node N` would.
+    #[arg(long, value_name = "N")]
+    nproc_per_node: Option<usize>,
     /// Labelled held-out shards for the kNN monitor (each `train.knn_every_epochs`).
     #[arg(long)]
     val: Option<PathBuf>,
@@ -42,10 +47,15 @@ pub struct TrainArgs {
 /// # Errors
 /// See [`byol_trainer::train::train`]; also an unreadable config.
 pub fn run(a: TrainArgs) -> Result<ExitCode> {
+    if let Some(n) = a.nproc_per_node {
+        return launch(n);
+    }
     install_signal_handlers().context("installing signal handlers")?;
+    let resume = a.resume.as_deref() == Some("yes");
+    let resume_auto = a.resume.as_deref() == Some("auto");
     let cfg = match &a.config {
         Some(p) => Some(super::read_config(p, &a.sets)?),
-        None if !a.sets.is_empty() && a.resume => {
+        None if !a.sets.is_empty() && (resume || resume_auto) => {
             let p = byol_trainer::run::config_path(&a.out);
             let saved =
                 std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
@@ -59,11 +69,16 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     let opts = TrainOptions {
         max_steps: a.max_steps,
         val: a.val,
-        resume: a.resume,
+        resume,
+        resume_auto,
         progress: true,
         time_budget: a.time_budget,
     };
     let s = train(cfg, &a.data, &a.out, &opts, byol_pipeline::opencv_decoder())?;
+    if std::env::var("RANK").is_ok_and(|r| r != "0") && s.world_size > 1 {
+        // Rank 0 reports for the job.
+        return Ok(ExitCode::SUCCESS);
+    }
     emit(a.json, &s, || {
         format!(
             "{} step {}/{} (epoch {}), loss {:.4}, {:.1} images/s, data stall {:.0} %, checkpoint {}\n",
@@ -78,4 +93,22 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         )
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--nproc-per-node N`: this command line, without the flag, as N local workers.
+fn launch(n: usize) -> Result<ExitCode> {
+    if std::env::var_os("WORLD_SIZE").is_some() {
+        anyhow::bail!(
+            "--nproc-per-node starts its own workers; this process is already one (WORLD_SIZE is set, e.g. by torchrun): drop the flag"
+        );
+    }
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let opts = byol_dist::launch::LaunchOptions {
+        nproc: n,
+        program: std::env::current_exe().context("finding this executable")?,
+        args: byol_dist::launch::without_nproc_flag(&args),
+        grace: std::time::Duration::from_secs(10),
+    };
+    let code = byol_dist::launch::run(&opts)?;
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }

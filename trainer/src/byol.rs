@@ -35,6 +35,18 @@ impl Network {
         }
     }
 
+    /// Every BatchNorm of the network becomes SyncBatchNorm over `group` (training mode).
+    pub fn sync_batch_norm(&mut self, group: &std::sync::Arc<byol_dist::ProcessGroup>) {
+        let mut norms = self.encoder.norms_mut();
+        norms.push(&mut self.projector.bn);
+        if let Some(p) = self.predictor.as_mut() {
+            norms.push(&mut p.bn);
+        }
+        for n in norms {
+            n.sync_with(std::sync::Arc::clone(group));
+        }
+    }
+
     /// Stores every 4-D weight in channels-last layout (NHWC strides, NCHW shape);
     /// libtorch's convolutions then run in that layout when the input has it too.
     pub fn to_channels_last(&mut self) {
@@ -274,6 +286,18 @@ impl Optimizer {
         });
     }
 
+    /// The buffers themselves (momentum, then AdamW's second moments), each set in name
+    /// order: what a rank receives from rank 0 before the first step.
+    pub fn buffers_in_order(&self) -> Vec<Tensor> {
+        let mut out = Vec::new();
+        for map in [&self.buffers, &self.second] {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.extend(keys.into_iter().map(|k| map[k].shallow_clone()));
+        }
+        out
+    }
+
     /// Momentum buffers as named tensors (for checkpoints).
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<(String, Tensor)> = self
@@ -340,6 +364,42 @@ pub fn train_step(
     v2: &Tensor,
     s: StepSettings,
 ) -> (Tensor, Tensor, Tensor) {
+    train_step_synced(online, target, opt, v1, v2, s, None)
+        .expect("a single-process step has no collective to fail")
+}
+
+/// The trainable variables of `vs` with their gradients, sorted by name (the fixed order
+/// in which every rank averages them).
+pub fn named_gradients(vs: &nn::VarStore) -> Vec<Tensor> {
+    let mut named: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+        .into_iter()
+        .map(|(_, t)| t.grad())
+        .filter(|g| g.defined())
+        .collect()
+}
+
+/// [`train_step`] as one rank of `group`: the per-rank loss is over this rank's share of
+/// the global batch, and the gradients are averaged over ranks (in name order) between
+/// the backward pass and the optimizer step, so that every rank takes the step of the
+/// global batch's mean loss. Without a group it is [`train_step`].
+///
+/// # Errors
+/// A collective failed (inside SyncBatchNorm's backward or the gradient average).
+pub fn train_step_synced(
+    online: &Network,
+    target: &Network,
+    opt: &mut Optimizer,
+    v1: &Tensor,
+    v2: &Tensor,
+    s: StepSettings,
+    group: Option<&byol_dist::ProcessGroup>,
+) -> Result<(Tensor, Tensor, Tensor), crate::error::Error> {
     let device = v1.device();
     let (loss, z1, y1) = crate::amp::autocast(device, s.amp, || {
         let (y1, z1, p1) = online.forward(v1, true);
@@ -353,8 +413,11 @@ pub fn train_step(
         (loss, f(z1), f(y1.detach()))
     });
     zero_grad(&online.vs);
-    loss.backward();
+    loss.f_backward()?;
+    if let Some(g) = group {
+        g.average_gradients(&named_gradients(&online.vs))?;
+    }
     opt.step(&online.vs, s.lr);
     ema_update(&target.vs, &online.vs, s.tau);
-    (loss, z1, y1)
+    Ok((loss, z1, y1))
 }

@@ -13,6 +13,11 @@ pub struct ModelConfig {
     pub encoder: EncoderConfig,
     pub projector: HeadConfig,
     pub predictor: HeadConfig,
+    /// SyncBatchNorm (statistics over every rank's share of the global batch, as the BYOL
+    /// paper trains) in the online and target networks when the world size is above 1;
+    /// unset means on. No effect on one process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_bn: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -85,6 +90,10 @@ pub struct TrainSection {
     pub knn_bank: usize,
     /// Held-out images it classifies.
     pub knn_queries: usize,
+    /// Distributed training: how long a rank waits for the others at the rendezvous and
+    /// in each collective before failing with the name of the rank that stopped
+    /// reporting (seconds; torch's default is 30 minutes).
+    pub collective_timeout_s: f64,
 }
 
 impl Default for TrainSection {
@@ -107,6 +116,7 @@ impl Default for TrainSection {
             knn_every_epochs: 1,
             knn_bank: 10000,
             knn_queries: 2000,
+            collective_timeout_s: 600.0,
         }
     }
 }
@@ -184,6 +194,7 @@ pub const RESUMABLE_CHANGES: &[&str] = &[
     "data.decode_threads",
     "train.collapse_span",
     "train.collapse_threshold",
+    "train.collective_timeout_s",
 ];
 
 /// Why a config could not be read.

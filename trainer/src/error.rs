@@ -32,6 +32,9 @@ pub enum Error {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Pipeline(#[from] byol_pipeline::PipelineError),
+    /// A distributed-training failure (environment, rendezvous, a collective).
+    #[error(transparent)]
+    Dist(#[from] byol_dist::DistError),
     #[error(transparent)]
     Format(#[from] byol_format::shards::FormatError),
     #[error(transparent)]

@@ -4,9 +4,51 @@
 //! of a checkpoint match a torchvision `state_dict` (minus `num_batches_tracked` and
 //! `fc`), and a torchvision ResNet saved as safetensors loads.
 
+use std::sync::Arc;
+
+use byol_dist::ProcessGroup;
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
+
+/// A BatchNorm layer (torch's `momentum` 0.1, `eps` 1e-5): local statistics, or
+/// SyncBatchNorm over every rank of a process group in training mode once
+/// [`Norm::sync_with`] is set. Its keys (`weight`, `bias`, `running_mean`, `running_var`)
+/// are the same either way, and evaluation always uses the running statistics.
+#[derive(Debug)]
+pub struct Norm {
+    pub bn: nn::BatchNorm,
+    group: Option<Arc<ProcessGroup>>,
+}
+
+impl Norm {
+    /// BatchNorm statistics over every rank of `group` from now on (training mode).
+    pub fn sync_with(&mut self, group: Arc<ProcessGroup>) {
+        self.group = Some(group);
+    }
+
+    /// # Shapes
+    /// `[N, C, *]` → `[N, C, *]`.
+    ///
+    /// # Panics
+    /// A failed SyncBatchNorm collective (a peer vanished or hung past the group's
+    /// timeout): the worker aborts, naming the rank, so that its launcher ends the job.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        match (&self.group, train) {
+            (Some(g), true) => g
+                .sync_batch_norm(
+                    x,
+                    self.bn.ws.as_ref(),
+                    self.bn.bs.as_ref(),
+                    Some((&self.bn.running_mean, &self.bn.running_var)),
+                    0.1,
+                    1e-5,
+                )
+                .unwrap_or_else(|e| panic!("{e}")),
+            _ => x.apply_t(&self.bn, train),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -58,22 +100,25 @@ fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, padding: i64) -> 
     nn::conv2d(p, cin, cout, k, cfg)
 }
 
-fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
-    nn::batch_norm2d(
-        p,
-        c,
-        nn::BatchNormConfig {
-            ws_init: nn::Init::Const(1.0),
-            ..Default::default()
-        },
-    )
+fn bn(p: nn::Path, c: i64) -> Norm {
+    Norm {
+        bn: nn::batch_norm2d(
+            p,
+            c,
+            nn::BatchNormConfig {
+                ws_init: nn::Init::Const(1.0),
+                ..Default::default()
+            },
+        ),
+        group: None,
+    }
 }
 
 #[derive(Debug)]
 struct Block {
     convs: Vec<nn::Conv2D>,
-    bns: Vec<nn::BatchNorm>,
-    down: Option<(nn::Conv2D, nn::BatchNorm)>,
+    bns: Vec<Norm>,
+    down: Option<(nn::Conv2D, Norm)>,
 }
 
 impl Block {
@@ -121,13 +166,13 @@ impl Block {
         let mut y = x.shallow_clone();
         let n = self.convs.len();
         for (i, (c, b)) in self.convs.iter().zip(&self.bns).enumerate() {
-            y = y.apply(c).apply_t(b, train);
+            y = b.forward_t(&y.apply(c), train);
             if i + 1 < n {
                 y = y.relu();
             }
         }
         let id = match &self.down {
-            Some((c, b)) => x.apply(c).apply_t(b, train),
+            Some((c, b)) => b.forward_t(&x.apply(c), train),
             None => x.shallow_clone(),
         };
         (y + id).relu()
@@ -138,7 +183,7 @@ impl Block {
 #[derive(Debug)]
 pub struct ResNet {
     conv1: nn::Conv2D,
-    bn1: nn::BatchNorm,
+    bn1: Norm,
     stem_pool: bool,
     blocks: Vec<Block>,
     out_dim: i64,
@@ -185,6 +230,18 @@ impl ResNet {
         }
     }
 
+    /// Every BatchNorm layer, in construction order.
+    pub fn norms_mut(&mut self) -> Vec<&mut Norm> {
+        let mut v = vec![&mut self.bn1];
+        for b in &mut self.blocks {
+            v.extend(b.bns.iter_mut());
+            if let Some((_, n)) = &mut b.down {
+                v.push(n);
+            }
+        }
+        v
+    }
+
     /// Feature dimension (2048 for ResNet-50, 512 for ResNet-18/34, times the width).
     pub fn out_dim(&self) -> i64 {
         self.out_dim
@@ -193,7 +250,7 @@ impl ResNet {
     /// # Shapes
     /// `x`: `[N, 3, H, W]` → `[N, out_dim]` (global average pool).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut y = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
+        let mut y = self.bn1.forward_t(&x.apply(&self.conv1), train).relu();
         if self.stem_pool {
             y = y.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         }
@@ -225,7 +282,7 @@ impl Default for HeadConfig {
 #[derive(Debug)]
 pub struct Mlp {
     l1: nn::Linear,
-    bn: nn::BatchNorm,
+    pub bn: Norm,
     l2: nn::Linear,
 }
 
@@ -233,14 +290,17 @@ impl Mlp {
     pub fn new(p: &nn::Path, cin: i64, cfg: &HeadConfig) -> Mlp {
         Mlp {
             l1: nn::linear(p / "0", cin, cfg.hidden, Default::default()),
-            bn: nn::batch_norm1d(
-                p / "1",
-                cfg.hidden,
-                nn::BatchNormConfig {
-                    ws_init: nn::Init::Const(1.0),
-                    ..Default::default()
-                },
-            ),
+            bn: Norm {
+                bn: nn::batch_norm1d(
+                    p / "1",
+                    cfg.hidden,
+                    nn::BatchNormConfig {
+                        ws_init: nn::Init::Const(1.0),
+                        ..Default::default()
+                    },
+                ),
+                group: None,
+            },
             l2: nn::linear(
                 p / "3",
                 cfg.hidden,
@@ -256,9 +316,8 @@ impl Mlp {
     /// # Shapes
     /// `[N, cin]` → `[N, out]`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        self.l1
-            .forward(x)
-            .apply_t(&self.bn, train)
+        self.bn
+            .forward_t(&self.l1.forward(x), train)
             .relu()
             .apply(&self.l2)
     }

@@ -48,10 +48,32 @@ pub fn metrics_path(run: &Path) -> PathBuf {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CheckpointState {
     pub step: u64,
+    /// Rank 0's cursor and augmentation generator (the only ones of a one-process run).
     pub cursor: Cursor,
     pub aug_rng: u64,
     pub last_loss: f64,
     pub config: TrainConfig,
+    /// Ranks that trained the run up to this checkpoint.
+    #[serde(default = "one")]
+    pub world: usize,
+    /// Every rank's cursor and generator, rank order (empty for one process).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranks: Vec<RankState>,
+    /// How earlier world sizes consumed the current epoch before a resume at another
+    /// world size (see `byol_pipeline::plan::resumed_order`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub splits: Vec<byol_pipeline::Split>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// One rank's place in the data and its augmentation generator.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RankState {
+    pub cursor: Cursor,
+    pub aug_rng: u64,
 }
 
 /// One metrics row (`RUN/metrics.jsonl`).
@@ -70,6 +92,9 @@ pub struct Metrics {
     /// Accuracy of the online linear probe on this interval's training batches (view 1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub probe_acc: Option<f64>,
+    /// Distributed: share of the interval rank 0 waited for collectives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_share: Option<f64>,
 }
 
 /// A kNN-monitor row in `RUN/metrics.jsonl`.
@@ -99,6 +124,11 @@ pub fn device_of(s: &str) -> Result<Device> {
 
 fn checkpoints_dir(run: &Path) -> PathBuf {
     run.join("checkpoints")
+}
+
+/// The folder of the checkpoint at `step`: `RUN/checkpoints/step-NNNNNNNNN`.
+pub fn checkpoint_path(run: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run).join(format!("step-{step:09}"))
 }
 
 /// Checkpoint folders, oldest first.
@@ -145,7 +175,7 @@ pub fn save_checkpoint(
 ) -> Result<PathBuf> {
     let dir = checkpoints_dir(run);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let fin = dir.join(format!("step-{:09}", st.step));
+    let fin = checkpoint_path(run, st.step);
     byol_format::fs::write_atomic_with(&fin, |tmp| -> Result<()> {
         std::fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
         parts.online.save(&tmp.join(ONLINE))?;
@@ -323,7 +353,7 @@ pub struct RunData {
 }
 
 /// A new run records its data in `RUN/data.json`; a resumed run refuses other data,
-/// naming both.
+/// naming both. Only a process that `record`s (rank 0) writes the file.
 ///
 /// # Errors
 /// Other data on `--resume`, or an unreadable/unwritable `data.json`.
@@ -332,6 +362,7 @@ pub fn check_run_data(
     data: &Path,
     m: &byol_format::shards::Manifest,
     resume: bool,
+    record: bool,
 ) -> Result<()> {
     let path = run.join("data.json");
     let now = RunData {
@@ -372,6 +403,9 @@ pub fn check_run_data(
             }
             return Ok(());
         }
+    }
+    if !record {
+        return Ok(());
     }
     write_atomic(&path, serde_json::to_string_pretty(&now)?.as_bytes())
 }

@@ -11,19 +11,21 @@ use crate::error::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use byol_dist::{Backend, DistEnv, ProcessGroup};
 use byol_pipeline::augment::{Augmenter, SplitMix64};
 use byol_pipeline::loader::DecodeFn;
-use byol_pipeline::{Cursor, Dataset, Loader, LoaderConfig};
+use byol_pipeline::{Cursor, Dataset, Loader, LoaderConfig, Split};
 
 use crate::amp::PrecisionChoice;
 use crate::byol::{
-    channels_last, copy_into, lr_at, tau_at, train_step, Network, Optimizer, StepSettings,
+    channels_last, copy_into, lr_at, named_gradients, tau_at, train_step_synced, Network,
+    Optimizer, StepSettings,
 };
 use crate::config::{Resolved, TrainConfig};
 use crate::run::{
     self, check_run_data, device_of, draw_curves, list_checkpoints, load_checkpoint, lock_run,
     run_config, same_classes, save_checkpoint, write_atomic, CheckpointParts, CheckpointState,
-    KnnRow, Metrics,
+    KnnRow, Metrics, RankState,
 };
 use byol_format::progress::{Mode, Progress};
 
@@ -52,6 +54,9 @@ pub struct TrainOptions {
     /// Labelled held-out shards for the kNN monitor.
     pub val: Option<PathBuf>,
     pub resume: bool,
+    /// `--resume auto`: resume from the latest checkpoint when the run has one, else
+    /// start a new run (one command line for torchrun's `--max-restarts`).
+    pub resume_auto: bool,
     /// Show progress on stderr: a bar on a terminal, a plain line every 30 s otherwise
     /// (see `byol_format::progress`).
     pub progress: bool,
@@ -80,9 +85,14 @@ impl Probe {
         }
     }
 
-    /// One SGD step on (embedding, labels); returns the number of correct predictions
-    /// before the step (a scalar on the device).
-    fn step(&mut self, y: &Tensor, labels: &Tensor) -> Tensor {
+    /// One SGD step on (embedding, labels), its gradients averaged over `group`'s ranks;
+    /// returns the number of correct predictions before the step (a scalar on the device).
+    fn step(
+        &mut self,
+        y: &Tensor,
+        labels: &Tensor,
+        group: Option<&ProcessGroup>,
+    ) -> Result<Tensor> {
         use tch::nn::Module;
         let logits = self.lin.forward(y);
         let correct = logits
@@ -90,11 +100,26 @@ impl Probe {
             .eq_tensor(labels)
             .to_kind(Kind::Float)
             .sum(Kind::Float);
-        let loss = logits.cross_entropy_for_logits(labels);
+        // Mean over the labelled rows (label -100: a replaced sample); 0, not NaN, when a
+        // rank's batch has none, so that averaging over ranks stays finite.
+        let valid = labels.ge(0).sum(Kind::Float).clamp_min(1.0);
+        let loss =
+            logits.cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::Sum, -100, 0.0)
+                / valid;
         crate::byol::zero_grad(&self.vs);
-        loss.backward();
+        loss.f_backward()?;
+        if let Some(g) = group {
+            g.average_gradients(&named_gradients(&self.vs))?;
+        }
         self.opt.step(&self.vs, 0.05);
-        correct
+        Ok(correct)
+    }
+
+    /// Every tensor of the probe (weights, then optimizer buffers), in name order.
+    fn tensors(&self) -> Vec<Tensor> {
+        let mut v = sorted_variables(&self.vs);
+        v.extend(self.opt.buffers_in_order());
+        v
     }
 
     /// Weights and optimizer buffers, as a checkpoint stores them.
@@ -133,6 +158,12 @@ pub struct TrainSummary {
     pub total_steps: u64,
     pub epoch: u64,
     pub last_loss: f64,
+    /// Processes that trained together (1 without a distributed environment).
+    pub world_size: usize,
+    /// Seconds rank 0 waited for collectives (gradient averaging, SyncBatchNorm, the
+    /// per-step agreement), and their share of the training time.
+    pub comm_seconds: f64,
+    pub comm_share: f64,
     /// Images (both views) per second of wall time since this invocation started.
     pub images_per_s: f64,
     /// The same without the time spent in the kNN monitor.
@@ -164,6 +195,15 @@ struct Learner {
     device: Device,
     amp: Option<Kind>,
     channels_last: bool,
+    /// The process group of a distributed run (gradients averaged, SyncBatchNorm).
+    group: Option<Arc<ProcessGroup>>,
+}
+
+/// Every variable of `vs`, sorted by name.
+fn sorted_variables(vs: &tch::nn::VarStore) -> Vec<Tensor> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v.into_iter().map(|(_, t)| t).collect()
 }
 
 /// The host-side values of one step.
@@ -175,9 +215,21 @@ struct StepResult {
 }
 
 impl Learner {
-    /// Networks seeded with `train.seed`; a probe when the data has `classes` > 0.
-    fn new(cfg: &TrainConfig, device: Device, amp: Option<Kind>, classes: Option<i64>) -> Learner {
-        let (online, target, opt) = build_model(cfg, device);
+    /// Networks seeded with `train.seed`; a probe when the data has `classes` > 0. With a
+    /// process group the BatchNorm layers are SyncBatchNorm (unless `model.sync_bn` is
+    /// false) and gradients are averaged over its ranks.
+    fn new(
+        cfg: &TrainConfig,
+        device: Device,
+        amp: Option<Kind>,
+        classes: Option<i64>,
+        group: Option<Arc<ProcessGroup>>,
+    ) -> Learner {
+        let (mut online, mut target, opt) = build_model(cfg, device);
+        if let Some(g) = group.as_ref().filter(|_| cfg.model.sync_bn.unwrap_or(true)) {
+            online.sync_batch_norm(g);
+            target.sync_batch_norm(g);
+        }
         let probe = classes.map(|c| Probe::new(device, online.encoder.out_dim(), c));
         Learner {
             online,
@@ -188,12 +240,28 @@ impl Learner {
             device,
             amp,
             channels_last: cfg.train.channels_last,
+            group,
         }
     }
 
-    /// Loads checkpoint `dir` into the networks, optimizer and probe; returns where the
-    /// run stood: (step, cursor, augmentation generator, last loss).
-    fn restore(&mut self, dir: &Path) -> Result<(u64, Cursor, SplitMix64, f64)> {
+    /// Copies rank `root`'s networks (weights and BatchNorm buffers), optimizer state and
+    /// probe into every rank (in name order), so that all ranks start identical.
+    fn broadcast_from(&self, root: usize) -> Result<()> {
+        let Some(g) = &self.group else {
+            return Ok(());
+        };
+        let mut all = sorted_variables(&self.online.vs);
+        all.extend(sorted_variables(&self.target.vs));
+        all.extend(self.opt.buffers_in_order());
+        if let Some(p) = &self.probe {
+            all.extend(p.tensors());
+        }
+        g.broadcast_all(&all, root)?;
+        Ok(())
+    }
+
+    /// Loads checkpoint `dir` into the networks, optimizer and probe; returns its state.
+    fn restore(&mut self, dir: &Path) -> Result<CheckpointState> {
         let c = load_checkpoint(dir, &mut self.online, &mut self.target)?;
         if let Some(o) = c.optimizer {
             self.opt.load_state(o, self.device);
@@ -201,13 +269,7 @@ impl Learner {
         if let (Some(p), Some(named)) = (self.probe.as_mut(), c.probe) {
             p.load(named, self.device);
         }
-        let st = c.state;
-        Ok((
-            st.step,
-            st.cursor,
-            SplitMix64::new(st.aug_rng),
-            st.last_loss,
-        ))
+        Ok(c.state)
     }
 
     /// One BYOL step (two views of `b`, online/target update, probe step) at learning
@@ -231,14 +293,16 @@ impl Learner {
             tau,
             amp: self.amp,
         };
-        let (loss, z1, y1) = train_step(
+        let group = self.group.as_deref();
+        let (loss, z1, y1) = train_step_synced(
             &self.online,
             &self.target,
             &mut self.opt,
             &v1,
             &v2,
             settings,
-        );
+            group,
+        )?;
         let device = self.device;
         // A replacement sample (its image failed to decode) teaches the probe nothing:
         // its label becomes cross-entropy's ignore index (-100), never a prediction.
@@ -249,10 +313,16 @@ impl Learner {
             .map(|(&l, &r)| if r || l < 0 { -100 } else { l })
             .collect();
         let any_label = labels.iter().any(|&l| l >= 0);
-        let correct = self.probe.as_mut().filter(|_| any_label).map(|p| {
-            let labels = Tensor::from_slice(&labels).to_device(device);
-            p.step(&y1, &labels)
-        });
+        // Every rank steps the probe (its gradient average is a collective), labelled
+        // batch or not.
+        let run_probe = any_label || group.is_some();
+        let correct = match self.probe.as_mut().filter(|_| run_probe) {
+            Some(p) => {
+                let labels = Tensor::from_slice(&labels).to_device(device);
+                Some(p.step(&y1, &labels, group)?)
+            }
+            None => None,
+        };
         // Each host read waits for the device, so the three values are read together.
         let collapse_t = tch::no_grad(|| collapse_monitor(&z1));
         let mut scalars = vec![loss.detach(), collapse_t];
@@ -330,7 +400,7 @@ fn calibrate(
     seconds: f64,
     knn: Option<(&mut KnnMonitor, &KnnSource)>,
 ) -> Result<Calibration> {
-    let mut l = Learner::new(cfg, device, amp, classes);
+    let mut l = Learner::new(cfg, device, amp, classes, None);
     let mut rng = SplitMix64::new(cfg.train.seed ^ 0xCA11_B4A7_E000_0001);
     let mut epoch_no = 0;
     let mut epoch = loader.start(Cursor::default());
@@ -410,9 +480,29 @@ pub fn train(
     decode: DecodeFn,
 ) -> Result<TrainSummary> {
     let t_start = Instant::now();
+    let env = DistEnv::from_env()?;
+    let writer = env.as_ref().is_none_or(|e| e.rank == 0);
     std::fs::create_dir_all(run).with_context(|| format!("creating {}", run.display()))?;
-    let _lock = lock_run(run)?;
+    // Rank 0 holds the lock; nothing is written before every rank has joined the group.
+    let _lock = if writer { Some(lock_run(run)?) } else { None };
     let latest = list_checkpoints(run).pop();
+    let mut opts = opts.clone();
+    if opts.resume_auto {
+        opts.resume = latest.is_some();
+        if writer {
+            match &latest {
+                Some(c) => eprintln!("byol train: --resume auto: continuing from {}", c.display()),
+                None => eprintln!(
+                    "byol train: --resume auto: no checkpoint in {}, starting a new run",
+                    run.display()
+                ),
+            }
+        }
+        if opts.resume {
+            // A restart keeps the length its first start chose.
+            opts.time_budget = None;
+        }
+    }
     let cfg = run_config(
         config,
         run,
@@ -420,17 +510,23 @@ pub fn train(
         opts.time_budget.is_some(),
         latest.is_some(),
     )?;
-    let (loader, labelled) = open_data(&cfg, data, run, opts, decode)?;
+    let group = match &env {
+        Some(e) => Some(Arc::new(join_group(e, &cfg, &opts, latest.as_deref())?)),
+        None => None,
+    };
+    let (loader, labelled) = open_data(&cfg, data, run, &opts, decode, group.as_deref())?;
     let knn = opts.val.as_ref().map(|val| KnnSource {
         data: data.to_path_buf(),
         val: val.clone(),
         decode,
     });
-    let mut s = Session::start(cfg, run, opts, &loader, labelled, latest, knn, t_start)?;
+    let mut s = Session::start(
+        cfg, run, &opts, &loader, labelled, latest, knn, t_start, group,
+    )?;
     'epochs: while s.step < s.stop_at {
-        let mut epoch = loader.start(s.cursor);
+        let mut epoch = loader.start_resumed(s.cursor, &s.splits);
         loop {
-            if s.step >= s.stop_at || STOP.load(Ordering::SeqCst) {
+            if s.step >= s.stop_at || s.stopping() {
                 break 'epochs;
             }
             let Some(b) = epoch.next() else { break };
@@ -442,6 +538,72 @@ pub fn train(
     s.finish(&loader)
 }
 
+/// The device of this rank: `train.device`, and with CUDA the GPU `LOCAL_RANK`.
+fn rank_device(cfg: &TrainConfig, env: Option<&DistEnv>) -> Result<Device> {
+    let d = device_of(&cfg.train.device)?;
+    Ok(match (d, env) {
+        (Device::Cuda(_), Some(e)) => Device::Cuda(e.local_rank),
+        _ => d,
+    })
+}
+
+/// Joins the process group of a distributed run (Gloo on the CPU, NCCL on CUDA, with the
+/// config's collective timeout), checks what only one process can do, and makes a panic
+/// abort this worker. Every rank must see the same latest checkpoint (a run folder that
+/// all nodes share).
+fn join_group(
+    env: &DistEnv,
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+    latest: Option<&Path>,
+) -> Result<ProcessGroup> {
+    if cfg.train.batch % env.world != 0 {
+        bail!(
+            "train.batch {} is the global batch and must be divisible by the world size {} (each rank trains batch / world samples a step)",
+            cfg.train.batch,
+            env.world
+        );
+    }
+    if opts.time_budget.is_some() {
+        bail!("--time-budget is for one process; give a distributed run its length with train.epochs or train.total_steps");
+    }
+    let timeout = cfg.train.collective_timeout_s;
+    if !(timeout.is_finite() && timeout > 0.0) {
+        bail!("train.collective_timeout_s must be a positive number of seconds, not {timeout}");
+    }
+    let device = rank_device(cfg, Some(env))?;
+    let backend = Backend::for_device(device);
+    let g = ProcessGroup::new(env, backend, std::time::Duration::from_secs_f64(timeout))?;
+    byol_dist::abort_on_panic(env.rank);
+    if env.rank == 0 {
+        eprintln!(
+            "byol train: rank 0 of {}: c10d {} process group at {}:{} (collective timeout {timeout:.0} s)",
+            env.world,
+            backend.name(),
+            env.master_addr,
+            env.master_port
+        );
+    }
+    // The same latest checkpoint on every rank (-1: none).
+    let step = latest
+        .and_then(|p| {
+            p.file_name()?
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse::<i64>()
+                .ok()
+        })
+        .unwrap_or(-1);
+    let all = g.all_gather(&Tensor::from_slice(&[step]).to_device(device))?;
+    let steps: Vec<i64> = all.iter().map(|t| t.int64_value(&[0])).collect();
+    if steps.iter().any(|&s| s != step) {
+        bail!(
+            "the ranks see different latest checkpoints in the run folder (by rank: {steps:?}; -1 = none): every node must see the same run folder (a shared filesystem)"
+        );
+    }
+    Ok(g)
+}
+
 /// Opens the training data (and checks the held-out data's classes), records it in the
 /// run folder, and builds the loader. Returns the loader and the number of classes when
 /// every row is labelled (then the online probe runs).
@@ -451,22 +613,31 @@ fn open_data(
     run: &Path,
     opts: &TrainOptions,
     decode: DecodeFn,
+    group: Option<&ProcessGroup>,
 ) -> Result<(Loader, Option<i64>)> {
     let ds = Dataset::open(data).with_context(|| format!("opening {}", data.display()))?;
-    check_run_data(run, data, &ds.manifest, opts.resume)?;
+    let writer = group.is_none_or(|g| g.rank() == 0);
+    check_run_data(run, data, &ds.manifest, opts.resume, writer)?;
     if let Some(val) = &opts.val {
         let v = Dataset::open(val).with_context(|| format!("opening {}", val.display()))?;
         same_classes(data, &ds.manifest.classes, val, &v.manifest.classes)?;
     }
     let classes = ds.manifest.classes.len() as i64;
     let labelled = (classes > 0 && ds.manifest.totals.unlabeled == 0).then_some(classes);
-    let loader = Loader::new(ds, loader_config(cfg), decode)?;
+    let mut lc = loader_config(cfg);
+    if let Some(g) = group {
+        lc.rank = g.rank();
+        lc.world = g.world();
+        lc.batch = cfg.train.batch / g.world();
+    }
+    let rank_batch = lc.batch;
+    let loader = Loader::new(ds, lc, decode)?;
     if loader.batches_per_epoch() == 0 {
         bail!(
-            "{} has {} rows per rank, fewer than one batch of {}",
+            "{} has {} rows per rank, fewer than one batch of {} per rank",
             data.display(),
             loader.samples_per_epoch(),
-            cfg.train.batch
+            rank_batch
         );
     }
     Ok((loader, labelled))
@@ -594,6 +765,54 @@ struct Window {
     images: u64,
     correct: f64,
     wait0: f64,
+    comm0: f64,
+}
+
+/// Rank `rank`'s augmentation generator for a new run: rank 0's is the one-process
+/// generator, the others are seeded from (seed, rank).
+fn rank_generator(seed: u64, rank: usize) -> SplitMix64 {
+    SplitMix64::new(
+        seed ^ 0x00A5_5A00_B10B_5EED ^ (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    )
+}
+
+/// Where rank `rank` of `world` resumes from checkpoint state `st`: its cursor,
+/// generator and the epoch's earlier splits. The same world size continues each rank
+/// exactly; another world size re-partitions what no rank has consumed of the current
+/// epoch (adding a [`Split`]), and new ranks get generators derived from rank 0's.
+pub fn rank_position(
+    st: &CheckpointState,
+    rank: usize,
+    world: usize,
+) -> (Cursor, SplitMix64, Vec<Split>) {
+    let ranks = if st.ranks.is_empty() {
+        vec![RankState {
+            cursor: st.cursor,
+            aug_rng: st.aug_rng,
+        }]
+    } else {
+        st.ranks.clone()
+    };
+    let old = ranks.len();
+    let rng = match ranks.get(rank) {
+        Some(r) => SplitMix64::new(r.aug_rng),
+        None => {
+            SplitMix64::new(ranks[0].aug_rng ^ (rank as u64).wrapping_mul(0xD1B5_4A32_D192_ED03))
+        }
+    };
+    if old == world {
+        return (ranks[rank].cursor, rng, st.splits.clone());
+    }
+    let epoch = ranks[0].cursor.epoch;
+    let consumed: Vec<u64> = ranks.iter().map(|r| r.cursor.consumed).collect();
+    let mut splits = st.splits.clone();
+    if !(splits.is_empty() && consumed.iter().all(|&c| c == 0)) {
+        splits.push(Split {
+            world: old,
+            consumed,
+        });
+    }
+    (Cursor { epoch, consumed: 0 }, rng, splits)
 }
 
 /// A run in progress: its config and learner, where it stands, and what it reports.
@@ -613,14 +832,21 @@ struct Session<'a> {
     // Position: what a checkpoint stores.
     step: u64,
     cursor: Cursor,
+    /// How earlier world sizes consumed the current epoch (empty but after a resume at
+    /// another world size).
+    splits: Vec<Split>,
     rng: SplitMix64,
     last_loss: f64,
+    // Distributed: rank 0 alone writes; every rank stops after the step where any rank
+    // got a signal.
+    writer: bool,
+    stop_agreed: bool,
     // Checkpoints, monitors and reporting.
     latest: Option<PathBuf>,
     last_ckpt: Option<PathBuf>,
     last_knn_step: u64,
     low_collapse: u64,
-    metrics: std::fs::File,
+    metrics: Option<std::fs::File>,
     win: Window,
     bar: Progress,
     t_start: Instant,
@@ -628,6 +854,7 @@ struct Session<'a> {
     run_step0: u64,
     run_wait0: f64,
     run_failures0: u64,
+    run_comm0: f64,
     time_budget: Option<f64>,
     calibration_seconds: Option<f64>,
 }
@@ -646,11 +873,14 @@ impl<'a> Session<'a> {
         latest: Option<PathBuf>,
         knn: Option<KnnSource>,
         t_start: Instant,
+        group: Option<Arc<ProcessGroup>>,
     ) -> Result<Session<'a>> {
         if cfg.train.torch_threads > 0 {
             tch::set_num_threads(cfg.train.torch_threads);
         }
-        let device = device_of(&cfg.train.device)?;
+        let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank(), g.world()));
+        let writer = rank == 0;
+        let device = rank_device(&cfg, group.as_ref().map(|g| g.env()))?;
         let (choice, cpu) = choose_precision(&cfg, device)?;
         let spe = loader.batches_per_epoch();
         let mut monitor = KnnMonitor::default();
@@ -677,31 +907,59 @@ impl<'a> Session<'a> {
         );
         cfg.resolved = Some(r);
         // The config is written before training starts.
-        write_atomic(&run::config_path(run), cfg.to_toml().as_bytes())?;
+        if writer {
+            write_atomic(&run::config_path(run), cfg.to_toml().as_bytes())?;
+        }
 
-        let mut l = Learner::new(&cfg, device, choice.dtype, labelled);
+        let mut l = Learner::new(&cfg, device, choice.dtype, labelled, group.clone());
         let total = if cfg.train.total_steps > 0 {
             cfg.train.total_steps
         } else {
             spe * cfg.train.epochs
         };
-        let (step, cursor, rng, last_loss) = match latest.as_ref().filter(|_| opts.resume) {
-            Some(dir) => l.restore(dir)?,
+        let (step, cursor, rng, splits, last_loss) = match latest.as_ref().filter(|_| opts.resume) {
+            Some(dir) => {
+                let st = l.restore(dir)?;
+                if writer && st.world != world {
+                    eprintln!(
+                        "byol train: resuming a run last trained at world size {} with world size {world}: the rest of epoch {} is re-partitioned over the new ranks (each remaining sample once); the trajectory differs from an uninterrupted run",
+                        st.world, st.cursor.epoch
+                    );
+                }
+                let (cursor, rng, splits) = rank_position(&st, rank, world);
+                (st.step, cursor, rng, splits, st.last_loss)
+            }
             None => (
                 0,
                 Cursor::default(),
-                SplitMix64::new(cfg.train.seed ^ 0x00A5_5A00_B10B_5EED),
+                rank_generator(cfg.train.seed, rank),
+                Vec::new(),
                 f64::NAN,
             ),
         };
+        // Every rank starts from rank 0's weights, buffers and optimizer state.
+        l.broadcast_from(0)?;
         let stop_at = opts.max_steps.unwrap_or(total).min(total);
         let metrics_path = run::metrics_path(run);
-        let metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .with_context(|| format!("opening {}", metrics_path.display()))?;
-        let bar = Progress::new(Mode::detect(opts.progress), "train", stop_at, "steps", step);
+        let metrics = if writer {
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&metrics_path)
+                    .with_context(|| format!("opening {}", metrics_path.display()))?,
+            )
+        } else {
+            None
+        };
+        let bar = Progress::new(
+            Mode::detect(opts.progress && writer),
+            "train",
+            stop_at,
+            "steps",
+            step,
+        );
+        let comm0 = group.as_ref().map_or(0.0, |g| g.comm_seconds());
         let stats = loader.stats();
         Ok(Session {
             run,
@@ -717,8 +975,11 @@ impl<'a> Session<'a> {
             stop_at,
             step,
             cursor,
+            splits,
             rng,
             last_loss,
+            writer,
+            stop_agreed: false,
             latest,
             last_ckpt: None,
             last_knn_step: u64::MAX,
@@ -729,6 +990,7 @@ impl<'a> Session<'a> {
                 images: 0,
                 correct: 0.0,
                 wait0: stats.consumer_wait_s,
+                comm0,
             },
             bar,
             t_start,
@@ -736,6 +998,7 @@ impl<'a> Session<'a> {
             run_step0: step,
             run_wait0: stats.consumer_wait_s,
             run_failures0: stats.decode_failures,
+            run_comm0: comm0,
             time_budget: opts.time_budget,
             calibration_seconds: budget.map(|b| b.calibration_seconds),
         })
@@ -747,7 +1010,11 @@ impl<'a> Session<'a> {
     fn step(&mut self, mut b: byol_pipeline::loader::Batch, loader: &Loader) -> Result<()> {
         let lr = lr_at(self.peak_lr, self.step, self.warmup, self.total);
         let tau = tau_at(self.cfg.train.tau_base, self.step, self.total);
+        if let Some(g) = &self.l.group {
+            g.report_step(self.step)?;
+        }
         let r = self.l.step(&mut b, &mut self.rng, lr, tau)?;
+        let r = self.agree(r)?;
         if !r.loss.is_finite() {
             bail!(
                 "loss is {} at step {}; stopping. The last good checkpoint is {}",
@@ -763,7 +1030,7 @@ impl<'a> Session<'a> {
         self.step += 1;
         self.cursor = b.cursor;
         self.last_loss = r.loss;
-        self.win.images += b.len() as u64;
+        self.win.images += (b.len() * self.world()) as u64;
         self.win.correct += r.correct;
         drop(b);
         self.watch_collapse(r.collapse);
@@ -778,6 +1045,41 @@ impl<'a> Session<'a> {
             self.checkpoint()?;
         }
         Ok(())
+    }
+
+    fn world(&self) -> usize {
+        self.l.group.as_ref().map_or(1, |g| g.world())
+    }
+
+    /// Whether to stop before the next step: a signal (one process), or a signal on any
+    /// rank at the last step (distributed).
+    fn stopping(&self) -> bool {
+        match &self.l.group {
+            None => STOP.load(Ordering::SeqCst),
+            Some(_) => self.stop_agreed,
+        }
+    }
+
+    /// Distributed: one small `all_reduce` a step of (loss, collapse monitor, probe
+    /// hits, signal flag): every rank then logs the loss and monitor averaged over ranks,
+    /// sees a NaN on any rank at the same step, and stops after the same step.
+    fn agree(&mut self, r: StepResult) -> Result<StepResult> {
+        let Some(g) = &self.l.group else {
+            return Ok(r);
+        };
+        let stop = if STOP.load(Ordering::SeqCst) {
+            1.0
+        } else {
+            0.0
+        };
+        let v = g.sum_f64(&[r.loss, r.collapse, r.correct, stop], self.device)?;
+        let w = g.world() as f64;
+        self.stop_agreed = v[3] > 0.0;
+        Ok(StepResult {
+            loss: v[0] / w,
+            collapse: v[1] / w,
+            correct: v[2],
+        })
     }
 
     /// Warns once when the projections have had almost no spread for
@@ -802,9 +1104,12 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Appends one line to `RUN/metrics.jsonl`.
+    /// Appends one line to `RUN/metrics.jsonl` (rank 0 only).
     fn append(&mut self, line: &str) -> Result<()> {
-        writeln!(self.metrics, "{line}")
+        let Some(f) = self.metrics.as_mut() else {
+            return Ok(());
+        };
+        writeln!(f, "{line}")
             .with_context(|| format!("writing {}", run::metrics_path(self.run).display()))
     }
 
@@ -812,6 +1117,7 @@ impl<'a> Session<'a> {
     fn log(&mut self, lr: f64, tau: f64, collapse: f64, loader: &Loader) -> Result<()> {
         let dt = self.win.t.elapsed().as_secs_f64().max(1e-9);
         let wait = loader.stats().consumer_wait_s;
+        let comm = self.l.group.as_ref().map(|g| g.comm_seconds());
         let m = Metrics {
             step: self.step,
             epoch: self.cursor.epoch,
@@ -826,6 +1132,7 @@ impl<'a> Session<'a> {
                 .probe
                 .as_ref()
                 .map(|_| self.win.correct / self.win.images.max(1) as f64),
+            comm_share: comm.map(|c| ((c - self.win.comm0) / dt).clamp(0.0, 1.0)),
         };
         self.append(&serde_json::to_string(&m)?)?;
         self.bar.set_message(format!(
@@ -839,18 +1146,61 @@ impl<'a> Session<'a> {
             images: 0,
             correct: 0.0,
             wait0: wait,
+            comm0: comm.unwrap_or(0.0),
         };
         Ok(())
     }
 
+    /// Redraws `curves.png` (rank 0; a failure is only a warning).
+    fn draw_curves(&self) {
+        if !self.writer {
+            return;
+        }
+        if let Err(e) = draw_curves(self.run) {
+            tracing::warn!("curves.png not written: {}", byol_format::error_chain(&e));
+        }
+    }
+
     /// Saves a checkpoint of the current state (networks, optimizer, probe, cursor, RNG).
+    /// Distributed: every rank's cursor and generator are gathered (a collective), and
+    /// rank 0 alone writes.
     fn checkpoint(&mut self) -> Result<()> {
+        let (world, ranks) = match &self.l.group {
+            Some(g) => {
+                let mine = [
+                    self.cursor.epoch as i64,
+                    self.cursor.consumed as i64,
+                    self.rng.state() as i64,
+                ];
+                let all = g.all_gather(&Tensor::from_slice(&mine).to_device(self.device))?;
+                let mut ranks = Vec::with_capacity(all.len());
+                for t in all {
+                    let v = Vec::<i64>::try_from(t.to_device(Device::Cpu))?;
+                    ranks.push(RankState {
+                        cursor: Cursor {
+                            epoch: v[0] as u64,
+                            consumed: v[1] as u64,
+                        },
+                        aug_rng: v[2] as u64,
+                    });
+                }
+                (g.world(), ranks)
+            }
+            None => (1, Vec::new()),
+        };
+        if !self.writer {
+            self.last_ckpt = Some(run::checkpoint_path(self.run, self.step));
+            return Ok(());
+        }
         let st = CheckpointState {
             step: self.step,
             cursor: self.cursor,
             aug_rng: self.rng.state(),
             last_loss: self.last_loss,
             config: self.cfg.clone(),
+            world,
+            ranks,
+            splits: self.splits.clone(),
         };
         let parts = CheckpointParts {
             online: &self.l.online,
@@ -863,8 +1213,10 @@ impl<'a> Session<'a> {
     }
 
     /// Runs the kNN monitor (when due) and appends its row; returns its accuracy.
+    /// Rank 0 only: the others go on to the next step's collectives and wait for it
+    /// (bounded by `train.knn_bank`/`knn_queries`, well inside the collective timeout).
     fn knn_row(&mut self, epoch: u64) -> Result<Option<f64>> {
-        let Some(src) = &self.knn else {
+        let Some(src) = self.knn.as_ref().filter(|_| self.writer) else {
             return Ok(None);
         };
         let acc = self
@@ -887,6 +1239,7 @@ impl<'a> Session<'a> {
             epoch: self.cursor.epoch + 1,
             consumed: 0,
         };
+        self.splits.clear();
         let every = self.cfg.train.knn_every_epochs;
         if every > 0 && self.cursor.epoch.is_multiple_of(every) {
             if let Some(acc) = self.knn_row(self.cursor.epoch)? {
@@ -897,9 +1250,7 @@ impl<'a> Session<'a> {
                 ));
             }
         }
-        if let Err(e) = draw_curves(self.run) {
-            tracing::warn!("curves.png not written: {}", byol_format::error_chain(&e));
-        }
+        self.draw_curves();
         self.checkpoint()
     }
 
@@ -914,9 +1265,7 @@ impl<'a> Session<'a> {
         if knn_due {
             self.knn_row(self.cursor.epoch + 1)?;
         }
-        if let Err(e) = draw_curves(self.run) {
-            tracing::warn!("curves.png not written: {}", byol_format::error_chain(&e));
-        }
+        self.draw_curves();
         let stopped = STOP.load(Ordering::SeqCst);
         // Always leave a checkpoint at the step reached.
         let have = self
@@ -928,11 +1277,19 @@ impl<'a> Session<'a> {
         }
         let secs = self.run_t0.elapsed().as_secs_f64().max(1e-9);
         let knn_in_run = self.monitor.seconds - self.monitor.calibration_seconds;
+        let comm = self
+            .l
+            .group
+            .as_ref()
+            .map_or(0.0, |g| g.comm_seconds() - self.run_comm0);
         let images = ((self.step - self.run_step0) * self.cfg.train.batch as u64) as f64;
         let stats = loader.stats();
         Ok(TrainSummary {
             command: "train".into(),
             run: self.run.display().to_string(),
+            world_size: self.world(),
+            comm_seconds: comm,
+            comm_share: (comm / (secs - knn_in_run).max(1e-9)).clamp(0.0, 1.0),
             steps: self.step,
             total_steps: self.total,
             epoch: self.cursor.epoch,
