@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use byol_pipeline::loader::DecodeFn;
-use byol_pipeline::{opencv_decoder, Cursor, Dataset, Loader, LoaderConfig, PipelineError};
+use byol_pipeline::{opencv_decoder, Cursor, Dataset, Loader, LoaderConfig, PipelineError, Split};
 use byol_tools::shard::{shard, ShardOptions};
 use byol_tools::source::{scan, Layout, ScanOptions};
 
@@ -71,6 +71,77 @@ fn rows_from(l: &Loader, cursor: Cursor) -> Vec<u64> {
         v.extend_from_slice(b.expect("batch").rows());
     }
     v
+}
+
+/// What the loader streams from `cursor` in an epoch begun by other world sizes.
+fn rows_resumed(l: &Loader, cursor: Cursor, splits: &[Split]) -> Vec<u64> {
+    let mut v = Vec::new();
+    for b in l.start_resumed(cursor, splits) {
+        v.extend_from_slice(b.expect("batch").rows());
+    }
+    v
+}
+
+/// Two ranks stream disjoint halves that together are the epoch; a world-2 run stopped
+/// mid-epoch continues at world 2 exactly, or at world 1 (and again at world 3) with
+/// each remaining sample streamed once.
+#[test]
+fn two_ranks_split_the_epoch_and_a_resume_at_another_world_size_covers_the_rest_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = small_dataset(tmp.path(), 83, 30, 8);
+    let at = |rank, world| {
+        let mut c = cfg(4, 16);
+        c.rank = rank;
+        c.world = world;
+        c.drop_last = false;
+        loader(&ds, c)
+    };
+    let epoch = 2;
+    let start = Cursor { epoch, consumed: 0 };
+    let r0 = rows_from(&at(0, 2), start);
+    let r1 = rows_from(&at(1, 2), start);
+    assert_eq!((r0.len(), r1.len()), (41, 41));
+    let all: HashSet<u64> = r0.iter().chain(&r1).copied().collect();
+    assert_eq!(all.len(), 82, "the halves overlap");
+    // Stopped after 3 batches of 4 on each rank.
+    let c = Cursor {
+        epoch,
+        consumed: 12,
+    };
+    assert_eq!(rows_from(&at(0, 2), c), r0[12..]);
+    assert_eq!(rows_from(&at(1, 2), c), r1[12..]);
+    let seen: Vec<u64> = r0[..12].iter().chain(&r1[..12]).copied().collect();
+    let splits = vec![Split {
+        world: 2,
+        consumed: vec![12, 12],
+    }];
+    let rest = rows_resumed(&at(0, 1), start, &splits);
+    let mut once: Vec<u64> = seen.iter().chain(&rest).copied().collect();
+    once.sort();
+    once.dedup();
+    assert_eq!(once.len(), seen.len() + rest.len(), "a sample seen twice");
+    assert_eq!(once.len(), 82, "remaining samples missed");
+    // At world 1 that run stops again after 5 samples and continues at world 3.
+    let mut splits3 = splits.clone();
+    splits3.push(Split {
+        world: 1,
+        consumed: vec![5],
+    });
+    let later: Vec<u64> = (0..3)
+        .flat_map(|r| rows_resumed(&at(r, 3), start, &splits3))
+        .collect();
+    let mut all3: Vec<u64> = seen
+        .iter()
+        .chain(&rest[..5])
+        .chain(&later)
+        .copied()
+        .collect();
+    let n = all3.len();
+    all3.sort();
+    all3.dedup();
+    assert_eq!(all3.len(), n, "a sample seen twice");
+    // 82 − 24 − 5 = 53 left, cut into 3 parts of 17: 2 dropped, as at an epoch's end.
+    assert_eq!(n, 82 - 2);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The trainer's pieces against PyTorch/torchvision (golden files from the venv).
 
 mod cuda;
+mod distributed;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
