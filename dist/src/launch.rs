@@ -191,24 +191,37 @@ pub fn run(opts: &LaunchOptions) -> Result<i32> {
             eprintln!("byol: signal received; forwarding it to the workers (they stop after the same step and checkpoint)");
             signal_all(&children, &alive, libc::SIGINT);
         }
-        let mut newly_failed = false;
+        // Failures seen in one round: the root cause is preferably a worker killed by a
+        // signal other than SIGABRT (the others abort when a peer vanishes), then one
+        // that exited non-zero.
+        let mut round: Vec<(u8, usize, String)> = Vec::new();
         for (rank, c) in children.iter_mut().enumerate() {
             if !alive[rank] {
                 continue;
             }
             if let Ok(Some(status)) = c.try_wait() {
                 alive[rank] = false;
-                if !status.success() && failed.is_none() {
+                if !status.success() {
                     let what = format!("worker rank {rank} (pid {}) {}", c.id(), describe(status));
-                    eprintln!("byol: {what}; stopping the other workers");
-                    failed = Some((rank, what));
-                    newly_failed = true;
+                    let priority = match status.signal() {
+                        Some(libc::SIGABRT) => 2,
+                        Some(_) => 0,
+                        None => 1,
+                    };
+                    round.push((priority, rank, what));
                 }
             }
         }
-        if newly_failed {
-            signal_all(&children, &alive, libc::SIGTERM);
-            kill_at = Some(Instant::now() + opts.grace);
+        round.sort();
+        for (_, rank, what) in round {
+            if failed.is_none() {
+                eprintln!("byol: {what}; stopping the other workers");
+                failed = Some((rank, what));
+                signal_all(&children, &alive, libc::SIGTERM);
+                kill_at = Some(Instant::now() + opts.grace);
+            } else {
+                eprintln!("byol: {what}");
+            }
         }
         if kill_at.is_some_and(|t| Instant::now() >= t) {
             signal_all(&children, &alive, libc::SIGKILL);

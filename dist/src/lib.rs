@@ -245,25 +245,39 @@ impl ProcessGroup {
     /// The store is unreachable.
     pub fn report_step(&self, step: u64) -> Result<()> {
         self.step.store(step, Ordering::Relaxed);
-        let key = cstring(&format!("progress/{}", self.env.rank));
-        let v = step.to_string();
+        self.store_set(&format!("progress/{}", self.env.rank), &step.to_string())
+            .map_err(|message| DistError::Collective {
+                op: "store set",
+                rank: self.env.rank,
+                world: self.env.world,
+                message,
+                peers: String::new(),
+            })
+    }
+
+    fn store_set(&self, key: &str, value: &str) -> std::result::Result<(), String> {
+        let key = cstring(key);
         let mut err: *mut c_char = ptr::null_mut();
         // SAFETY: valid pointers for the call's duration.
         let rc = unsafe {
             ffi::byol_c10d_store_set(
                 self.raw.as_ptr(),
                 key.as_ptr(),
-                v.as_ptr(),
-                v.len(),
+                value.as_ptr(),
+                value.len(),
                 &mut err,
             )
         };
-        self.check("store set", rc, err)
+        if rc != 0 {
+            // SAFETY: set by the failed call.
+            return Err(unsafe { ffi::take_message(err) });
+        }
+        Ok(())
     }
 
-    /// The step another rank last reported (`None`: never, or the store is gone).
-    fn reported_step(&self, rank: usize) -> std::result::Result<Option<u64>, String> {
-        let key = cstring(&format!("progress/{rank}"));
+    /// A store value without waiting (`None`: not set).
+    fn store_try_get(&self, key: &str) -> std::result::Result<Option<String>, String> {
+        let key = cstring(key);
         let (mut found, mut value, mut len): (c_int, *mut u8, usize) = (0, ptr::null_mut(), 0);
         let mut err: *mut c_char = ptr::null_mut();
         // SAFETY: out-pointers valid for the call.
@@ -284,38 +298,51 @@ impl ProcessGroup {
         if found == 0 {
             return Ok(None);
         }
-        // SAFETY: `len` bytes malloc'ed by c10d.cpp, freed here with the string freer (free()).
+        // SAFETY: `len` bytes malloc'ed by c10d.cpp.
         let bytes = unsafe { std::slice::from_raw_parts(value, len) }.to_vec();
-        // SAFETY: allocated with malloc.
+        // SAFETY: allocated with malloc; freed once.
         unsafe { ffi::byol_c10d_free_string(value as *mut c_char) };
-        Ok(String::from_utf8_lossy(&bytes).parse().ok())
+        Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
     }
 
-    /// What the store says about the other ranks after a failed collective.
+    /// After a failed collective: which ranks vanished. Each surviving rank marks its
+    /// failure in the store (`failed/RANK`) and, after [`PEER_GRACE`], the ranks that
+    /// marked none are named with the last step they reported.
     fn peers(&self) -> String {
         let me = self.step.load(Ordering::Relaxed);
-        let mut behind = Vec::new();
-        for r in (0..self.env.world).filter(|&r| r != self.env.rank) {
-            match self.reported_step(r) {
-                Ok(Some(s)) if s < me => {
-                    behind.push(format!("rank {r} last reported step {s}"))
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => behind.push(format!("rank {r} never reported a step")),
-                Err(_) => {
-                    return format!(
-                        "; the TCPStore at {}:{} is unreachable too, so its host (rank 0, or torchrun's agent) is gone",
-                        self.env.master_addr, self.env.master_port
-                    )
-                }
-            }
+        let gone = || {
+            format!(
+                "; the TCPStore at {}:{} is unreachable too, so its host (rank 0, or torchrun's agent) is gone",
+                self.env.master_addr, self.env.master_port
+            )
+        };
+        if self
+            .store_set(&format!("failed/{}", self.env.rank), &me.to_string())
+            .is_err()
+        {
+            return gone();
         }
-        if behind.is_empty() {
+        std::thread::sleep(PEER_GRACE);
+        let mut silent = Vec::new();
+        for r in (0..self.env.world).filter(|&r| r != self.env.rank) {
+            match self.store_try_get(&format!("failed/{r}")) {
+                Ok(Some(_)) => continue, // it saw the failure too
+                Ok(None) => {}
+                Err(_) => return gone(),
+            }
+            let last = match self.store_try_get(&format!("progress/{r}")) {
+                Ok(Some(s)) => format!("last reported step {s}"),
+                Ok(None) => "never reported a step".into(),
+                Err(_) => return gone(),
+            };
+            silent.push(format!("rank {r} ({last})"));
+        }
+        if silent.is_empty() {
             String::new()
         } else {
             format!(
-                "; this rank is at step {me}, {} (it died, or hangs)",
-                behind.join(", ")
+                "; this rank is at step {me}; {} stopped answering: it died, or hangs",
+                silent.join(", ")
             )
         }
     }
@@ -519,6 +546,10 @@ impl ProcessGroup {
         )
     }
 }
+
+/// How long a rank whose collective failed waits for the surviving ranks to say so in the
+/// store, before naming the silent ones.
+pub const PEER_GRACE: Duration = Duration::from_millis(1500);
 
 /// Largest gradient bucket of [`ProcessGroup::average_gradients`] (DistributedDataParallel's
 /// default `bucket_cap_mb` is 25).

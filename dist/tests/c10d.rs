@@ -212,7 +212,7 @@ fn a_vanished_rank_is_named() {
         let err = String::from_utf8_lossy(&outs[0].stderr);
         assert!(
             err.contains("all_reduce failed on rank 0 of 2")
-                && err.contains("rank 1 last reported step 1"),
+                && err.contains("rank 1 (last reported step 1) stopped answering"),
             "rank 0 said:\n{err}"
         );
         return;

@@ -992,3 +992,182 @@ fn a_second_training_into_the_same_run_folder_is_refused() {
         &["--resume", "--max-steps", &next.to_string()],
     ));
 }
+
+/// A `byol train --nproc-per-node 2` of the tiny config (100 epochs) into `run`,
+/// returned once `rows` metrics rows are written; `extra` are more arguments.
+fn launched(
+    dir: &Path,
+    data: &Path,
+    run: &Path,
+    rows: usize,
+    extra: &[&str],
+) -> std::process::Child {
+    let child = Command::new(BIN)
+        .args(["train", "--nproc-per-node", "2", "--data"])
+        .arg(data)
+        .arg("--out")
+        .arg(run)
+        .arg("--config")
+        .arg(dir.join("tiny.toml"))
+        .args(["--set", "train.epochs=100", "--json"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while losses_len(run) < rows && t0.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
+
+/// Two local workers over Gloo: SIGINT to the launcher stops both after the same step
+/// with one checkpoint (exit 0); the run resumes at world size 1, and again at world size
+/// 2 under torchrun with `--resume auto`.
+#[test]
+fn nproc_per_node_stops_on_sigint_and_resumes_at_other_world_sizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    let run = tmp.path().join("d");
+    let child = launched(tmp.path(), &data, &run, 3, &[]);
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    let s = summary(&o);
+    assert_eq!(
+        (s["world_size"].as_u64(), s["stopped_by_signal"].as_bool()),
+        (Some(2), Some(true))
+    );
+    let step = s["steps"].as_u64().unwrap();
+    assert!(s["checkpoint"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("step-{step:09}")));
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join(format!("checkpoints/step-{step:09}/state.json")))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["world"], 2);
+    assert_eq!(state["ranks"].as_array().unwrap().len(), 2);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("[rank 1] "),
+        "worker output is prefixed:\n{stderr}"
+    );
+    // Rank 0 alone writes the metrics: one row per step.
+    let steps: Vec<u64> = losses(&run).iter().map(|r| r.0).collect();
+    assert_eq!(steps, (1..=step).collect::<Vec<_>>());
+
+    let one = summary(&train(
+        tmp.path(),
+        &data,
+        "d",
+        &["--resume", "--max-steps", &(step + 2).to_string()],
+    ));
+    assert_eq!(
+        (one["steps"].as_u64(), one["world_size"].as_u64()),
+        (Some(step + 2), Some(1))
+    );
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let o = Command::new(root.join(".venv/bin/torchrun"))
+        .args([
+            "--nproc-per-node",
+            "2",
+            "--no-python",
+            BIN,
+            "train",
+            "--resume",
+            "auto",
+            "--data",
+        ])
+        .arg(&data)
+        .arg("--out")
+        .arg(&run)
+        .arg("--config")
+        .arg(tmp.path().join("tiny.toml"))
+        .args([
+            "--set",
+            "train.epochs=100",
+            "--max-steps",
+            &(step + 4).to_string(),
+            "--json",
+        ])
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let t = summary(&o);
+    assert_eq!(
+        (t["steps"].as_u64(), t["world_size"].as_u64()),
+        (Some(step + 4), Some(2))
+    );
+}
+
+/// A worker killed mid-run: the launcher names it, stops the other (which fails its
+/// next collective, naming the rank that vanished) and exits non-zero. A global batch
+/// that the world size does not divide is refused.
+#[test]
+fn a_killed_worker_fails_the_launch_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    let run = tmp.path().join("k");
+    let mut child = launched(
+        tmp.path(),
+        &data,
+        &run,
+        3,
+        &["--set", "train.collective_timeout_s=30"],
+    );
+    let workers: Vec<u32> = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+        .unwrap()
+        .map(|t| std::fs::read_to_string(t.unwrap().path().join("children")).unwrap_or_default())
+        .collect::<String>()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    let rank1 = workers
+        .iter()
+        .copied()
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/environ"))
+                .map(|e| e.split(|&b| b == 0).any(|v| v == b"RANK=1"))
+                .unwrap_or(false)
+        })
+        .expect("rank 1's worker");
+    unsafe { libc::kill(rank1 as i32, libc::SIGKILL) };
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed().as_secs() < 90, "the launcher did not stop");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains(&format!(
+            "worker rank 1 (pid {rank1}) was killed by signal 9"
+        )),
+        "{err}"
+    );
+
+    let o = Command::new(BIN)
+        .args(["train", "--nproc-per-node", "2", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(tmp.path().join("odd"))
+        .arg("--config")
+        .arg(tmp.path().join("tiny.toml"))
+        .args(["--set", "train.batch=15"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("must be divisible by the world size 2"),
+        "{err}"
+    );
+}

@@ -557,7 +557,7 @@ fn join_group(
     opts: &TrainOptions,
     latest: Option<&Path>,
 ) -> Result<ProcessGroup> {
-    if cfg.train.batch % env.world != 0 {
+    if !cfg.train.batch.is_multiple_of(env.world) {
         bail!(
             "train.batch {} is the global batch and must be divisible by the world size {} (each rank trains batch / world samples a step)",
             cfg.train.batch,
