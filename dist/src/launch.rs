@@ -1,6 +1,7 @@
 //! `byol train --nproc-per-node N`: starts N local workers of the same command with
 //! torchrun's environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`,
-//! `MASTER_ADDR=127.0.0.1`, `MASTER_PORT` = a free port), so that a single-node user needs
+//! `MASTER_ADDR=127.0.0.1`, `MASTER_PORT` = a free port, and `OMP_NUM_THREADS` = the
+//! cores divided by N unless set), so that a single-node user needs
 //! no Python. Each worker runs in its own process group: a terminal's Ctrl-C reaches the
 //! launcher only, which forwards every SIGINT/SIGTERM to all workers (they then stop
 //! after the same step, see the trainer). Worker stderr lines are prefixed `[rank R]`;
@@ -144,6 +145,11 @@ pub fn run(opts: &LaunchOptions) -> Result<i32> {
     eprintln!(
         "byol: starting {n} workers (MASTER_ADDR=127.0.0.1 MASTER_PORT={port}, Gloo/NCCL by device)"
     );
+    // Like torchrun, keep n workers from each starting one libtorch thread per core:
+    // each gets its share of the cores unless OMP_NUM_THREADS is set.
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let omp = std::env::var("OMP_NUM_THREADS")
+        .unwrap_or_else(|_| (cores / n).max(1).to_string());
     let mut children = Vec::with_capacity(n);
     let mut pipes = Vec::new();
     for rank in 0..n {
@@ -155,6 +161,7 @@ pub fn run(opts: &LaunchOptions) -> Result<i32> {
             .env("LOCAL_WORLD_SIZE", n.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
+            .env("OMP_NUM_THREADS", &omp)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
