@@ -347,6 +347,19 @@ impl ProcessGroup {
         }
     }
 
+    /// The error for a collective that failed outside this API (inside an autograd
+    /// backward pass, where libtorch reports it), with what the store says about the
+    /// other ranks.
+    pub fn collective_error(&self, op: &'static str, message: String) -> DistError {
+        DistError::Collective {
+            op,
+            rank: self.env.rank,
+            world: self.env.world,
+            message,
+            peers: self.peers(),
+        }
+    }
+
     fn check(&self, op: &'static str, rc: c_int, err: *mut c_char) -> Result<()> {
         if rc == 0 {
             return Ok(());

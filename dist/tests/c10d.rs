@@ -228,3 +228,31 @@ fn a_vanished_rank_is_named() {
     eprintln!("{e}");
     std::process::exit(1);
 }
+
+/// A rank that hangs (alive, never joining the collective) makes the other fail after
+/// the group's timeout, naming it.
+#[test]
+fn a_hanging_rank_is_named_after_the_timeout() {
+    let Some(pg) = worker(2, 4) else {
+        let outs = run_ranks("a_hanging_rank_is_named_after_the_timeout", 2);
+        let err = String::from_utf8_lossy(&outs[0].stderr);
+        assert!(
+            err.contains("broadcast failed on rank 0 of 2")
+                && err.contains("rank 1 (last reported step 7) stopped answering"),
+            "rank 0 said:\n{err}"
+        );
+        return;
+    };
+    pg.report_step(7).unwrap();
+    pg.barrier().unwrap();
+    if pg.rank() == 1 {
+        // Hangs past rank 0's timeout (4 s) and the grace that follows, then leaves.
+        std::thread::sleep(Duration::from_secs(8));
+        std::process::exit(0);
+    }
+    pg.report_step(8).unwrap();
+    let t = Tensor::ones([4], (Kind::Float, Device::Cpu));
+    let e = pg.broadcast(&t, 1).unwrap_err();
+    eprintln!("{e}");
+    std::process::exit(1);
+}

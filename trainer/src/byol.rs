@@ -413,7 +413,15 @@ pub fn train_step_synced(
         (loss, f(z1), f(y1.detach()))
     });
     zero_grad(&online.vs);
-    loss.f_backward()?;
+    if let Err(e) = loss.f_backward() {
+        return Err(match group {
+            // SyncBatchNorm's backward all-reduce failed.
+            Some(g) => g
+                .collective_error("backward (SyncBatchNorm all_reduce)", e.to_string())
+                .into(),
+            None => e.into(),
+        });
+    }
     if let Some(g) = group {
         g.average_gradients(&named_gradients(&online.vs))?;
     }
