@@ -1022,13 +1022,15 @@ fn launched(
     child
 }
 
-/// Two local workers over Gloo: SIGINT to the launcher stops both after the same step
+/// Two local workers over Gloo on Fashion-MNIST shards: SIGINT to the launcher stops both
+/// after the same step
 /// with one checkpoint (exit 0); the run resumes at world size 1, and again at world size
 /// 2 under torchrun with `--resume auto`.
 #[test]
 fn nproc_per_node_stops_on_sigint_and_resumes_at_other_world_sizes() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = dataset(tmp.path());
+    let data = fmnist_subset(tmp.path(), "train", 512);
+    std::fs::write(tmp.path().join("tiny.toml"), TINY).unwrap();
     let run = tmp.path().join("d");
     let child = launched(tmp.path(), &data, &run, 3, &[]);
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };

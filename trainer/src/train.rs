@@ -572,7 +572,14 @@ fn join_group(
         bail!("train.collective_timeout_s must be a positive number of seconds, not {timeout}");
     }
     let device = rank_device(cfg, Some(env))?;
-    let backend = Backend::for_device(device);
+    let mut backend = Backend::for_device(device);
+    if backend == Backend::Nccl && !byol_dist::has_nccl() {
+        // Gloo moves CUDA tensors through host memory: correct, slower.
+        eprintln!(
+            "byol: WARNING: this build has no NCCL (the CUDA toolkit's headers were not found when byol-dist was built; set CUDA_HOME and rebuild); using Gloo for CUDA tensors"
+        );
+        backend = Backend::Gloo;
+    }
     let g = ProcessGroup::new(env, backend, std::time::Duration::from_secs_f64(timeout))?;
     byol_dist::abort_on_panic(env.rank);
     if env.rank == 0 {
@@ -1219,9 +1226,18 @@ impl<'a> Session<'a> {
         let Some(src) = self.knn.as_ref().filter(|_| self.writer) else {
             return Ok(None);
         };
+        let t = Instant::now();
         let acc = self
             .monitor
             .top1(&self.l.online, &self.cfg, src, self.device)?;
+        if let Some(g) = &self.l.group {
+            let (took, limit) = (t.elapsed().as_secs_f64(), g.timeout().as_secs_f64());
+            if took > 0.5 * limit {
+                eprintln!(
+                    "byol: WARNING: the kNN monitor took {took:.0} s on rank 0 while the other ranks waited; that is over half of train.collective_timeout_s ({limit:.0} s): raise the timeout or lower train.knn_bank / knn_queries"
+                );
+            }
+        }
         self.last_knn_step = self.step;
         let row = KnnRow {
             step: self.step,
