@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use byol_format::cli::{json_line, out};
@@ -24,14 +24,15 @@ struct Cli {
 enum LayoutArg {
     /// One subfolder per class (ImageNet train, torchvision ImageFolder).
     Imagefolder,
-    /// A flat folder plus --labels (CSV `key,class`, or ILSVRC ground truth + --synsets).
+    /// A flat folder or a tar of images, plus --labels (CSV `key,class`, or ILSVRC
+    /// ground truth + --synsets).
     Flat,
     /// IDX files (MNIST, Fashion-MNIST): --images and --labels.
     Idx,
-    /// An uncompressed tar, read in place: class folders, a tar of class tars
-    /// (ImageNet train), or images without folders (unlabeled).
+    /// Tar archives, read in place (.tar.gz/.tgz through a temporary tar): class folders,
+    /// a tar of class tars (ImageNet train), or images without folders (unlabeled).
     Tar,
-    /// WebDataset shards (a .tar or a folder of them): KEY.jpg/png/… + KEY.cls.
+    /// WebDataset shards (.tar files or folders of them): KEY.jpg/png/… + KEY.cls.
     Webdataset,
 }
 
@@ -41,13 +42,15 @@ enum LayoutArg {
 enum Cmd {
     /// Convert a source into Parquet shards plus manifest.json.
     Shard {
-        /// Source folder, or tar archive (not used with --layout idx).
+        /// Source folder or archive (not used with --layout idx). Repeatable for tar
+        /// archives and WebDataset shards; a quoted glob (`'shards/*.tar'`) expands.
         #[arg(long)]
-        src: Option<PathBuf>,
+        src: Vec<PathBuf>,
         /// Output dataset folder.
         #[arg(long)]
         out: PathBuf,
-        /// [default: tar when --src is a `.tar` file, else imagefolder]
+        /// [default: flat when --src is a tar with --labels, tar when every --src is a
+        /// `.tar`/`.tar.gz`/`.tgz` file, else imagefolder]
         #[arg(long, value_enum)]
         layout: Option<LayoutArg>,
         /// Label file (flat: CSV or ILSVRC ground truth; idx: IDX labels).
@@ -196,10 +199,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(n) = max_pixels {
                 byol_format::image::set_max_pixels(n);
             }
-            let layout = layout.unwrap_or_else(|| match &src {
-                Some(p) if p.is_file() && is_tar_name(p) => LayoutArg::Tar,
-                _ => LayoutArg::Imagefolder,
+            let src = expand_globs(&src)?;
+            let archives = !src.is_empty() && src.iter().all(|p| p.is_file() && is_tar_name(p));
+            let layout = layout.unwrap_or(match (archives, &labels) {
+                (true, Some(_)) => LayoutArg::Flat,
+                (true, None) => LayoutArg::Tar,
+                (false, _) => LayoutArg::Imagefolder,
             });
+            if src.len() > 1 && !matches!(layout, LayoutArg::Tar | LayoutArg::Webdataset) {
+                bail!(
+                    "{} --src given: several sources are for tar archives and WebDataset shards",
+                    src.len()
+                );
+            }
+            let src_arg = src
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" ");
+            let first = src.first().cloned();
             if let Some(names) = &class_names {
                 let v: Vec<&str> = names.split(',').map(str::trim).collect();
                 if v.iter().any(|n| n.is_empty()) {
@@ -213,66 +231,57 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
             if labels.is_some() && !matches!(layout, LayoutArg::Flat | LayoutArg::Idx) {
-                bail!("--labels is read by --layout flat and idx only (a tar with a label file is not supported yet)");
+                bail!(
+                    "--labels is read by --layout flat (a folder or a tar of images) and idx only"
+                );
             }
-            let (layout, src_dir, src_arg) = match layout {
+            let (layout, src_arg) = match layout {
                 LayoutArg::Tar => {
-                    let Some(s) = src else {
+                    if first.is_none() {
                         bail!("--layout tar needs --src ARCHIVE.tar")
                     };
-                    (source::Layout::Tar, s.clone(), s.display().to_string())
+                    (source::Layout::Tar, src_arg)
                 }
                 LayoutArg::Webdataset => {
-                    let Some(s) = src else {
+                    if first.is_none() {
                         bail!("--layout webdataset needs --src SHARD.tar or a folder of shards")
                     };
-                    (
-                        source::Layout::WebDataset,
-                        s.clone(),
-                        s.display().to_string(),
-                    )
+                    (source::Layout::WebDataset, src_arg)
                 }
                 LayoutArg::Imagefolder => {
-                    let Some(s) = src else {
+                    if first.is_none() {
                         bail!("--src is required")
                     };
-                    (
-                        source::Layout::ImageFolder,
-                        s.clone(),
-                        s.display().to_string(),
-                    )
+                    (source::Layout::ImageFolder, src_arg)
                 }
                 LayoutArg::Flat => {
-                    let Some(s) = src else {
+                    if first.is_none() {
                         bail!("--src is required")
                     };
                     let Some(l) = labels else {
                         bail!("--layout flat needs --labels FILE (CSV key,class or ILSVRC ground truth)")
                     };
-                    (
-                        source::Layout::Flat { labels: l, synsets },
-                        s.clone(),
-                        s.display().to_string(),
-                    )
+                    (source::Layout::Flat { labels: l, synsets }, src_arg)
                 }
                 LayoutArg::Idx => {
                     let Some(i) = images else {
                         bail!("--layout idx needs --images FILE")
                     };
                     let arg = i.display().to_string();
-                    (
-                        source::Layout::Idx { images: i, labels },
-                        PathBuf::new(),
-                        arg,
-                    )
+                    (source::Layout::Idx { images: i, labels }, arg)
                 }
             };
+            // A gzip-compressed archive is decompressed next to the output.
+            let temp_dir = std::path::absolute(&out_dir)
+                .ok()
+                .and_then(|p| p.parent().map(|p| p.to_path_buf()));
             let scan_opts = source::ScanOptions {
                 classes_from,
                 class_names: class_names
                     .map(|s| s.split(',').map(|c| c.trim().to_string()).collect()),
+                temp_dir,
             };
-            let source = source::scan(&src_dir, &layout, &scan_opts)?;
+            let source = source::scan_sources(&src, &layout, &scan_opts)?;
             let workers = workers.unwrap_or_else(cores).max(1);
             byol_format::image::set_opencv_threads(1);
             let opts = shard::ShardOptions {
@@ -426,6 +435,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 /// A tar archive's name: `.tar`, or gzip-compressed `.tar.gz` / `.tgz` (refused with a
 /// message by the tar source).
+/// `--src` values with glob characters that name no file are expanded (the `glob`
+/// crate, sorted); a pattern matching nothing is an error.
+fn expand_globs(srcs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in srcs {
+        let text = p.to_string_lossy();
+        if p.exists() || !text.contains(['*', '?', '[']) {
+            out.push(p.clone());
+            continue;
+        }
+        let mut found: Vec<PathBuf> = glob::glob(&text)
+            .with_context(|| format!("--src {text:?} is not a valid glob pattern"))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("expanding --src {text:?}"))?;
+        found.sort();
+        if found.is_empty() {
+            bail!("--src {text:?} matches no file");
+        }
+        out.extend(found);
+    }
+    Ok(out)
+}
+
 fn is_tar_name(p: &std::path::Path) -> bool {
     let n = p.to_string_lossy().to_ascii_lowercase();
     n.ends_with(".tar") || n.ends_with(".tar.gz") || n.ends_with(".tgz")

@@ -45,9 +45,10 @@ pub enum Layout {
     /// One subfolder per class (torchvision ImageFolder); without subfolders every
     /// image is unlabeled (-1).
     ImageFolder,
-    /// A flat folder plus a label file: CSV `key,class`, or an ILSVRC2012 validation
-    /// ground truth (one 1-based class id per line, in sorted file order) with a
-    /// synset list (line k: the WNID of class id k).
+    /// A flat folder, or a tar archive of images (ImageNet's `ILSVRC2012_img_val.tar`),
+    /// plus a label file: CSV `key,class`, or an ILSVRC2012 validation ground truth (one
+    /// 1-based class id per line, in sorted file order) with a synset list (line k: the
+    /// WNID of class id k).
     Flat {
         labels: PathBuf,
         synsets: Option<PathBuf>,
@@ -57,8 +58,10 @@ pub enum Layout {
         images: PathBuf,
         labels: Option<PathBuf>,
     },
-    /// An uncompressed tar archive, read in place: class folders, a tar of class tars,
-    /// or images without folders (see [`crate::tar_source`]).
+    /// Tar archives, read in place (gzip-compressed ones through a temporary tar): class
+    /// folders, a tar of class tars, or images without folders (see
+    /// [`crate::tar_source`]). With a label file, use [`Layout::Flat`] with the archive
+    /// as the source.
     Tar,
     /// WebDataset shards (one `.tar`, or a folder of them): samples grouped by key,
     /// `KEY.jpg|png|…` the image, `KEY.cls` the label (an integer).
@@ -118,6 +121,8 @@ pub struct Source {
     pub idx: Option<IdxU8>,
     /// The archives [`Src::Tar`] items are read from.
     pub archives: Vec<PathBuf>,
+    /// Temporary uncompressed tars of gzip-compressed archives (deleted on drop).
+    pub temps: Vec<tempfile::TempPath>,
 }
 
 /// Options that apply to every layout.
@@ -127,6 +132,9 @@ pub struct ScanOptions {
     pub classes_from: Option<PathBuf>,
     /// Class names for IDX labels (index = label).
     pub class_names: Option<Vec<String>>,
+    /// Where a gzip-compressed archive is decompressed to a temporary tar (default: the
+    /// archive's own folder).
+    pub temp_dir: Option<PathBuf>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
@@ -285,18 +293,44 @@ fn class_index(
     Ok((classes, index))
 }
 
-/// Scans `src` (a folder; unused for IDX) with `layout`.
+/// Scans `src` (a folder or archive; unused for IDX) with `layout`.
 ///
 /// # Errors
 /// [`SourceError`]: a missing or empty source, an unreadable or invalid label file (naming file and line), or I/O naming the path.
 pub fn scan(src: &Path, layout: &Layout, opts: &ScanOptions) -> Result<Source, SourceError> {
-    let source = match layout {
-        Layout::ImageFolder => scan_image_folder(src, opts)?,
-        Layout::Flat { labels, synsets } => scan_flat(src, labels, synsets.as_deref(), opts)?,
-        Layout::Idx { images, labels } => scan_idx(images, labels.as_deref(), opts)?,
-        Layout::Tar => scan_tar(src, opts)?,
-        Layout::WebDataset => scan_webdataset(src, opts)?,
+    scan_sources(&[src.to_path_buf()], layout, opts)
+}
+
+/// [`scan`] over several sources: tar archives or WebDataset shards (`--src a.tar --src
+/// b.tar`, or a glob). A key found again in a later archive replaces the earlier item
+/// (tar's rule), which is listed as skipped. Other layouts take one source.
+///
+/// # Errors
+/// As [`scan`]; several sources for a layout that takes one.
+pub fn scan_sources(
+    srcs: &[PathBuf],
+    layout: &Layout,
+    opts: &ScanOptions,
+) -> Result<Source, SourceError> {
+    let one = || -> Result<&Path, SourceError> {
+        match srcs {
+            [s] => Ok(s.as_path()),
+            [] => Err(SourceError::Invalid("no source given".into())),
+            _ => Err(SourceError::Invalid(format!(
+                "--layout {} takes one --src, got {}",
+                layout.name(),
+                srcs.len()
+            ))),
+        }
     };
+    let source = match layout {
+        Layout::ImageFolder => scan_image_folder(one()?, opts)?,
+        Layout::Flat { labels, synsets } => scan_flat(one()?, labels, synsets.as_deref(), opts)?,
+        Layout::Idx { images, labels } => scan_idx(images, labels.as_deref(), opts)?,
+        Layout::Tar => scan_tar(srcs, opts)?,
+        Layout::WebDataset => scan_webdataset(srcs, opts)?,
+    };
+    let src = srcs.first().map(|p| p.as_path()).unwrap_or(Path::new(""));
     let mut source = source;
     drop_escaped_collisions(&mut source);
     if source.items.is_empty() {
@@ -354,6 +388,7 @@ fn scan_image_folder(src: &Path, opts: &ScanOptions) -> Result<Source, SourceErr
             escaped: w.escaped,
             idx: None,
             archives: Vec::new(),
+            temps: Vec::new(),
         });
     }
     // Files next to the class folders belong to no class.
@@ -409,6 +444,7 @@ fn scan_image_folder(src: &Path, opts: &ScanOptions) -> Result<Source, SourceErr
         escaped: w.escaped,
         idx: None,
         archives: Vec::new(),
+        temps: Vec::new(),
     })
 }
 
@@ -574,13 +610,49 @@ fn scan_flat(
     synsets: Option<&Path>,
     opts: &ScanOptions,
 ) -> Result<Source, SourceError> {
-    check_dir(src)?;
     let mut w = Walked::default();
-    walk(src, src, &mut w, &mut HashSet::new())?;
-    let files = std::mem::take(&mut w.files);
+    let mut temps = Vec::new();
+    let mut archives = Vec::new();
+    // (key, where the bytes are, size): a folder's image files, or an archive's members
+    // keyed by their paths in it.
+    let files: Vec<(String, Src, u64)> = if src.is_file() {
+        let path = open_archive(src, opts, &mut temps)?;
+        let t = crate::tar_source::scan(&path, src)?;
+        archives.push(path);
+        w.ignored = t.ignored;
+        w.skipped = t.skipped;
+        w.escaped = t.escaped;
+        let mut by_key: BTreeMap<String, crate::tar_source::TarMember> = BTreeMap::new();
+        for m in t.members {
+            if let Some(old) = by_key.insert(m.key.clone(), m) {
+                w.skipped.push(Skipped {
+                    key: old.key,
+                    reason: "replaced by a later member of the same name".into(),
+                });
+            }
+        }
+        by_key
+            .into_values()
+            .map(|m| {
+                let src = Src::Tar {
+                    archive: 0,
+                    offset: m.offset,
+                    size: m.size,
+                };
+                (m.key, src, m.size)
+            })
+            .collect()
+    } else {
+        check_dir(src)?;
+        walk(src, src, &mut w, &mut HashSet::new())?;
+        std::mem::take(&mut w.files)
+            .into_iter()
+            .map(|(k, p, n)| (k, Src::File(p), n))
+            .collect()
+    };
     let lf = read_labels(labels, synsets)?;
     let mut skipped = std::mem::take(&mut w.skipped);
-    let mut pairs: Vec<(String, PathBuf, u64, String)> = Vec::new();
+    let mut pairs: Vec<(String, Src, u64, String)> = Vec::new();
     let names: BTreeSet<String> = match &lf {
         LabelFile::Csv(rows) => {
             // Rows name images by their path relative to the source or by file name.
@@ -591,8 +663,8 @@ fn scan_flat(
                 .collect();
             let mut by_name: BTreeMap<String, Vec<usize>> = BTreeMap::new();
             for (i, f) in files.iter().enumerate() {
-                let name = f.1.file_name().map(|n| n.to_string_lossy().into_owned());
-                by_name.entry(name.unwrap_or_default()).or_default().push(i);
+                let name = f.0.rsplit('/').next().unwrap_or_default().to_string();
+                by_name.entry(name).or_default().push(i);
             }
             for r in rows.iter() {
                 if !by_key.contains_key(r.key.as_str()) {
@@ -667,11 +739,11 @@ fn scan_flat(
                 );
             }
             let mut names = BTreeSet::new();
-            for ((key, path, size), l) in files.into_iter().zip(label_of) {
+            for ((key, src, size), l) in files.into_iter().zip(label_of) {
                 match l {
                     Some((c, _)) => {
                         names.insert(c.clone());
-                        pairs.push((key, path, size, c));
+                        pairs.push((key, src, size, c));
                     }
                     None => skipped.push(Skipped {
                         key,
@@ -691,8 +763,8 @@ fn scan_flat(
                     files.len()
                 )));
             }
-            for ((key, path, size), c) in files.into_iter().zip(ls) {
-                pairs.push((key, path, size, c.clone()));
+            for ((key, src, size), c) in files.into_iter().zip(ls) {
+                pairs.push((key, src, size, c.clone()));
             }
             wnids.iter().cloned().collect()
         }
@@ -700,10 +772,10 @@ fn scan_flat(
     let (classes, index) = class_index(&names, opts)?;
     let items = pairs
         .into_iter()
-        .map(|(key, path, size, c)| Item {
+        .map(|(key, src, size, c)| Item {
             key,
             label: index[&c],
-            src: Src::File(path),
+            src,
             size,
         })
         .collect();
@@ -715,47 +787,90 @@ fn scan_flat(
         skipped,
         escaped: w.escaped,
         idx: None,
-        archives: Vec::new(),
+        archives,
+        temps,
     })
 }
 
-/// A tar archive ([`crate::tar_source`]): a later member of the same name replaces an
-/// earlier one (tar's rule); with class folders or inner tars, members outside them
-/// belong to no class and are ignored, as files next to class folders are; without
-/// any, every image is unlabeled.
-fn scan_tar(archive: &Path, opts: &ScanOptions) -> Result<Source, SourceError> {
+/// An archive ready to read in place: the file itself, or (gzip) a temporary
+/// uncompressed copy, which `temps` keeps alive.
+fn open_archive(
+    archive: &Path,
+    opts: &ScanOptions,
+    temps: &mut Vec<tempfile::TempPath>,
+) -> Result<PathBuf, SourceError> {
     if !archive.exists() {
         return Err(SourceError::Missing(archive.to_path_buf()));
     }
     if archive.is_dir() {
         return Err(SourceError::Invalid(format!(
-            "{} is a folder; --layout tar takes an archive file",
+            "{} is a folder; a tar source is an archive file",
             archive.display()
         )));
     }
-    let mut t = crate::tar_source::scan(archive)?;
-    let mut by_key: BTreeMap<String, crate::tar_source::TarMember> = BTreeMap::new();
-    for m in std::mem::take(&mut t.members) {
-        if let Some(old) = by_key.insert(m.key.clone(), m) {
-            t.skipped.push(Skipped {
-                key: old.key,
-                reason: "replaced by a later member of the same name".into(),
-            });
+    if !crate::tar_source::is_gzip(archive)? {
+        return Ok(archive.to_path_buf());
+    }
+    let dir = match &opts.temp_dir {
+        Some(d) => d.clone(),
+        None => archive
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf(),
+    };
+    eprintln!(
+        "byol-tools: {} is gzip-compressed: decompressing it once into a temporary tar in {}",
+        archive.display(),
+        dir.display()
+    );
+    let tmp = crate::tar_source::gunzip_to_temp(archive, &dir)?;
+    let path = tmp.to_path_buf();
+    temps.push(tmp);
+    Ok(path)
+}
+
+/// Tar archives ([`crate::tar_source`]): a later member of the same name replaces an
+/// earlier one (tar's rule, also across archives); with class folders or inner tars,
+/// members outside them belong to no class and are ignored, as files next to class
+/// folders are; without any, every image is unlabeled.
+fn scan_tar(archives: &[PathBuf], opts: &ScanOptions) -> Result<Source, SourceError> {
+    let mut temps = Vec::new();
+    let mut read_from = Vec::new();
+    let mut by_key: BTreeMap<String, (usize, crate::tar_source::TarMember)> = BTreeMap::new();
+    let (mut skipped, mut escaped, mut ignored) = (Vec::new(), Vec::new(), 0u64);
+    for (ai, archive) in archives.iter().enumerate() {
+        let path = open_archive(archive, opts, &mut temps)?;
+        let t = crate::tar_source::scan(&path, archive)?;
+        read_from.push(path);
+        skipped.extend(t.skipped);
+        escaped.extend(t.escaped);
+        ignored += t.ignored;
+        for m in t.members {
+            if let Some((_, old)) = by_key.insert(m.key.clone(), (ai, m)) {
+                skipped.push(Skipped {
+                    key: old.key,
+                    reason: "replaced by a later member of the same name".into(),
+                });
+            }
         }
     }
-    let labelled = by_key.values().any(|m| m.class.is_some());
-    let names: BTreeSet<String> = by_key.values().filter_map(|m| m.class.clone()).collect();
+    let labelled = by_key.values().any(|(_, m)| m.class.is_some());
+    let names: BTreeSet<String> = by_key
+        .values()
+        .filter_map(|(_, m)| m.class.clone())
+        .collect();
     let (classes, index) = if labelled {
         class_index(&names, opts)?
     } else {
         (Vec::new(), BTreeMap::new())
     };
     let mut items = Vec::new();
-    for m in by_key.into_values() {
+    for (ai, m) in by_key.into_values() {
         let label = match &m.class {
             Some(c) => index[c],
             None if labelled => {
-                t.ignored += 1;
+                ignored += 1;
                 continue;
             }
             None => -1,
@@ -764,7 +879,7 @@ fn scan_tar(archive: &Path, opts: &ScanOptions) -> Result<Source, SourceError> {
             key: m.key,
             label,
             src: Src::Tar {
-                archive: 0,
+                archive: ai,
                 offset: m.offset,
                 size: m.size,
             },
@@ -775,11 +890,12 @@ fn scan_tar(archive: &Path, opts: &ScanOptions) -> Result<Source, SourceError> {
         layout: "tar",
         classes,
         items,
-        ignored: t.ignored,
-        skipped: t.skipped,
-        escaped: t.escaped,
+        ignored,
+        skipped,
+        escaped,
         idx: None,
-        archives: vec![archive.to_path_buf()],
+        archives: read_from,
+        temps,
     })
 }
 
@@ -789,34 +905,46 @@ fn scan_tar(archive: &Path, opts: &ScanOptions) -> Result<Source, SourceError> {
 /// `0..=max`. Without any `.cls` every sample is unlabeled; with some, a sample without
 /// one, or with text that is not a label, is skipped with the reason. A key seen again
 /// in a later shard replaces the earlier sample (skipped with the reason).
-fn scan_webdataset(src: &Path, opts: &ScanOptions) -> Result<Source, SourceError> {
+fn scan_webdataset(srcs: &[PathBuf], opts: &ScanOptions) -> Result<Source, SourceError> {
     use crate::tar_source::{scan_webdataset as scan_shard, webdataset_key};
-    let archives: Vec<PathBuf> = if src.is_dir() {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(src)
-            .map_err(io_err(src))?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<_, _>>()
-            .map_err(io_err(src))?;
-        v.retain(|p| p.extension().is_some_and(|e| e == "tar"));
-        v.sort();
-        if v.is_empty() {
-            return Err(SourceError::Invalid(format!(
-                "{} holds no .tar shards (WebDataset shards are uncompressed .tar files)",
-                src.display()
-            )));
+    let mut archives: Vec<PathBuf> = Vec::new();
+    for src in srcs {
+        if src.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(src)
+                .map_err(io_err(src))?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<Result<_, _>>()
+                .map_err(io_err(src))?;
+            v.retain(|p| {
+                let n = p.to_string_lossy().to_ascii_lowercase();
+                n.ends_with(".tar") || n.ends_with(".tar.gz") || n.ends_with(".tgz")
+            });
+            v.sort();
+            if v.is_empty() {
+                return Err(SourceError::Invalid(format!(
+                    "{} holds no WebDataset shards (.tar, .tar.gz or .tgz files)",
+                    src.display()
+                )));
+            }
+            archives.extend(v);
+        } else if !src.exists() {
+            return Err(SourceError::Missing(src.to_path_buf()));
+        } else {
+            archives.push(src.to_path_buf());
         }
-        v
-    } else if !src.exists() {
-        return Err(SourceError::Missing(src.to_path_buf()));
-    } else {
-        vec![src.to_path_buf()]
-    };
+    }
+    let mut temps = Vec::new();
+    let mut read_from = Vec::new();
     let (mut skipped, mut escaped, mut ignored) = (Vec::new(), Vec::new(), 0u64);
     // sample key → (archive, member)
     let mut samples: BTreeMap<String, (usize, crate::tar_source::TarMember)> = BTreeMap::new();
     let mut labels: BTreeMap<String, String> = BTreeMap::new();
-    for (ai, a) in archives.iter().enumerate() {
-        let (t, l) = scan_shard(a)?;
+    for a in &archives {
+        let path = open_archive(a, opts, &mut temps)?;
+        read_from.push(path);
+    }
+    for (ai, (a, path)) in archives.iter().zip(&read_from).enumerate() {
+        let (t, l) = scan_shard(path, a)?;
         skipped.extend(t.skipped);
         escaped.extend(t.escaped);
         ignored += t.ignored;
@@ -898,7 +1026,8 @@ fn scan_webdataset(src: &Path, opts: &ScanOptions) -> Result<Source, SourceError
         skipped,
         escaped,
         idx: None,
-        archives,
+        archives: read_from,
+        temps,
     })
 }
 
@@ -969,6 +1098,7 @@ fn scan_idx(
         escaped: Vec::new(),
         idx: Some(imgs),
         archives: Vec::new(),
+        temps: Vec::new(),
     })
 }
 

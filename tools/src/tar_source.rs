@@ -8,8 +8,10 @@
 //! tar is scanned the same way through a window of the archive file) and records where
 //! each member's bytes lie in the archive file; the shard workers then read those bytes
 //! with positioned reads. Memory is bounded by the item list, not by the archive.
-//! Uncompressed archives only: a gzip-compressed tar cannot be read at an offset and is
-//! refused with a message.
+//! A gzip-compressed tar cannot be read at an offset: [`gunzip_to_temp`] first streams
+//! it once into a temporary uncompressed tar (deleted when the source is dropped; JPEG
+//! members barely compress, so it is about the archive's size), which is then read in
+//! place like any other.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -30,8 +32,12 @@ pub enum TarError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0} is gzip-compressed: byol-tools reads tar members in place, which needs an uncompressed tar (gunzip it first)")]
-    Gzip(PathBuf),
+    #[error("{archive}: corrupt or truncated gzip stream after {compressed} compressed bytes ({detail}); nothing was sharded")]
+    Gzip {
+        archive: PathBuf,
+        compressed: u64,
+        detail: String,
+    },
     #[error(
         "{archive}: truncated or corrupt tar after byte {good_to} ({detail}); nothing was sharded"
     )]
@@ -121,6 +127,8 @@ fn clean(bytes: &[u8]) -> std::path::PathBuf {
 
 struct Scan<'a> {
     archive: &'a Path,
+    /// The archive as messages name it (the `.tar.gz` a temporary tar came from).
+    name: &'a Path,
     out: TarScan,
     /// Where the last complete member ended (for the truncation message).
     good_to: u64,
@@ -141,7 +149,7 @@ impl Scan<'_> {
             })
             .collect();
         TarError::Truncated {
-            archive: self.archive.to_path_buf(),
+            archive: self.name.to_path_buf(),
             good_to: self.good_to,
             detail,
         }
@@ -230,21 +238,17 @@ impl Scan<'_> {
 /// does not read.
 fn each_member(
     archive: &Path,
+    name: &Path,
     mut visit: impl FnMut(&mut Scan, &Path, u64, u64, &mut dyn Read) -> Result<(), TarError>,
 ) -> Result<TarScan, TarError> {
     let io_err = |source| TarError::Io {
-        path: archive.to_path_buf(),
+        path: name.to_path_buf(),
         source,
     };
-    let mut f = File::open(archive).map_err(io_err)?;
-    let mut magic = [0u8; 2];
-    let n = f.read(&mut magic).map_err(io_err)?;
-    if n == 2 && magic == [0x1f, 0x8b] {
-        return Err(TarError::Gzip(archive.to_path_buf()));
-    }
     let f = File::open(archive).map_err(io_err)?;
     let mut s = Scan {
         archive,
+        name,
         out: TarScan::default(),
         good_to: 0,
     };
@@ -279,13 +283,81 @@ fn each_member(
     Ok(s.out)
 }
 
-/// Scans `archive` (see the module docs): class folders, inner class tars, or images.
+/// Whether `path` starts with gzip's magic bytes.
 ///
 /// # Errors
-/// [`TarError`]: the archive cannot be opened, is gzip-compressed, or is truncated or
-/// corrupt (naming the archive and the byte after which it breaks).
-pub fn scan(archive: &Path) -> Result<TarScan, TarError> {
-    each_member(archive, |s, path, offset, size, _| {
+/// The file cannot be read.
+pub fn is_gzip(path: &Path) -> Result<bool, TarError> {
+    let mut magic = [0u8; 2];
+    let mut f = File::open(path).map_err(|source| TarError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let n = f.read(&mut magic).map_err(|source| TarError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(n == 2 && magic == [0x1f, 0x8b])
+}
+
+/// Streams the gzip-compressed `archive` (every member of a multi-member gzip, as
+/// `gunzip` does; the `flate2` crate) into a temporary tar in `dir`, named
+/// `.byol-tools-gunzip-*.tar`, deleted when the returned path is dropped.
+///
+/// # Errors
+/// [`TarError::Gzip`] naming the archive and how many compressed bytes were good for a
+/// corrupt or truncated stream; [`TarError::Io`] when `dir` cannot hold the file.
+pub fn gunzip_to_temp(archive: &Path, dir: &Path) -> Result<tempfile::TempPath, TarError> {
+    let io_at = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TarError::Io { path, source }
+    };
+    let f = File::open(archive).map_err(io_at(archive))?;
+    let counted = CountingReader {
+        inner: BufReader::with_capacity(1 << 20, f),
+        n: 0,
+    };
+    let mut gz = flate2::read::MultiGzDecoder::new(counted);
+    let tmp = tempfile::Builder::new()
+        .prefix(".byol-tools-gunzip-")
+        .suffix(".tar")
+        .tempfile_in(dir)
+        .map_err(io_at(dir))?;
+    let (file, path) = tmp.into_parts();
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    if let Err(e) = std::io::copy(&mut gz, &mut w) {
+        return Err(TarError::Gzip {
+            archive: archive.to_path_buf(),
+            compressed: gz.get_ref().n,
+            detail: e.to_string(),
+        });
+    }
+    std::io::Write::flush(&mut w).map_err(io_at(&path))?;
+    Ok(path)
+}
+
+/// Counts the bytes read through it (the compressed position of a gzip error).
+struct CountingReader<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+}
+
+/// Scans `archive` (see the module docs): class folders, inner class tars, or images.
+/// Messages name the archive as `name` (the compressed file a temporary tar came from).
+///
+/// # Errors
+/// [`TarError`]: the archive cannot be opened, or is truncated or corrupt (naming the
+/// archive and the byte after which it breaks).
+pub fn scan(archive: &Path, name: &Path) -> Result<TarScan, TarError> {
+    each_member(archive, name, |s, path, offset, size, _| {
         let is_tar = path.extension() == Some(OsStr::new("tar"));
         if is_tar && path.components().count() == 1 && safe(path) {
             let class = key_of(Path::new(path.file_stem().unwrap_or_default())).0;
@@ -318,9 +390,10 @@ pub fn webdataset_key(member_key: &str) -> &str {
 /// As [`scan`].
 pub fn scan_webdataset(
     archive: &Path,
+    name: &Path,
 ) -> Result<(TarScan, std::collections::BTreeMap<String, String>), TarError> {
     let mut labels = std::collections::BTreeMap::new();
-    let t = each_member(archive, |s, path, offset, size, data| {
+    let t = each_member(archive, name, |s, path, offset, size, data| {
         if path.extension() == Some(OsStr::new("cls")) {
             let mut text = String::new();
             data.take(1024)

@@ -1151,16 +1151,39 @@ os.makedirs(os.path.join(out, "noshards"))
         s(&t.join("n-ds")),
     ]);
     assert!(e.contains("inner tar class-01.tar ends inside"), "{e}");
-    // A gzip tar is recognised by its name and refused with the reason.
+    // Several sources are for archives only; a glob that matches nothing is named.
     let e = err(&[
         "shard",
         "--src",
-        s(&t.join("odd.tar.gz")),
+        s(&src),
+        "--src",
+        s(&src),
+        "--out",
+        s(&t.join("two-ds")),
+    ]);
+    assert!(e.contains("several sources"), "{e}");
+    let e = err(&[
+        "shard",
+        "--src",
+        s(&t.join("nothing-*.tar")),
         "--out",
         s(&t.join("g-ds")),
     ]);
-    assert!(e.contains("gzip-compressed"), "{e}");
-    // Options the layout does not read, and bad class-name lists, are refused.
+    assert!(e.contains("matches no file"), "{e}");
+    // Options the layout does not read, and bad class-name lists, are refused; a tar
+    // with --labels is a flat labelled archive, whose missing label file is named.
+    let e = err(&[
+        "shard",
+        "--layout",
+        "tar",
+        "--src",
+        s(&t.join("odd.tar")),
+        "--labels",
+        "x.csv",
+        "--out",
+        s(&t.join("l-ds")),
+    ]);
+    assert!(e.contains("--labels"), "{e}");
     let e = err(&[
         "shard",
         "--src",
@@ -1170,7 +1193,7 @@ os.makedirs(os.path.join(out, "noshards"))
         "--out",
         s(&t.join("l-ds")),
     ]);
-    assert!(e.contains("--labels"), "{e}");
+    assert!(e.contains("x.csv"), "{e}");
     for names in ["a,,b", "a,a"] {
         let e = err(&[
             "shard",
@@ -1214,4 +1237,197 @@ os.makedirs(os.path.join(out, "noshards"))
         s(&t.join("e-ds")),
     ]);
     assert!(e.contains("no .tar shards"), "{e}");
+}
+
+/// A gzip-compressed tar, several archives (`--src` twice, or a glob) and a flat tar
+/// with an ILSVRC ground-truth file and synsets (ImageNet val's form, classes taken from
+/// the train set's dataset) give the rows, labels and bytes of the same images sharded
+/// from a folder. The temporary tar a gzip archive is decompressed to is gone afterwards;
+/// a truncated gzip archive is an error naming it, after which nothing looks complete.
+#[test]
+fn compressed_split_and_flat_labelled_archives_give_the_folder_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let src = t.join("src");
+    byol_tools::bench::write_synthetic_folder(&src, 24, (32, 40), 90, 3).unwrap();
+    let make = r#"
+import gzip, os, shutil, sys, tarfile
+src, out = sys.argv[1], sys.argv[2]
+classes = sorted(os.listdir(src))
+files = [(c, f) for c in classes for f in sorted(os.listdir(os.path.join(src, c)))]
+with tarfile.open(os.path.join(out, "classes.tar.gz"), "w:gz") as tf:
+    for c, f in files:
+        tf.add(os.path.join(src, c, f), arcname=f"{c}/{f}")
+for name, part in [("part-1.tar", classes[:2]), ("part-2.tar", classes[2:])]:
+    with tarfile.open(os.path.join(out, name), "w") as tf:
+        for c, f in files:
+            if c in part:
+                tf.add(os.path.join(src, c, f), arcname=f"{c}/{f}")
+# ImageNet val's form: flat members, a ground-truth id per member in sorted order, and
+# a synset list (line k: the class of id k) in another order than the train classes'.
+synsets = [classes[2], classes[0], classes[1]]
+flat = sorted((f"val_{c}_{f}", c, f) for c, f in files)
+with tarfile.open(os.path.join(out, "val.tar"), "w") as tf:
+    for name, c, f in flat:
+        tf.add(os.path.join(src, c, f), arcname=name)
+with open(os.path.join(out, "gt.txt"), "w") as g:
+    g.writelines(f"{synsets.index(c) + 1}\n" for _, c, _ in flat)
+with open(os.path.join(out, "synsets.txt"), "w") as g:
+    g.writelines(f"{c} description\n" for c in synsets)
+data = open(os.path.join(out, "classes.tar.gz"), "rb").read()
+open(os.path.join(out, "cut.tar.gz"), "wb").write(data[: len(data) // 2])
+"#;
+    let o = Command::new(python())
+        .args(["-c", make, s(&src), s(t)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let folder = t.join("folder-ds");
+    ok_json(&["shard", "--src", s(&src), "--out", s(&folder), "--json"]);
+    let want = rows_of(&folder);
+    let temps = || {
+        std::fs::read_dir(t)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".byol-tools-gunzip-")
+            })
+            .count()
+    };
+
+    let gz = t.join("gz-ds");
+    ok_json(&[
+        "shard",
+        "--src",
+        s(&t.join("classes.tar.gz")),
+        "--out",
+        s(&gz),
+        "--json",
+    ]);
+    assert_eq!(rows_of(&gz), want);
+    assert_eq!(temps(), 0, "the temporary tar was left behind");
+
+    let two = t.join("two-ds");
+    ok_json(&[
+        "shard",
+        "--src",
+        s(&t.join("part-1.tar")),
+        "--src",
+        s(&t.join("part-2.tar")),
+        "--out",
+        s(&two),
+        "--json",
+    ]);
+    assert_eq!(rows_of(&two), want);
+    let globbed = t.join("glob-ds");
+    let pattern = t.join("part-*.tar");
+    ok_json(&[
+        "shard",
+        "--src",
+        s(&pattern),
+        "--out",
+        s(&globbed),
+        "--json",
+    ]);
+    assert_eq!(files_of(&globbed), files_of(&two));
+
+    let val = t.join("val-ds");
+    ok_json(&[
+        "shard",
+        "--src",
+        s(&t.join("val.tar")),
+        "--labels",
+        s(&t.join("gt.txt")),
+        "--synsets",
+        s(&t.join("synsets.txt")),
+        "--classes-from",
+        s(&folder),
+        "--out",
+        s(&val),
+        "--json",
+    ]);
+    assert_eq!(json_of(&val)["classes"], json_of(&folder)["classes"]);
+    let strip = |rows: Vec<(String, i64, String)>| {
+        let mut v: Vec<(i64, String)> = rows.into_iter().map(|(_, l, h)| (l, h)).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(strip(rows_of(&val)), strip(want.clone()));
+
+    let o = tools(&[
+        "shard",
+        "--src",
+        s(&t.join("cut.tar.gz")),
+        "--out",
+        s(&t.join("cut-ds")),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cut.tar.gz") && err.contains("gzip"), "{err}");
+    assert!(!t.join("cut-ds").join("manifest.json").exists());
+    assert_eq!(temps(), 0, "the temporary tar was left behind");
+}
+
+/// Sharding from a tar killed mid-run and rerun with the same arguments completes to
+/// shards byte-identical to an uninterrupted run.
+#[test]
+fn an_interrupted_tar_shard_resumes_to_the_same_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let src = t.join("src");
+    byol_tools::bench::write_synthetic_folder(&src, 600, (96, 128), 90, 4).unwrap();
+    let make = r#"
+import os, sys, tarfile
+src, out = sys.argv[1], sys.argv[2]
+with tarfile.open(out, "w") as tf:
+    for c in sorted(os.listdir(src)):
+        for f in sorted(os.listdir(os.path.join(src, c))):
+            tf.add(os.path.join(src, c, f), arcname=f"{c}/{f}")
+"#;
+    let archive = t.join("a.tar");
+    let o = Command::new(python())
+        .args(["-c", make, s(&src), s(&archive)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "shard",
+            "--src",
+            s(&archive),
+            "--out",
+            s(out),
+            "--rows-per-shard",
+            "40",
+            "--max-side",
+            "64",
+            "--workers",
+            "1",
+            "--json",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let full = t.join("full");
+    ok_json(&args(&full).iter().map(|x| x.as_str()).collect::<Vec<_>>());
+    let cut = t.join("cut");
+    let mut child = Command::new(BIN).args(args(&cut)).spawn().unwrap();
+    let third = cut.join("shard-00003.parquet");
+    let t0 = std::time::Instant::now();
+    while !third.exists() && t0.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !cut.join("manifest.json").exists(),
+        "finished before it was killed"
+    );
+    let sum = ok_json(&args(&cut).iter().map(|x| x.as_str()).collect::<Vec<_>>());
+    assert!(sum["resumed_shards"].as_u64().unwrap() >= 3, "{sum}");
+    assert_eq!(files_of(&full), files_of(&cut));
 }
