@@ -8,6 +8,7 @@ pub mod bench;
 pub mod idx;
 pub mod inspect;
 pub mod keys;
+pub mod parquet_source;
 pub mod read;
 #[cfg(feature = "opencv")]
 pub mod shard;

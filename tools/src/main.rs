@@ -34,6 +34,9 @@ enum LayoutArg {
     Tar,
     /// WebDataset shards (.tar files or folders of them): KEY.jpg/png/… + KEY.cls.
     Webdataset,
+    /// Parquet files in the Hugging Face layout (an `image` column of bytes, a `label`
+    /// column, ClassLabel names in the metadata): files or folders of `*.parquet`.
+    Parquet,
 }
 
 // Parsed once per process; boxing the large variant would buy nothing.
@@ -50,7 +53,8 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
         /// [default: flat when --src is a tar with --labels, tar when every --src is a
-        /// `.tar`/`.tar.gz`/`.tgz` file, else imagefolder]
+        /// `.tar`/`.tar.gz`/`.tgz` file, parquet when every --src is a `.parquet` file or
+        /// a folder holding only `.parquet` files, else imagefolder]
         #[arg(long, value_enum)]
         layout: Option<LayoutArg>,
         /// Label file (flat: CSV or ILSVRC ground truth; idx: IDX labels).
@@ -65,7 +69,7 @@ enum Cmd {
         /// Take the class list (names and order) from this existing dataset.
         #[arg(long)]
         classes_from: Option<PathBuf>,
-        /// Comma-separated class names for IDX and WebDataset labels 0, 1, ...
+        /// Comma-separated class names for IDX, WebDataset and Parquet labels 0, 1, ...
         #[arg(long)]
         class_names: Option<String>,
         /// Re-encode images whose longer side exceeds N, scaled to N (area interpolation).
@@ -204,11 +208,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let layout = layout.unwrap_or(match (archives, &labels) {
                 (true, Some(_)) => LayoutArg::Flat,
                 (true, None) => LayoutArg::Tar,
+                (false, _) if is_parquet_source(&src) => LayoutArg::Parquet,
                 (false, _) => LayoutArg::Imagefolder,
             });
-            if src.len() > 1 && !matches!(layout, LayoutArg::Tar | LayoutArg::Webdataset) {
+            if src.len() > 1
+                && !matches!(
+                    layout,
+                    LayoutArg::Tar | LayoutArg::Webdataset | LayoutArg::Parquet
+                )
+            {
                 bail!(
-                    "{} --src given: several sources are for tar archives and WebDataset shards",
+                    "{} --src given: several sources are for tar archives, WebDataset shards and Parquet files",
                     src.len()
                 );
             }
@@ -226,8 +236,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 if let Some(d) = v.iter().enumerate().find(|(i, n)| v[..*i].contains(n)) {
                     bail!("--class-names {names:?}: {:?} is given twice", d.1);
                 }
-                if !matches!(layout, LayoutArg::Idx | LayoutArg::Webdataset) {
-                    bail!("--class-names names IDX and WebDataset labels; other layouts take class names from folders or --labels");
+                if !matches!(
+                    layout,
+                    LayoutArg::Idx | LayoutArg::Webdataset | LayoutArg::Parquet
+                ) {
+                    bail!("--class-names names IDX, WebDataset and Parquet labels; other layouts take class names from folders or --labels");
                 }
             }
             if labels.is_some() && !matches!(layout, LayoutArg::Flat | LayoutArg::Idx) {
@@ -247,6 +260,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         bail!("--layout webdataset needs --src SHARD.tar or a folder of shards")
                     };
                     (source::Layout::WebDataset, src_arg)
+                }
+                LayoutArg::Parquet => {
+                    if first.is_none() {
+                        bail!("--layout parquet needs --src FILE.parquet or a folder of them")
+                    };
+                    (source::Layout::Parquet, src_arg)
                 }
                 LayoutArg::Imagefolder => {
                     if first.is_none() {
@@ -456,6 +475,23 @@ fn expand_globs(srcs: &[PathBuf]) -> Result<Vec<PathBuf>> {
         out.extend(found);
     }
     Ok(out)
+}
+
+/// Every source a `.parquet` file, or a folder whose entries are all `.parquet` files
+/// (a byol dataset also has `manifest.json`, so it is not one).
+fn is_parquet_source(srcs: &[PathBuf]) -> bool {
+    let parquet = |p: &std::path::Path| p.extension().is_some_and(|e| e == "parquet");
+    !srcs.is_empty()
+        && srcs.iter().all(|p| {
+            if p.is_file() {
+                return parquet(p);
+            }
+            let Ok(rd) = std::fs::read_dir(p) else {
+                return false;
+            };
+            let names: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            !names.is_empty() && names.iter().all(|n| n.is_file() && parquet(n))
+        })
 }
 
 fn is_tar_name(p: &std::path::Path) -> bool {

@@ -373,6 +373,10 @@ enum SkipReason {
     Unreadable(std::io::Error),
     #[error("IDX data missing")]
     NoIdx,
+    #[error("Parquet source missing")]
+    NoParquet,
+    #[error("no image bytes (a null image, or an image stored as a path only)")]
+    NullImage,
     #[error("internal error (panic) while decoding")]
     Panic,
     #[error(transparent)]
@@ -395,6 +399,16 @@ fn process(source: &Source, idx: usize, opts: &PrepareOptions) -> Result<Prepare
             let path = &source.archives[*archive];
             let bytes = crate::tar_source::read_member(path, *offset, *size)
                 .map_err(SkipReason::Unreadable)?;
+            Ok(prepare(&bytes, opts)?)
+        }
+        Src::Parquet { file, group, row } => {
+            let Some(images) = &source.parquet else {
+                return Err(SkipReason::NoParquet);
+            };
+            let bytes = images
+                .image(*file, *group, *row)
+                .map_err(|e| SkipReason::Unreadable(std::io::Error::other(e)))?
+                .ok_or(SkipReason::NullImage)?;
             Ok(prepare(&bytes, opts)?)
         }
         Src::Idx(i) => {
@@ -420,6 +434,44 @@ pub fn storage_order(n: usize, seed: u64) -> Vec<usize> {
     order
 }
 
+/// The storage order for `source`: [`storage_order`], except for Parquet sources, whose
+/// images are read a row group at a time: their row groups are permuted with the seed
+/// and the rows of each [`crate::parquet_source::WINDOW`] consecutive row groups are
+/// shuffled together (as the training loader's plan does), so that the workers need
+/// only the row groups of one window in memory.
+pub fn storage_order_for(source: &Source, seed: u64) -> Vec<usize> {
+    let n = source.items.len();
+    if source.parquet.is_none() {
+        return storage_order(n, seed);
+    }
+    // Runs of consecutive items from the same row group (items are in file, row order).
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut last = None;
+    for (i, it) in source.items.iter().enumerate() {
+        let g = match it.src {
+            Src::Parquet { file, group, .. } => Some((file, group)),
+            _ => None,
+        };
+        if g != last || runs.is_empty() {
+            runs.push(i..i + 1);
+            last = g;
+        } else if let Some(r) = runs.last_mut() {
+            r.end = i + 1;
+        }
+    }
+    let mut rng = SplitMix64::new(seed);
+    rng.shuffle(&mut runs);
+    let mut order = Vec::with_capacity(n);
+    for window in runs.chunks(crate::parquet_source::WINDOW) {
+        let start = order.len();
+        for r in window {
+            order.extend(r.clone());
+        }
+        rng.shuffle(&mut order[start..]);
+    }
+    order
+}
+
 /// Runs the whole shard job.
 ///
 /// # Errors
@@ -440,7 +492,7 @@ pub fn shard(
     let fp = fingerprint(source);
     let resumed = prepare_out(out, &settings, &fp, opts.force)?;
     let n = source.items.len();
-    let order = storage_order(n, opts.seed);
+    let order = storage_order_for(source, opts.seed);
     let mut state = resumed.clone().unwrap_or(Progress {
         settings: settings.clone(),
         fingerprint: fp,

@@ -66,6 +66,9 @@ pub enum Layout {
     /// WebDataset shards (one `.tar`, or a folder of them): samples grouped by key,
     /// `KEY.jpg|png|…` the image, `KEY.cls` the label (an integer).
     WebDataset,
+    /// Parquet files in the Hugging Face layout (see [`crate::parquet_source`]): files,
+    /// or folders that hold only `*.parquet` files.
+    Parquet,
 }
 
 impl Layout {
@@ -76,6 +79,7 @@ impl Layout {
             Layout::Idx { .. } => "idx",
             Layout::Tar => "tar",
             Layout::WebDataset => "webdataset",
+            Layout::Parquet => "parquet",
         }
     }
 }
@@ -91,6 +95,12 @@ pub enum Src {
         archive: usize,
         offset: u64,
         size: u64,
+    },
+    /// Row `row` of row group `group` of the Parquet file [`Source::archives`]`[file]`.
+    Parquet {
+        file: usize,
+        group: usize,
+        row: usize,
     },
 }
 
@@ -123,6 +133,8 @@ pub struct Source {
     pub archives: Vec<PathBuf>,
     /// Temporary uncompressed tars of gzip-compressed archives (deleted on drop).
     pub temps: Vec<tempfile::TempPath>,
+    /// The image bytes of [`Src::Parquet`] items.
+    pub parquet: Option<crate::parquet_source::ParquetImages>,
 }
 
 /// Options that apply to every layout.
@@ -329,6 +341,7 @@ pub fn scan_sources(
         Layout::Idx { images, labels } => scan_idx(images, labels.as_deref(), opts)?,
         Layout::Tar => scan_tar(srcs, opts)?,
         Layout::WebDataset => scan_webdataset(srcs, opts)?,
+        Layout::Parquet => scan_parquet(srcs, opts)?,
     };
     let src = srcs.first().map(|p| p.as_path()).unwrap_or(Path::new(""));
     let mut source = source;
@@ -389,6 +402,7 @@ fn scan_image_folder(src: &Path, opts: &ScanOptions) -> Result<Source, SourceErr
             idx: None,
             archives: Vec::new(),
             temps: Vec::new(),
+            parquet: None,
         });
     }
     // Files next to the class folders belong to no class.
@@ -445,6 +459,7 @@ fn scan_image_folder(src: &Path, opts: &ScanOptions) -> Result<Source, SourceErr
         idx: None,
         archives: Vec::new(),
         temps: Vec::new(),
+        parquet: None,
     })
 }
 
@@ -789,6 +804,7 @@ fn scan_flat(
         idx: None,
         archives,
         temps,
+        parquet: None,
     })
 }
 
@@ -896,6 +912,7 @@ fn scan_tar(archives: &[PathBuf], opts: &ScanOptions) -> Result<Source, SourceEr
         idx: None,
         archives: read_from,
         temps,
+        parquet: None,
     })
 }
 
@@ -1028,6 +1045,7 @@ fn scan_webdataset(srcs: &[PathBuf], opts: &ScanOptions) -> Result<Source, Sourc
         idx: None,
         archives: read_from,
         temps,
+        parquet: None,
     })
 }
 
@@ -1099,6 +1117,94 @@ fn scan_idx(
         idx: Some(imgs),
         archives: Vec::new(),
         temps: Vec::new(),
+        parquet: None,
+    })
+}
+
+/// Parquet files in the Hugging Face layout: the files given, and the `*.parquet` files
+/// of the folders given (sorted by name). Labels are the `label` column's integers; the
+/// class names are `--class-names`, else the `ClassLabel` names in the `huggingface`
+/// metadata, else the numbers `0..=max`. Without a `label` column every row is unlabeled;
+/// a row whose label is null, or beyond the class names, is skipped with the reason.
+fn scan_parquet(srcs: &[PathBuf], opts: &ScanOptions) -> Result<Source, SourceError> {
+    let mut files: Vec<PathBuf> = Vec::new();
+    for src in srcs {
+        if src.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(src)
+                .map_err(io_err(src))?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<Result<_, _>>()
+                .map_err(io_err(src))?;
+            v.retain(|p| p.extension().is_some_and(|e| e == "parquet"));
+            v.sort();
+            if v.is_empty() {
+                return Err(SourceError::Invalid(format!(
+                    "{} holds no .parquet files",
+                    src.display()
+                )));
+            }
+            files.extend(v);
+        } else if !src.exists() {
+            return Err(SourceError::Missing(src.to_path_buf()));
+        } else {
+            files.push(src.to_path_buf());
+        }
+    }
+    let scan = crate::parquet_source::scan(&files)
+        .map_err(|e| SourceError::Invalid(byol_format::error_chain(&e)))?;
+    let names: Option<Vec<String>> = opts.class_names.clone().or(scan.class_names);
+    let max = scan.rows.iter().map(|r| r.label).max().unwrap_or(-1);
+    let classes: Vec<String> = match (&names, scan.labelled) {
+        (_, false) => Vec::new(),
+        (Some(n), true) => n.clone(),
+        (None, true) => (0..=max).map(|n| n.to_string()).collect(),
+    };
+    let mut items = Vec::with_capacity(scan.rows.len());
+    let mut skipped = Vec::new();
+    for r in scan.rows {
+        let label = if !scan.labelled {
+            -1
+        } else if r.label < 0 {
+            skipped.push(Skipped {
+                key: r.key,
+                reason: "null label".into(),
+            });
+            continue;
+        } else if r.label as usize >= classes.len() {
+            skipped.push(Skipped {
+                key: r.key,
+                reason: format!(
+                    "label {} is beyond the {} class names",
+                    r.label,
+                    classes.len()
+                ),
+            });
+            continue;
+        } else {
+            r.label as i32
+        };
+        items.push(Item {
+            key: r.key,
+            label,
+            src: Src::Parquet {
+                file: r.file,
+                group: r.group,
+                row: r.row,
+            },
+            size: 0,
+        });
+    }
+    Ok(Source {
+        layout: "parquet",
+        classes,
+        items,
+        ignored: 0,
+        skipped,
+        escaped: Vec::new(),
+        idx: None,
+        archives: files.clone(),
+        temps: Vec::new(),
+        parquet: Some(crate::parquet_source::ParquetImages::new(files)),
     })
 }
 
@@ -1117,6 +1223,13 @@ pub fn fingerprint(s: &Source) -> String {
     }
     if let Some(idx) = &s.idx {
         h.update(&idx.data);
+    }
+    // Parquet rows carry no size: the files' lengths stand for their contents.
+    if s.parquet.is_some() {
+        for a in &s.archives {
+            let len = std::fs::metadata(a).map(|m| m.len()).unwrap_or(0);
+            h.update(&len.to_le_bytes());
+        }
     }
     format!("{:08x}:{}", h.finalize(), s.items.len())
 }

@@ -1431,3 +1431,122 @@ with tarfile.open(out, "w") as tf:
     assert!(sum["resumed_shards"].as_u64().unwrap() >= 3, "{sum}");
     assert_eq!(files_of(&full), files_of(&cut));
 }
+
+/// Parquet datasets in the Hugging Face layout, written by pyarrow as the `datasets`
+/// library writes them (an `image` struct of `bytes` and `path`, an int64 `label`, the
+/// ClassLabel names in the `huggingface` schema metadata), two files in a folder: the
+/// same labels, class names and bytes as the images sharded from a folder,
+/// deterministically. A plain-binary `image` column without metadata gets the numbers as
+/// class names; a null image, bytes that are not an image and a null label are skipped
+/// and listed with their keys.
+#[test]
+fn hugging_face_parquet_gives_the_folder_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let src = t.join("src");
+    byol_tools::bench::write_synthetic_folder(&src, 24, (32, 40), 90, 3).unwrap();
+    let make = r#"
+import json, os, random, sys
+import pyarrow as pa, pyarrow.parquet as pq
+src, out = sys.argv[1], sys.argv[2]
+classes = sorted(os.listdir(src))
+rows = [(open(os.path.join(src, c, f), "rb").read(), f"{c}/{f}", i)
+        for i, c in enumerate(classes) for f in sorted(os.listdir(os.path.join(src, c)))]
+random.Random(0).shuffle(rows)
+image_t = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+meta = {"huggingface": json.dumps({"info": {"features": {
+    "image": {"_type": "Image"},
+    "label": {"names": classes, "_type": "ClassLabel"}}}})}
+schema = pa.schema([("image", image_t), ("label", pa.int64())], metadata=meta)
+os.makedirs(os.path.join(out, "hf"))
+for k, part in enumerate([rows[:10], rows[10:]]):
+    t = pa.table({"image": [{"bytes": b, "path": p} for b, p, _ in part],
+                  "label": [l for _, _, l in part]}, schema=schema)
+    pq.write_table(t, os.path.join(out, "hf", f"train-{k:05d}-of-00002.parquet"), row_group_size=4)
+plain = pa.table({"image": pa.array([b for b, _, _ in rows], pa.binary()),
+                  "label": pa.array([l for _, _, l in rows], pa.int32())})
+pq.write_table(plain, os.path.join(out, "plain.parquet"), row_group_size=7)
+bad = pa.table({"image": [None, {"bytes": b"not an image", "path": "x.jpg"},
+                          {"bytes": rows[0][0], "path": None}, {"bytes": rows[0][0], "path": None}],
+                "label": pa.array([0, 1, None, 2], pa.int64())}, schema=schema)
+pq.write_table(bad, os.path.join(out, "bad.parquet"))
+"#;
+    let o = Command::new(python())
+        .args(["-c", make, s(&src), s(t)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let folder = t.join("folder-ds");
+    ok_json(&["shard", "--src", s(&src), "--out", s(&folder), "--json"]);
+    let strip = |rows: Vec<(String, i64, String)>| {
+        let mut v: Vec<(i64, String)> = rows.into_iter().map(|(_, l, h)| (l, h)).collect();
+        v.sort();
+        v
+    };
+    let want = strip(rows_of(&folder));
+
+    // A folder of .parquet files is detected as the parquet layout.
+    let hf = t.join("hf-ds");
+    let r = ok_json(&[
+        "shard",
+        "--src",
+        s(&t.join("hf")),
+        "--out",
+        s(&hf),
+        "--json",
+    ]);
+    assert_eq!(r["rows"], 24, "{r}");
+    assert_eq!(json_of(&hf)["classes"], json_of(&folder)["classes"]);
+    assert_eq!(strip(rows_of(&hf)), want);
+    let again = t.join("hf-ds2");
+    ok_json(&[
+        "shard",
+        "--src",
+        s(&t.join("hf")),
+        "--out",
+        s(&again),
+        "--json",
+    ]);
+    assert_eq!(files_of(&hf), files_of(&again));
+
+    let plain = t.join("plain-ds");
+    ok_json(&[
+        "shard",
+        "--src",
+        s(&t.join("plain.parquet")),
+        "--out",
+        s(&plain),
+        "--json",
+    ]);
+    assert_eq!(
+        json_of(&plain)["classes"],
+        serde_json::json!(["0", "1", "2"])
+    );
+    assert_eq!(strip(rows_of(&plain)), want);
+
+    let bad = t.join("bad-ds");
+    let r = ok_json(&[
+        "shard",
+        "--src",
+        s(&t.join("bad.parquet")),
+        "--out",
+        s(&bad),
+        "--json",
+    ]);
+    assert_eq!(
+        (r["rows"].as_u64(), r["skipped"].as_u64()),
+        (Some(1), Some(3)),
+        "{r}"
+    );
+    let skipped = json_of(&bad)["skipped"].to_string();
+    for (key, why) in [
+        ("bad.parquet/000000000", "no image bytes"),
+        ("bad.parquet/000000001", "cannot decode"),
+        ("bad.parquet/000000002", "null label"),
+    ] {
+        assert!(
+            skipped.contains(key) && skipped.contains(why),
+            "{key}: {skipped}"
+        );
+    }
+}

@@ -1,0 +1,310 @@
+//! Parquet image datasets in the Hugging Face layout as a source: an `image` column that
+//! is a struct of `bytes` and `path` (the `datasets` library's `Image` feature) or plain
+//! binary, an optional integer `label` column, and class names from the `huggingface`
+//! schema metadata's `ClassLabel` `names` when present.
+//!
+//! A scan reads only the label column (and the files' metadata); the shard workers read
+//! the image column one row group at a time through [`ParquetImages`], which keeps the
+//! last [`CACHED_GROUPS`] row groups. Rows are stored in a windowed order (row groups
+//! permuted, the rows of each [`WINDOW`] consecutive ones shuffled together, see
+//! `shard::storage_order_for`), so memory stays bounded by those row groups however
+//! large the dataset.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use arrow_array::{Array, BinaryArray, LargeBinaryArray, StructArray};
+use arrow_schema::DataType;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
+
+/// Row groups whose rows are shuffled together when stored.
+pub const WINDOW: usize = 8;
+/// Row groups of images kept in memory by the shard workers.
+pub const CACHED_GROUPS: usize = 2 * WINDOW;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParquetSourceError {
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a readable Parquet file")]
+    Parquet {
+        path: PathBuf,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    #[error("{path}: {msg}")]
+    Schema { path: PathBuf, msg: String },
+}
+
+/// One row of a scan: its key (`FILE/ROW`, the row's index in its file), label (-1:
+/// none or null), and where it is.
+#[derive(Debug, Clone)]
+pub struct ParquetRow {
+    pub key: String,
+    pub label: i64,
+    pub file: usize,
+    pub group: usize,
+    pub row: usize,
+}
+
+/// What a scan of the files found.
+#[derive(Debug, Default)]
+pub struct ParquetScan {
+    pub rows: Vec<ParquetRow>,
+    /// `ClassLabel` names from the `huggingface` metadata (the first file that has them).
+    pub class_names: Option<Vec<String>>,
+    /// Whether any file has a `label` column.
+    pub labelled: bool,
+}
+
+fn parquet_err(
+    path: &Path,
+) -> impl FnOnce(parquet::errors::ParquetError) -> ParquetSourceError + '_ {
+    move |source| ParquetSourceError::Parquet {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn builder(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>, ParquetSourceError> {
+    let f = File::open(path).map_err(|source| ParquetSourceError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    ParquetRecordBatchReaderBuilder::try_new(f).map_err(parquet_err(path))
+}
+
+/// `ClassLabel` names of the `label` feature in the `huggingface` metadata JSON
+/// (`{"info": {"features": {"label": {"_type": "ClassLabel", "names": [...]}}}}`).
+fn class_label_names(json: &str) -> Option<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let features = v
+        .get("info")
+        .and_then(|i| i.get("features"))
+        .or_else(|| v.get("features"))?;
+    let names = features.get("label")?.get("names")?.as_array()?;
+    names.iter().map(|n| n.as_str().map(String::from)).collect()
+}
+
+/// The index of the `image` column, checked to be binary or a struct with `bytes`.
+fn image_column(path: &Path, schema: &arrow_schema::Schema) -> Result<usize, ParquetSourceError> {
+    let bad = |msg: String| ParquetSourceError::Schema {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let (i, f) = schema
+        .column_with_name("image")
+        .ok_or_else(|| bad("no `image` column (a struct of bytes and path, or binary)".into()))?;
+    match f.data_type() {
+        DataType::Binary | DataType::LargeBinary => Ok(i),
+        DataType::Struct(fields)
+            if fields.iter().any(|c| {
+                c.name() == "bytes"
+                    && matches!(c.data_type(), DataType::Binary | DataType::LargeBinary)
+            }) =>
+        {
+            Ok(i)
+        }
+        other => Err(bad(format!(
+            "the `image` column is {other}, not binary or a struct with binary `bytes`"
+        ))),
+    }
+}
+
+/// Scans `files` (in the order given): every row's key, label and place; the labels
+/// come from an integer `label` column (null: unlabeled).
+///
+/// # Errors
+/// [`ParquetSourceError`] naming the file: unreadable, not Parquet, no usable `image`
+/// column, or a `label` column that is not integer.
+pub fn scan(files: &[PathBuf]) -> Result<ParquetScan, ParquetSourceError> {
+    let mut out = ParquetScan::default();
+    for (fi, path) in files.iter().enumerate() {
+        let b = builder(path)?;
+        let schema = b.schema().clone();
+        image_column(path, &schema)?;
+        if out.class_names.is_none() {
+            out.class_names = schema
+                .metadata()
+                .get("huggingface")
+                .and_then(|j| class_label_names(j));
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let groups: Vec<usize> = b
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows() as usize)
+            .collect();
+        let label_col = schema.column_with_name("label").map(|(i, _)| i);
+        let mut labels: Vec<i64> = Vec::new();
+        if let Some(li) = label_col {
+            out.labelled = true;
+            let mask = ProjectionMask::roots(b.parquet_schema(), [li]);
+            let reader = b.with_projection(mask).build().map_err(parquet_err(path))?;
+            for batch in reader {
+                let batch = batch.map_err(|e| ParquetSourceError::Schema {
+                    path: path.to_path_buf(),
+                    msg: e.to_string(),
+                })?;
+                let col =
+                    arrow_cast_i64(batch.column(0)).ok_or_else(|| ParquetSourceError::Schema {
+                        path: path.to_path_buf(),
+                        msg: format!(
+                            "the `label` column is {}, not an integer",
+                            batch.column(0).data_type()
+                        ),
+                    })?;
+                labels.extend(col);
+            }
+        }
+        let mut row_in_file = 0usize;
+        for (g, &n) in groups.iter().enumerate() {
+            for r in 0..n {
+                let label = labels.get(row_in_file).copied().unwrap_or(-1);
+                out.rows.push(ParquetRow {
+                    key: format!("{name}/{row_in_file:09}"),
+                    label,
+                    file: fi,
+                    group: g,
+                    row: r,
+                });
+                row_in_file += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// An integer column as i64 values (null: -1).
+fn arrow_cast_i64(a: &dyn Array) -> Option<Vec<i64>> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{
+        Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type, UInt32Type, UInt8Type,
+    };
+    macro_rules! ints {
+        ($t:ty) => {
+            Some(
+                a.as_primitive::<$t>()
+                    .iter()
+                    .map(|v| v.map_or(-1, |x| x as i64))
+                    .collect(),
+            )
+        };
+    }
+    match a.data_type() {
+        DataType::Int64 => ints!(Int64Type),
+        DataType::Int32 => ints!(Int32Type),
+        DataType::Int16 => ints!(Int16Type),
+        DataType::Int8 => ints!(Int8Type),
+        DataType::UInt32 => ints!(UInt32Type),
+        DataType::UInt16 => ints!(UInt16Type),
+        DataType::UInt8 => ints!(UInt8Type),
+        _ => None,
+    }
+}
+
+/// One row group's images (`None`: a null image or null `bytes`).
+type Group = Arc<Vec<Option<Vec<u8>>>>;
+
+/// The image bytes of the files' rows, read a row group at a time and cached.
+#[derive(Debug)]
+pub struct ParquetImages {
+    pub files: Vec<PathBuf>,
+    cache: Mutex<(VecDeque<(usize, usize)>, HashMap<(usize, usize), Group>)>,
+}
+
+impl ParquetImages {
+    pub fn new(files: Vec<PathBuf>) -> ParquetImages {
+        ParquetImages {
+            files,
+            cache: Mutex::new((VecDeque::new(), HashMap::new())),
+        }
+    }
+
+    /// The image bytes of row `row` of row group `group` of file `file`.
+    ///
+    /// # Errors
+    /// The row group cannot be read (the message names the file and row group).
+    pub fn image(&self, file: usize, group: usize, row: usize) -> Result<Option<Vec<u8>>, String> {
+        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let g = match c.1.get(&(file, group)) {
+            Some(g) => Arc::clone(g),
+            None => {
+                let path = &self.files[file];
+                let g: Group = Arc::new(
+                    read_group(path, group)
+                        .map_err(|e| format!("{}: row group {group}: {e}", path.display()))?,
+                );
+                c.0.push_back((file, group));
+                c.1.insert((file, group), Arc::clone(&g));
+                while c.0.len() > CACHED_GROUPS {
+                    if let Some(old) = c.0.pop_front() {
+                        c.1.remove(&old);
+                    }
+                }
+                g
+            }
+        };
+        drop(c);
+        Ok(g.get(row).cloned().flatten())
+    }
+}
+
+/// The `image` column of one row group.
+fn read_group(path: &Path, group: usize) -> Result<Vec<Option<Vec<u8>>>, String> {
+    let b = builder(path).map_err(|e| e.to_string())?;
+    let col = image_column(path, b.schema()).map_err(|e| e.to_string())?;
+    let mask = ProjectionMask::roots(b.parquet_schema(), [col]);
+    let reader = b
+        .with_projection(mask)
+        .with_row_groups(vec![group])
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| e.to_string())?;
+        let a = batch.column(0);
+        let bytes: &dyn Array = match a.as_any().downcast_ref::<StructArray>() {
+            Some(s) => {
+                let b = s.column_by_name("bytes").ok_or("no `bytes` field")?;
+                // A null struct is a null image.
+                for i in 0..s.len() {
+                    if s.is_null(i) {
+                        out.push(None);
+                    } else {
+                        out.push(binary_at(b.as_ref(), i));
+                    }
+                }
+                continue;
+            }
+            None => a.as_ref(),
+        };
+        for i in 0..bytes.len() {
+            out.push(binary_at(bytes, i));
+        }
+    }
+    Ok(out)
+}
+
+fn binary_at(a: &dyn Array, i: usize) -> Option<Vec<u8>> {
+    if a.is_null(i) {
+        return None;
+    }
+    if let Some(b) = a.as_any().downcast_ref::<BinaryArray>() {
+        return Some(b.value(i).to_vec());
+    }
+    a.as_any()
+        .downcast_ref::<LargeBinaryArray>()
+        .map(|b| b.value(i).to_vec())
+}
