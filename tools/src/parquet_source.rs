@@ -217,11 +217,14 @@ fn arrow_cast_i64(a: &dyn Array) -> Option<Vec<i64>> {
 /// One row group's images (`None`: a null image or null `bytes`).
 type Group = Arc<Vec<Option<Vec<u8>>>>;
 
+/// Cached row groups, oldest first, and their images by (file, row group).
+type Cache = (VecDeque<(usize, usize)>, HashMap<(usize, usize), Group>);
+
 /// The image bytes of the files' rows, read a row group at a time and cached.
 #[derive(Debug)]
 pub struct ParquetImages {
     pub files: Vec<PathBuf>,
-    cache: Mutex<(VecDeque<(usize, usize)>, HashMap<(usize, usize), Group>)>,
+    cache: Mutex<Cache>,
 }
 
 impl ParquetImages {
