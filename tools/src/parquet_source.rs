@@ -25,23 +25,8 @@ pub const WINDOW: usize = 8;
 /// Row groups of images kept in memory by the shard workers.
 pub const CACHED_GROUPS: usize = 2 * WINDOW;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ParquetSourceError {
-    #[error("{path}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: not a readable Parquet file")]
-    Parquet {
-        path: PathBuf,
-        #[source]
-        source: parquet::errors::ParquetError,
-    },
-    #[error("{path}: {msg}")]
-    Schema { path: PathBuf, msg: String },
-}
+/// Why a Parquet source cannot be read (the file named): the shard reader's errors.
+pub use crate::read::ReadError as ParquetSourceError;
 
 /// One row of a scan: its key (`FILE/ROW`, the row's index in its file), label (-1:
 /// none or null), and where it is.

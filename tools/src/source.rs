@@ -808,6 +808,39 @@ fn scan_flat(
     })
 }
 
+/// The files given, and the files of the folders given that `keep` accepts (sorted by
+/// name; a folder with none is an error saying it holds no `what`).
+fn files_and_folders(
+    srcs: &[PathBuf],
+    keep: impl Fn(&Path) -> bool,
+    what: &str,
+) -> Result<Vec<PathBuf>, SourceError> {
+    let mut out = Vec::new();
+    for src in srcs {
+        if src.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(src)
+                .map_err(io_err(src))?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<Result<_, _>>()
+                .map_err(io_err(src))?;
+            v.retain(|p| keep(p));
+            v.sort();
+            if v.is_empty() {
+                return Err(SourceError::Invalid(format!(
+                    "{} holds no {what}",
+                    src.display()
+                )));
+            }
+            out.extend(v);
+        } else if !src.exists() {
+            return Err(SourceError::Missing(src.to_path_buf()));
+        } else {
+            out.push(src.to_path_buf());
+        }
+    }
+    Ok(out)
+}
+
 /// An archive ready to read in place: the file itself, or (gzip) a temporary
 /// uncompressed copy, which `temps` keeps alive.
 fn open_archive(
@@ -924,32 +957,14 @@ fn scan_tar(archives: &[PathBuf], opts: &ScanOptions) -> Result<Source, SourceEr
 /// in a later shard replaces the earlier sample (skipped with the reason).
 fn scan_webdataset(srcs: &[PathBuf], opts: &ScanOptions) -> Result<Source, SourceError> {
     use crate::tar_source::{scan_webdataset as scan_shard, webdataset_key};
-    let mut archives: Vec<PathBuf> = Vec::new();
-    for src in srcs {
-        if src.is_dir() {
-            let mut v: Vec<PathBuf> = std::fs::read_dir(src)
-                .map_err(io_err(src))?
-                .map(|e| e.map(|e| e.path()))
-                .collect::<Result<_, _>>()
-                .map_err(io_err(src))?;
-            v.retain(|p| {
-                let n = p.to_string_lossy().to_ascii_lowercase();
-                n.ends_with(".tar") || n.ends_with(".tar.gz") || n.ends_with(".tgz")
-            });
-            v.sort();
-            if v.is_empty() {
-                return Err(SourceError::Invalid(format!(
-                    "{} holds no WebDataset shards (.tar, .tar.gz or .tgz files)",
-                    src.display()
-                )));
-            }
-            archives.extend(v);
-        } else if !src.exists() {
-            return Err(SourceError::Missing(src.to_path_buf()));
-        } else {
-            archives.push(src.to_path_buf());
-        }
-    }
+    let archives = files_and_folders(
+        srcs,
+        |p| {
+            let n = p.to_string_lossy().to_ascii_lowercase();
+            n.ends_with(".tar") || n.ends_with(".tar.gz") || n.ends_with(".tgz")
+        },
+        "WebDataset shards (.tar, .tar.gz or .tgz files)",
+    )?;
     let mut temps = Vec::new();
     let mut read_from = Vec::new();
     let (mut skipped, mut escaped, mut ignored) = (Vec::new(), Vec::new(), 0u64);
@@ -1127,29 +1142,11 @@ fn scan_idx(
 /// metadata, else the numbers `0..=max`. Without a `label` column every row is unlabeled;
 /// a row whose label is null, or beyond the class names, is skipped with the reason.
 fn scan_parquet(srcs: &[PathBuf], opts: &ScanOptions) -> Result<Source, SourceError> {
-    let mut files: Vec<PathBuf> = Vec::new();
-    for src in srcs {
-        if src.is_dir() {
-            let mut v: Vec<PathBuf> = std::fs::read_dir(src)
-                .map_err(io_err(src))?
-                .map(|e| e.map(|e| e.path()))
-                .collect::<Result<_, _>>()
-                .map_err(io_err(src))?;
-            v.retain(|p| p.extension().is_some_and(|e| e == "parquet"));
-            v.sort();
-            if v.is_empty() {
-                return Err(SourceError::Invalid(format!(
-                    "{} holds no .parquet files",
-                    src.display()
-                )));
-            }
-            files.extend(v);
-        } else if !src.exists() {
-            return Err(SourceError::Missing(src.to_path_buf()));
-        } else {
-            files.push(src.to_path_buf());
-        }
-    }
+    let files = files_and_folders(
+        srcs,
+        |p| p.extension().is_some_and(|e| e == "parquet"),
+        ".parquet files",
+    )?;
     let scan = crate::parquet_source::scan(&files)
         .map_err(|e| SourceError::Invalid(byol_format::error_chain(&e)))?;
     let names: Option<Vec<String>> = opts.class_names.clone().or(scan.class_names);

@@ -241,12 +241,7 @@ impl Optimizer {
 
     /// One step over the trainable variables of `vs`, using their gradients.
     pub fn step(&mut self, vs: &nn::VarStore, lr: f64) {
-        let mut names: Vec<(String, Tensor)> = vs
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .collect();
-        names.sort_by(|a, b| a.0.cmp(&b.0));
+        let names = trainable_by_name(vs);
         if self.kind == OptimizerKind::Adamw {
             return self.adamw_step(names, lr);
         }
@@ -332,6 +327,17 @@ impl Optimizer {
     }
 }
 
+/// The trainable variables of `vs`, sorted by name.
+pub fn trainable_by_name(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
 /// Zeroes every gradient of `vs`.
 pub fn zero_grad(vs: &nn::VarStore) {
     for mut t in vs.trainable_variables() {
@@ -371,13 +377,7 @@ pub fn train_step(
 /// The trainable variables of `vs` with their gradients, sorted by name (the fixed order
 /// in which every rank averages them).
 pub fn named_gradients(vs: &nn::VarStore) -> Vec<Tensor> {
-    let mut named: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .filter(|(_, t)| t.requires_grad())
-        .collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    named
+    trainable_by_name(vs)
         .into_iter()
         .map(|(_, t)| t.grad())
         .filter(|g| g.defined())
