@@ -1236,7 +1236,7 @@ os.makedirs(os.path.join(out, "noshards"))
         "--out",
         s(&t.join("e-ds")),
     ]);
-    assert!(e.contains("no .tar shards"), "{e}");
+    assert!(e.contains("holds no WebDataset shards"), "{e}");
 }
 
 /// A gzip-compressed tar, several archives (`--src` twice, or a glob) and a flat tar
