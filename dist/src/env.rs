@@ -35,6 +35,9 @@ impl DistEnv {
     /// As [`DistEnv::from_env`].
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Option<DistEnv>, DistError> {
         let Some(world_s) = get("WORLD_SIZE") else {
+            if let Some(r) = get("RANK") {
+                return Err(bad("RANK", &r, "is set but WORLD_SIZE is not (launch with torchrun or `byol train --nproc-per-node N`, or unset RANK)"));
+            }
             return Ok(None);
         };
         let world = parse::<usize>("WORLD_SIZE", &world_s)?;
@@ -42,6 +45,9 @@ impl DistEnv {
             return Err(bad("WORLD_SIZE", &world_s, "must be at least 1"));
         }
         if world == 1 {
+            if let Some(r) = get("RANK").filter(|r| r.trim() != "0") {
+                return Err(bad("RANK", &r, "must be 0 with WORLD_SIZE=1"));
+            }
             return Ok(None);
         }
         let need = |k: &'static str| {
@@ -64,12 +70,22 @@ impl DistEnv {
             Some(s) => parse("LOCAL_WORLD_SIZE", &s)?,
             None => world,
         };
+        if local_rank >= local_world.max(1) {
+            return Err(bad(
+                "LOCAL_RANK",
+                &local_rank.to_string(),
+                &format!("must be below LOCAL_WORLD_SIZE={local_world}"),
+            ));
+        }
         let master_addr = need("MASTER_ADDR")?;
         if master_addr.is_empty() {
             return Err(bad("MASTER_ADDR", "", "is empty"));
         }
         let port_s = need("MASTER_PORT")?;
         let master_port = parse::<u16>("MASTER_PORT", &port_s)?;
+        if master_port == 0 {
+            return Err(bad("MASTER_PORT", &port_s, "must be a port, 1 to 65535"));
+        }
         let agent_store = match get("TORCHELASTIC_USE_AGENT_STORE") {
             None => false,
             Some(s) => match s.as_str() {
@@ -109,10 +125,36 @@ fn bad(var: &'static str, value: &str, reason: &str) -> DistError {
     }
 }
 
-fn parse<T: std::str::FromStr>(var: &'static str, s: &str) -> Result<T, DistError> {
-    s.trim()
-        .parse()
-        .map_err(|_| bad(var, s, "not a non-negative integer in range"))
+fn parse<T: std::str::FromStr + num_bounds::Max>(
+    var: &'static str,
+    s: &str,
+) -> Result<T, DistError> {
+    if s.trim().is_empty() {
+        return Err(bad(var, s, "is empty"));
+    }
+    s.trim().parse().map_err(|_| {
+        bad(
+            var,
+            s,
+            &format!("is not an integer from 0 to {}", T::MAX_TEXT),
+        )
+    })
+}
+
+mod num_bounds {
+    /// The largest value of an integer type, as text for messages.
+    pub trait Max {
+        const MAX_TEXT: &'static str;
+    }
+    impl Max for usize {
+        const MAX_TEXT: &'static str = "2^64 - 1";
+    }
+    impl Max for u16 {
+        const MAX_TEXT: &'static str = "65535";
+    }
+    impl Max for u64 {
+        const MAX_TEXT: &'static str = "2^64 - 1";
+    }
 }
 
 #[cfg(test)]
@@ -171,5 +213,17 @@ mod tests {
         v.push(("RANK", "0"));
         assert!(msg(env(&v).unwrap_err()).starts_with("MASTER_PORT=\"70000\""));
         assert!(msg(env(&[("WORLD_SIZE", "two")]).unwrap_err()).starts_with("WORLD_SIZE"));
+        assert!(msg(env(&[("RANK", "1")]).unwrap_err()).contains("WORLD_SIZE is not"));
+        assert!(msg(env(&[("WORLD_SIZE", "1"), ("RANK", "3")]).unwrap_err()).contains("must be 0"));
+        let mut v = base.to_vec();
+        v.push(("RANK", "0"));
+        v[2] = ("MASTER_PORT", "0");
+        assert!(msg(env(&v).unwrap_err()).contains("1 to 65535"));
+        v[2] = ("MASTER_PORT", "");
+        assert!(msg(env(&v).unwrap_err()).contains("is empty"));
+        v[2] = ("MASTER_PORT", "1");
+        v.push(("LOCAL_RANK", "3"));
+        v.push(("LOCAL_WORLD_SIZE", "2"));
+        assert!(msg(env(&v).unwrap_err()).contains("below LOCAL_WORLD_SIZE=2"));
     }
 }

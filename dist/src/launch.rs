@@ -7,7 +7,12 @@
 //! after the same step, see the trainer). Worker stderr lines are prefixed `[rank R]`;
 //! rank 0's stdout (the `--json` summary) passes through unchanged, other ranks' stdout
 //! is prefixed. When a worker fails, the launcher names it, stops the others (SIGTERM,
-//! then SIGKILL after [`LaunchOptions::grace`]) and exits non-zero.
+//! then SIGKILL after [`LaunchOptions::grace`]) and exits non-zero: with the workers'
+//! code when they all exited with the same one (a config or data error), 130 after a
+//! second signal, else 1. Workers still running [`LaunchOptions::stop_timeout`] after a
+//! forwarded signal are killed. A worker whose launcher dies gets SIGTERM
+//! (`PR_SET_PDEATHSIG`), and libtorch's C++ warnings are off unless
+//! `TORCH_CPP_LOG_LEVEL` is set.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -39,6 +44,8 @@ pub struct LaunchOptions {
     pub args: Vec<OsString>,
     /// How long stopped workers get between SIGTERM and SIGKILL.
     pub grace: Duration,
+    /// How long workers get to stop after a forwarded SIGINT/SIGTERM before SIGKILL.
+    pub stop_timeout: Duration,
 }
 
 /// Removes `--nproc-per-node N` / `--nproc-per-node=N` from a command line.
@@ -165,8 +172,22 @@ pub fn run(opts: &LaunchOptions) -> Result<i32> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        if std::env::var_os("TORCH_CPP_LOG_LEVEL").is_none() {
+            // libtorch's c10d warnings (one per connection retry, with a C++ stack) would
+            // bury byol's own one-line errors.
+            cmd.env("TORCH_CPP_LOG_LEVEL", "ERROR");
+        }
         for v in CLEARED {
             cmd.env_remove(v);
+        }
+        // SAFETY: prctl(2) is async-signal-safe; it runs in the child before exec.
+        // A worker whose launcher dies (even by SIGKILL) gets SIGTERM: it stops after
+        // the same step as the others, with a checkpoint.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
         }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
@@ -189,13 +210,28 @@ pub fn run(opts: &LaunchOptions) -> Result<i32> {
     let mut alive = vec![true; n];
     let mut forwarded = 0usize;
     let mut failed: Option<(usize, String)> = None;
+    let mut codes: Vec<Option<i32>> = vec![Some(0); n];
     let mut kill_at: Option<Instant> = None;
+    let mut stop_deadline: Option<Instant> = None;
     while alive.iter().any(|&a| a) {
         let got = signals.load(Ordering::SeqCst);
         if got > forwarded {
+            if forwarded == 0 {
+                eprintln!("byol: signal received; forwarding it to the workers (they stop after the same step and checkpoint; a second signal stops them at once, without one)");
+                stop_deadline = Some(Instant::now() + opts.stop_timeout);
+            } else {
+                eprintln!("byol: second signal: the workers stop at once, without a checkpoint");
+            }
             forwarded = got;
-            eprintln!("byol: signal received; forwarding it to the workers (they stop after the same step and checkpoint)");
             signal_all(&children, &alive, libc::SIGINT);
+        }
+        if stop_deadline.is_some_and(|t| Instant::now() >= t) {
+            eprintln!(
+                "byol: workers still running {} s after the signal are killed",
+                opts.stop_timeout.as_secs()
+            );
+            signal_all(&children, &alive, libc::SIGKILL);
+            stop_deadline = None;
         }
         // Failures seen in one round: the root cause is preferably a worker killed by a
         // signal other than SIGABRT (the others abort when a peer vanishes), then one
@@ -207,6 +243,7 @@ pub fn run(opts: &LaunchOptions) -> Result<i32> {
             }
             if let Ok(Some(status)) = c.try_wait() {
                 alive[rank] = false;
+                codes[rank] = status.code();
                 if !status.success() {
                     let what = format!("worker rank {rank} (pid {}) {}", c.id(), describe(status));
                     let priority = match status.signal() {
@@ -230,6 +267,13 @@ pub fn run(opts: &LaunchOptions) -> Result<i32> {
             }
         }
         if kill_at.is_some_and(|t| Instant::now() >= t) {
+            for (rank, c) in children.iter().enumerate().filter(|(r, _)| alive[*r]) {
+                eprintln!(
+                    "byol: worker rank {rank} (pid {}) did not stop within {} s and is killed (it may hang)",
+                    c.id(),
+                    opts.grace.as_secs()
+                );
+            }
             signal_all(&children, &alive, libc::SIGKILL);
             kill_at = None;
         }
@@ -240,6 +284,22 @@ pub fn run(opts: &LaunchOptions) -> Result<i32> {
     }
     Ok(match failed {
         None => 0,
+        Some(_) if forwarded >= 2 => {
+            eprintln!("byol: interrupted twice: the workers stopped without a final checkpoint (the run keeps its last complete one)");
+            130
+        }
+        // The same error on every rank (a config or data error): its exit code.
+        Some(_)
+            if codes
+                .iter()
+                .all(|c| c.is_some_and(|c| c != 0) && *c == codes[0]) =>
+        {
+            let code = codes[0].unwrap_or(1);
+            eprintln!(
+                "byol: the job failed: every worker exited with code {code} (the error is above)"
+            );
+            code
+        }
         Some((_, what)) => {
             eprintln!("byol: the job failed: {what}");
             1

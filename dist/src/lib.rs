@@ -111,6 +111,8 @@ pub struct ProcessGroup {
     backend: Backend,
     timeout: Duration,
     step: AtomicU64,
+    /// A diagnosis thread may be using the group (see [`ProcessGroup::peers`]).
+    diagnosing: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: c10d process groups and stores are used from one thread at a time by byol
@@ -133,9 +135,86 @@ impl std::fmt::Debug for ProcessGroup {
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
+        if self.diagnosing.load(Ordering::SeqCst) {
+            // A diagnosis thread may still be blocked on the store: leave the group to
+            // it (the process is ending with the error anyway).
+            return;
+        }
         // SAFETY: created by byol_c10d_new_group, freed once.
         unsafe { ffi::byol_c10d_free_group(self.raw.as_ptr()) }
     }
+}
+
+/// The group's pointer, moved to the diagnosis thread.
+struct RawGroup(*mut ffi::Group);
+// SAFETY: the pointer is only used for store calls, which c10d's TCPStore serialises, and
+// the group is not freed while the thread may use it (`diagnosing`).
+unsafe impl Send for RawGroup {}
+
+fn store_set(raw: *mut ffi::Group, key: &str, value: &str) -> std::result::Result<(), String> {
+    let key = cstring(key);
+    let mut err: *mut c_char = ptr::null_mut();
+    // SAFETY: valid pointers for the call's duration.
+    let rc = unsafe {
+        ffi::byol_c10d_store_set(raw, key.as_ptr(), value.as_ptr(), value.len(), &mut err)
+    };
+    if rc != 0 {
+        // SAFETY: set by the failed call.
+        return Err(unsafe { ffi::take_message(err) });
+    }
+    Ok(())
+}
+
+/// A store value without waiting (`None`: not set).
+fn store_try_get(raw: *mut ffi::Group, key: &str) -> std::result::Result<Option<String>, String> {
+    let key = cstring(key);
+    let (mut found, mut value, mut len): (c_int, *mut u8, usize) = (0, ptr::null_mut(), 0);
+    let mut err: *mut c_char = ptr::null_mut();
+    // SAFETY: out-pointers valid for the call.
+    let rc = unsafe {
+        ffi::byol_c10d_store_try_get(
+            raw,
+            key.as_ptr(),
+            &mut found,
+            &mut value,
+            &mut len,
+            &mut err,
+        )
+    };
+    if rc != 0 {
+        // SAFETY: set by the failed call.
+        return Err(unsafe { ffi::take_message(err) });
+    }
+    if found == 0 {
+        return Ok(None);
+    }
+    // SAFETY: `len` bytes malloc'ed by c10d.cpp.
+    let bytes = unsafe { std::slice::from_raw_parts(value, len) }.to_vec();
+    // SAFETY: allocated with malloc; freed once.
+    unsafe { ffi::byol_c10d_free_string(value as *mut c_char) };
+    Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+/// The ranks that did not mark a failure within [`PEER_GRACE`] after this one did, each
+/// with the last step it reported; `Err` when the store is unreachable.
+fn diagnose(raw: *mut ffi::Group, rank: usize, world: usize, me: u64) -> Result<Vec<String>, ()> {
+    store_set(raw, &format!("failed/{rank}"), &me.to_string()).map_err(|_| ())?;
+    std::thread::sleep(PEER_GRACE);
+    let mut silent = Vec::new();
+    for r in (0..world).filter(|&r| r != rank) {
+        if store_try_get(raw, &format!("failed/{r}"))
+            .map_err(|_| ())?
+            .is_some()
+        {
+            continue; // it saw the failure too
+        }
+        let last = match store_try_get(raw, &format!("progress/{r}")).map_err(|_| ())? {
+            Some(s) => format!("last reported step {s}"),
+            None => "never reported a step".into(),
+        };
+        silent.push(format!("rank {r} ({last})"));
+    }
+    Ok(silent)
 }
 
 fn cstring(s: &str) -> CString {
@@ -198,6 +277,7 @@ impl ProcessGroup {
                 backend,
                 timeout,
                 step: AtomicU64::new(0),
+                diagnosing: std::sync::atomic::AtomicBool::new(false),
             }),
             None => Err(DistError::Rendezvous {
                 rank: env.rank,
@@ -256,94 +336,49 @@ impl ProcessGroup {
     }
 
     fn store_set(&self, key: &str, value: &str) -> std::result::Result<(), String> {
-        let key = cstring(key);
-        let mut err: *mut c_char = ptr::null_mut();
-        // SAFETY: valid pointers for the call's duration.
-        let rc = unsafe {
-            ffi::byol_c10d_store_set(
-                self.raw.as_ptr(),
-                key.as_ptr(),
-                value.as_ptr(),
-                value.len(),
-                &mut err,
-            )
-        };
-        if rc != 0 {
-            // SAFETY: set by the failed call.
-            return Err(unsafe { ffi::take_message(err) });
-        }
-        Ok(())
-    }
-
-    /// A store value without waiting (`None`: not set).
-    fn store_try_get(&self, key: &str) -> std::result::Result<Option<String>, String> {
-        let key = cstring(key);
-        let (mut found, mut value, mut len): (c_int, *mut u8, usize) = (0, ptr::null_mut(), 0);
-        let mut err: *mut c_char = ptr::null_mut();
-        // SAFETY: out-pointers valid for the call.
-        let rc = unsafe {
-            ffi::byol_c10d_store_try_get(
-                self.raw.as_ptr(),
-                key.as_ptr(),
-                &mut found,
-                &mut value,
-                &mut len,
-                &mut err,
-            )
-        };
-        if rc != 0 {
-            // SAFETY: set by the failed call.
-            return Err(unsafe { ffi::take_message(err) });
-        }
-        if found == 0 {
-            return Ok(None);
-        }
-        // SAFETY: `len` bytes malloc'ed by c10d.cpp.
-        let bytes = unsafe { std::slice::from_raw_parts(value, len) }.to_vec();
-        // SAFETY: allocated with malloc; freed once.
-        unsafe { ffi::byol_c10d_free_string(value as *mut c_char) };
-        Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+        store_set(self.raw.as_ptr(), key, value)
     }
 
     /// After a failed collective: which ranks vanished. Each surviving rank marks its
     /// failure in the store (`failed/RANK`) and, after [`PEER_GRACE`], the ranks that
-    /// marked none are named with the last step they reported.
+    /// marked none are named with the last step they reported. The store is asked from
+    /// another thread with a deadline ([`PEER_DEADLINE`]): a store whose host is frozen
+    /// never answers, and this must not hang the rank that noticed.
     fn peers(&self) -> String {
         let me = self.step.load(Ordering::Relaxed);
-        let gone = || {
-            format!(
-                "; the TCPStore at {}:{} is unreachable too, so its host (rank 0, or torchrun's agent) is gone",
-                self.env.master_addr, self.env.master_port
-            )
-        };
-        if self
-            .store_set(&format!("failed/{}", self.env.rank), &me.to_string())
-            .is_err()
-        {
-            return gone();
-        }
-        std::thread::sleep(PEER_GRACE);
-        let mut silent = Vec::new();
-        for r in (0..self.env.world).filter(|&r| r != self.env.rank) {
-            match self.store_try_get(&format!("failed/{r}")) {
-                Ok(Some(_)) => continue, // it saw the failure too
-                Ok(None) => {}
-                Err(_) => return gone(),
+        let (rank, world) = (self.env.rank, self.env.world);
+        let raw = RawGroup(self.raw.as_ptr());
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Until the thread answers, the group must outlive it (see Drop).
+        self.diagnosing.store(true, Ordering::SeqCst);
+        std::thread::spawn(move || {
+            let raw = raw;
+            let _ = tx.send(diagnose(raw.0, rank, world, me));
+        });
+        let answer = rx.recv_timeout(PEER_GRACE + PEER_DEADLINE);
+        let store = format!("{}:{}", self.env.master_addr, self.env.master_port);
+        match answer {
+            Ok(Ok(silent)) if silent.is_empty() => {
+                self.diagnosing.store(false, Ordering::SeqCst);
+                String::new()
             }
-            let last = match self.store_try_get(&format!("progress/{r}")) {
-                Ok(Some(s)) => format!("last reported step {s}"),
-                Ok(None) => "never reported a step".into(),
-                Err(_) => return gone(),
-            };
-            silent.push(format!("rank {r} ({last})"));
-        }
-        if silent.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "; this rank is at step {me}; {} stopped answering: it died, or hangs",
-                silent.join(", ")
-            )
+            Ok(Ok(silent)) => {
+                self.diagnosing.store(false, Ordering::SeqCst);
+                format!(
+                    "; this rank is at step {me}; {} stopped answering: it died, or hangs",
+                    silent.join(", ")
+                )
+            }
+            Ok(Err(())) => {
+                self.diagnosing.store(false, Ordering::SeqCst);
+                format!(
+                    "; the TCPStore at {store} is unreachable too, so its host (rank 0, or torchrun's agent) is gone"
+                )
+            }
+            Err(_) => format!(
+                "; the TCPStore at {store} did not answer within {} s either, so its host (rank 0, or torchrun's agent) is gone or frozen",
+                PEER_DEADLINE.as_secs()
+            ),
         }
     }
 
@@ -564,6 +599,9 @@ impl ProcessGroup {
 /// store, before naming the silent ones.
 pub const PEER_GRACE: Duration = Duration::from_millis(1500);
 
+/// How long, beyond [`PEER_GRACE`], the store may take to answer that diagnosis.
+pub const PEER_DEADLINE: Duration = Duration::from_secs(5);
+
 /// Largest gradient bucket of [`ProcessGroup::average_gradients`] (DistributedDataParallel's
 /// default `bucket_cap_mb` is 25).
 pub const BUCKET_BYTES: usize = 25 << 20;
@@ -574,8 +612,16 @@ pub const BUCKET_BYTES: usize = 25 << 20;
 pub fn abort_on_panic(rank: usize) {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        eprintln!("byol: rank {rank}: panic, aborting this worker");
-        default(info);
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("panic");
+        eprintln!("byol: rank {rank}: {msg}; aborting this worker");
+        if std::env::var_os("RUST_BACKTRACE").is_some() {
+            default(info);
+        }
         std::process::abort();
     }));
 }

@@ -256,3 +256,52 @@ fn a_hanging_rank_is_named_after_the_timeout() {
     eprintln!("{e}");
     std::process::exit(1);
 }
+
+/// The rank hosting the TCPStore freezes (SIGSTOP): the other fails after the timeout
+/// and, since the store cannot answer either, says so within the diagnosis deadline
+/// instead of waiting on the store for ever.
+#[test]
+fn a_frozen_store_host_does_not_hang_the_others() {
+    let Some(pg) = worker(2, 4) else {
+        let port = byol_dist::launch::free_port().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let test = "a_frozen_store_host_does_not_hang_the_others";
+        let spawn = |r: usize| {
+            Command::new(&exe)
+                .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+                .env(RANK_VAR, r.to_string())
+                .env("MASTER_PORT", port.to_string())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let mut host = spawn(0);
+        let other = spawn(1);
+        let t0 = std::time::Instant::now();
+        let out = other.wait_with_output().unwrap();
+        let took = t0.elapsed().as_secs_f64();
+        host.kill().unwrap();
+        host.wait().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("broadcast failed on rank 1 of 2") && err.contains("did not answer"),
+            "rank 1 said:\n{err}"
+        );
+        // Timeout (4 s) + grace + deadline, with room for a slow machine.
+        assert!(took < 60.0, "rank 1 took {took:.0} s");
+        return;
+    };
+    pg.report_step(3).unwrap();
+    pg.barrier().unwrap();
+    if pg.rank() == 0 {
+        // SAFETY: stops this process (the parent test kills it).
+        unsafe { libc::raise(libc::SIGSTOP) };
+        std::process::exit(0);
+    }
+    pg.report_step(4).unwrap();
+    let t = Tensor::ones([4], (Kind::Float, Device::Cpu));
+    let e = pg.broadcast(&t, 0).unwrap_err();
+    eprintln!("{e}");
+    std::process::exit(1);
+}

@@ -157,7 +157,7 @@ impl Progress {
                         .unwrap_or_else(|e| e.into_inner());
                     st = g;
                     if !st.done && timeout.timed_out() {
-                        eprintln!("{}", l.line(st.pos, &st.msg));
+                        say(&l.line(st.pos, &st.msg));
                     }
                 }
             })
@@ -202,7 +202,7 @@ impl Progress {
         if let Some(b) = &self.bar {
             b.println(msg);
         } else if self.lines.is_some() {
-            eprintln!("{msg}");
+            say(msg);
         }
     }
 
@@ -214,7 +214,7 @@ impl Progress {
         if let Some(l) = &self.lines {
             let mut st = l.lock();
             if !st.done && st.pos > l.start_pos {
-                eprintln!("{}", l.line(st.pos, &st.msg));
+                say(&l.line(st.pos, &st.msg));
             }
             st.done = true;
             l.wake.notify_all();
@@ -235,6 +235,13 @@ impl Drop for Progress {
             let _ = h.join();
         }
     }
+}
+
+/// Writes a progress line to stderr, ignoring failure: a closed stderr (a launcher or
+/// pipe reader that is gone) must not stop the work the line reports on.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 #[cfg(test)]

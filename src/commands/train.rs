@@ -97,7 +97,7 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
 
 /// `--nproc-per-node N`: this command line, without the flag, as N local workers.
 fn launch(n: usize) -> Result<ExitCode> {
-    if std::env::var_os("WORLD_SIZE").is_some() {
+    if std::env::var("WORLD_SIZE").is_ok_and(|w| w.trim() != "1") {
         anyhow::bail!(
             "--nproc-per-node starts its own workers; this process is already one (WORLD_SIZE is set, e.g. by torchrun): drop the flag"
         );
@@ -108,6 +108,7 @@ fn launch(n: usize) -> Result<ExitCode> {
         program: std::env::current_exe().context("finding this executable")?,
         args: byol_dist::launch::without_nproc_flag(&args),
         grace: std::time::Duration::from_secs(10),
+        stop_timeout: std::time::Duration::from_secs(300),
     };
     let code = byol_dist::launch::run(&opts)?;
     Ok(ExitCode::from(code.clamp(0, 255) as u8))

@@ -1054,12 +1054,25 @@ fn nproc_per_node_stops_on_sigint_and_resumes_at_other_world_sizes() {
     assert_eq!(state["ranks"].as_array().unwrap().len(), 2);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
-        stderr.contains("[rank 1] "),
+        stderr.contains("[rank 0] byol train: precision"),
         "worker output is prefixed:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("[rank 1] byol train: precision"),
+        "rank 0 alone reports:\n{stderr}"
     );
     // Rank 0 alone writes the metrics: one row per step.
     let steps: Vec<u64> = losses(&run).iter().map(|r| r.0).collect();
     assert_eq!(steps, (1..=step).collect::<Vec<_>>());
+
+    // A resume that trains nothing (already past --max-steps) at another world size
+    // leaves the world-2 checkpoint as it was.
+    let ckpt_state = run.join(format!("checkpoints/step-{step:09}/state.json"));
+    let before = std::fs::read(&ckpt_state).unwrap();
+    let o = train(tmp.path(), &data, "d", &["--resume", "--max-steps", "1"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nothing to train"));
+    assert_eq!(summary(&o)["steps"].as_u64(), Some(step));
+    assert_eq!(std::fs::read(&ckpt_state).unwrap(), before);
 
     let one = summary(&train(
         tmp.path(),
@@ -1167,9 +1180,111 @@ fn a_killed_worker_fails_the_launch_naming_it() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
+    // Every worker fails alike: the launcher exits with their code.
+    assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
         err.contains("must be divisible by the world size 2"),
         "{err}"
     );
+}
+
+/// A restart with `--resume auto` after a worker died continues from the last
+/// checkpoint, and the metrics rows the failed attempt wrote after it are dropped (one
+/// row per step, no repeats); a launcher killed with SIGKILL takes its workers down
+/// (`PR_SET_PDEATHSIG`), which stop after the same step with a checkpoint.
+#[test]
+fn restarts_drop_stale_metrics_and_workers_follow_their_launcher() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    let run = tmp.path().join("r");
+    let workers = |launcher: u32| -> Vec<u32> {
+        std::fs::read_dir(format!("/proc/{launcher}/task"))
+            .map(|d| {
+                d.map(|t| {
+                    std::fs::read_to_string(t.unwrap().path().join("children")).unwrap_or_default()
+                })
+                .collect::<String>()
+            })
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect()
+    };
+    // Killed after more rows than checkpoints (checkpoint_every 4, a row per step).
+    let mut child = launched(
+        tmp.path(),
+        &data,
+        &run,
+        6,
+        &["--set", "train.collective_timeout_s=30"],
+    );
+    let pids = workers(child.id());
+    assert_eq!(pids.len(), 2);
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    let t0 = std::time::Instant::now();
+    while pids
+        .iter()
+        .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+        && t0.elapsed().as_secs() < 60
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        pids.iter().all(
+            |p| !std::path::Path::new(&format!("/proc/{p}/cmdline")).exists()
+                || std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .map_or(true, |s| s.contains(") Z "))
+        ),
+        "workers outlived their launcher"
+    );
+    let last_row = losses(&run).last().unwrap().0;
+    let ckpts: Vec<u64> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| {
+            e.unwrap().file_name().to_string_lossy()["step-".len()..]
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        ckpts.contains(&last_row),
+        "no checkpoint at the last step {last_row}: {ckpts:?}"
+    );
+
+    // Rows after the checkpoint a restart resumes from are dropped.
+    let kept = *ckpts.iter().filter(|&&c| c < last_row).max().unwrap_or(&0);
+    std::fs::remove_dir_all(run.join(format!("checkpoints/step-{last_row:09}"))).unwrap();
+    let o = Command::new(BIN)
+        .args([
+            "train",
+            "--nproc-per-node",
+            "2",
+            "--resume",
+            "auto",
+            "--data",
+        ])
+        .arg(&data)
+        .arg("--out")
+        .arg(&run)
+        .arg("--config")
+        .arg(tmp.path().join("tiny.toml"))
+        .args([
+            "--set",
+            "train.epochs=100",
+            "--max-steps",
+            &(last_row + 2).to_string(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let s = summary(&o);
+    assert_eq!(s["steps"].as_u64(), Some(last_row + 2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(&format!("after step {kept}")),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let steps: Vec<u64> = losses(&run).iter().map(|r| r.0).collect();
+    assert_eq!(steps, (1..=last_row + 2).collect::<Vec<_>>());
 }

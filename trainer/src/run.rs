@@ -472,6 +472,39 @@ pub fn read_metrics(run: &Path) -> Result<Vec<MetricsRow>> {
         .collect()
 }
 
+/// Drops the rows of `RUN/metrics.jsonl` after `step`: rows an earlier attempt wrote
+/// after its last checkpoint, which a resume from that checkpoint (or a new run, `step`
+/// 0) trains again. Returns how many were dropped (the file is rewritten atomically).
+///
+/// # Errors
+/// The file cannot be read or rewritten.
+pub fn trim_metrics(run: &Path, step: u64) -> Result<usize> {
+    let path = metrics_path(run);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut kept = String::with_capacity(text.len());
+    let mut dropped = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        // Unparsable lines are kept (read_metrics reports them).
+        let row_step = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("step")?.as_u64());
+        if row_step.is_some_and(|s| s > step) {
+            dropped += 1;
+        } else {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    if dropped > 0 {
+        write_atomic(&path, kept.as_bytes())?;
+    }
+    Ok(dropped)
+}
+
 /// Redraws `RUN/curves.png` from `RUN/metrics.jsonl`: the BYOL loss (left panel), the
 /// online probe's and the kNN monitor's top-1 accuracy in % (right), against the step,
 /// titled with the run folder's name.

@@ -651,12 +651,18 @@ fn open_data(
 }
 
 /// The precision for this machine, said on stderr (and a loud warning for emulated bf16).
-fn choose_precision(cfg: &TrainConfig, device: Device) -> Result<(PrecisionChoice, String)> {
+fn choose_precision(
+    cfg: &TrainConfig,
+    device: Device,
+    say: bool,
+) -> Result<(PrecisionChoice, String)> {
     let hw = crate::amp::Hardware::detect(device);
     let choice = crate::amp::choose_precision(&cfg.train.precision, &hw)
         .map_err(crate::error::Error::Invalid)?;
-    eprintln!("byol train: precision {} ({})", choice.name, choice.reason);
-    if let Some(w) = &choice.warning {
+    if say {
+        eprintln!("byol train: precision {} ({})", choice.name, choice.reason);
+    }
+    if let Some(w) = choice.warning.as_ref().filter(|_| say) {
         tracing::warn!("{w}");
         eprintln!("byol: WARNING: {w}");
     }
@@ -888,7 +894,7 @@ impl<'a> Session<'a> {
         let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank(), g.world()));
         let writer = rank == 0;
         let device = rank_device(&cfg, group.as_ref().map(|g| g.env()))?;
-        let (choice, cpu) = choose_precision(&cfg, device)?;
+        let (choice, cpu) = choose_precision(&cfg, device, writer)?;
         let spe = loader.batches_per_epoch();
         let mut monitor = KnnMonitor::default();
         let budget = match opts.time_budget {
@@ -947,7 +953,21 @@ impl<'a> Session<'a> {
         // Every rank starts from rank 0's weights, buffers and optimizer state.
         l.broadcast_from(0)?;
         let stop_at = opts.max_steps.unwrap_or(total).min(total);
+        if writer && step > 0 && stop_at <= step {
+            eprintln!(
+                "byol train: the run is already at step {step} (stopping at {stop_at} of {total}): nothing to train"
+            );
+        }
         let metrics_path = run::metrics_path(run);
+        if writer {
+            let dropped = run::trim_metrics(run, step)?;
+            if dropped > 0 {
+                eprintln!(
+                    "byol train: dropped {dropped} row(s) of {} after step {step}, written by an attempt that ended before its next checkpoint",
+                    metrics_path.display()
+                );
+            }
+        }
         let metrics = if writer {
             Some(
                 std::fs::OpenOptions::new()
@@ -1288,7 +1308,9 @@ impl<'a> Session<'a> {
             .last_ckpt
             .as_ref()
             .is_some_and(|p| p.ends_with(format!("step-{:09}", self.step)));
-        if !have && self.step > 0 {
+        // A resumed run that trained no step keeps the checkpoint it resumed from
+        // untouched (rewriting it at another world size would lose the ranks' state).
+        if !have && self.step > 0 && self.step > self.run_step0 {
             self.checkpoint()?;
         }
         let secs = self.run_t0.elapsed().as_secs_f64().max(1e-9);
