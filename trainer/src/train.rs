@@ -482,9 +482,13 @@ pub fn train(
     let t_start = Instant::now();
     let env = DistEnv::from_env()?;
     let writer = env.as_ref().is_none_or(|e| e.rank == 0);
-    std::fs::create_dir_all(run).with_context(|| format!("creating {}", run.display()))?;
-    // Rank 0 holds the lock; nothing is written before every rank has joined the group.
-    let _lock = if writer { Some(lock_run(run)?) } else { None };
+    // Rank 0 makes the folder and holds the lock; the others write nothing in it.
+    let _lock = if writer {
+        std::fs::create_dir_all(run).with_context(|| format!("creating {}", run.display()))?;
+        Some(lock_run(run)?)
+    } else {
+        None
+    };
     let latest = list_checkpoints(run).pop();
     let mut opts = opts.clone();
     if opts.resume_auto {
