@@ -10,8 +10,8 @@
 //! then SIGKILL after [`LaunchOptions::grace`]) and exits non-zero: with the workers'
 //! code when they all exited with the same one (a config or data error), 130 after a
 //! second signal, else 1. Workers still running [`LaunchOptions::stop_timeout`] after a
-//! forwarded signal are killed. A worker whose launcher dies gets SIGTERM
-//! (`PR_SET_PDEATHSIG`), and libtorch's C++ warnings are off unless
+//! forwarded signal are killed. A worker whose launcher dies gets SIGHUP
+//! (`PR_SET_PDEATHSIG`), a stop request, and libtorch's C++ warnings are off unless
 //! `TORCH_CPP_LOG_LEVEL` is set.
 
 use std::ffi::OsString;
@@ -181,11 +181,12 @@ pub fn run(opts: &LaunchOptions) -> Result<i32> {
             cmd.env_remove(v);
         }
         // SAFETY: prctl(2) is async-signal-safe; it runs in the child before exec.
-        // A worker whose launcher dies (even by SIGKILL) gets SIGTERM: it stops after
-        // the same step as the others, with a checkpoint.
+        // A worker whose launcher dies (even by SIGKILL) gets SIGHUP, which byol train
+        // takes as a stop request however often it comes (it can come more than once):
+        // it stops after the same step as the others, with a checkpoint.
         unsafe {
             cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP);
                 Ok(())
             });
         }

@@ -32,19 +32,50 @@ use byol_format::progress::{Mode, Progress};
 /// Set by the first SIGINT/SIGTERM: finish the step, checkpoint, exit.
 pub static STOP: LazyLock<Arc<AtomicBool>> = LazyLock::new(|| Arc::new(AtomicBool::new(false)));
 
-/// Installs the SIGINT/SIGTERM handlers (`signal-hook`): the first signal sets [`STOP`];
-/// a second one, while a long checkpoint or kNN evaluation is still finishing, ends the
-/// process at once with exit code 130 (the run keeps its last complete checkpoint).
+/// Takes SIGINT/SIGTERM for [`STOP`]: the first signal sets it; a second one, while a
+/// long checkpoint or kNN evaluation is still finishing, ends the process at once with
+/// exit code 130 (`_exit`: the run keeps its last complete checkpoint). SIGHUP (a
+/// worker's launcher died, see `byol_dist::launch`) sets [`STOP`] however often it comes.
+///
+/// The two signals are blocked in the calling thread, and so in every thread created
+/// after it (libtorch's, Gloo's, the loader's), and one thread waits for them with
+/// `sigwait(2)`. A handler would run on whichever thread the kernel picks: a signal
+/// landing on a Gloo or TCPStore thread interrupts its `epoll_wait` (`EINTR`), which
+/// c10d reports as a failed collective. Call it first, before any thread starts.
 ///
 /// # Errors
-/// The operating system refused to install a handler.
+/// The operating system refused to change the signal mask or to start the thread.
 pub fn install_signal_handlers() -> std::io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    for sig in [SIGINT, SIGTERM] {
-        // Registered first, so that it sees the flag before the first signal sets it.
-        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&STOP))?;
-        signal_hook::flag::register(sig, Arc::clone(&STOP))?;
-    }
+    // SAFETY: sigset_t is plain data; these calls only fill and apply it.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        set
+    };
+    let stop = Arc::clone(&STOP);
+    std::thread::Builder::new()
+        .name("byol-signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: waits for one of the blocked signals in `set`.
+            let rc = unsafe { libc::sigwait(&set, &mut sig) };
+            if rc != 0 {
+                continue;
+            }
+            if stop.swap(true, Ordering::SeqCst) && sig != libc::SIGHUP {
+                // At once: exit() would run libtorch's static destructors while the
+                // training thread still uses them.
+                // SAFETY: ends the process without running anything else.
+                unsafe { libc::_exit(130) };
+            }
+        })?;
     Ok(())
 }
 
