@@ -1,9 +1,14 @@
 //! Compiles `src/c10d.cpp` against the headers of the torch wheel that tch links
 //! (`LIBTORCH_USE_PYTORCH=1`: the venv's `torch/include`), with Gloo's headers from
-//! Debian's `libgloo-dev` (the Gloo code itself is inside `libtorch_cpu.so`). NCCL is
-//! compiled in only when the wheel has `libtorch_cuda.so`, `nvidia/nccl/include` and the
-//! CUDA runtime headers
-//! of a CUDA toolkit (`CUDA_HOME`; the wheel's own CUDA headers lack nvcc's `crt/`).
+//! Debian's `libgloo-dev` (the Gloo code itself is inside `libtorch_cpu.so`).
+//!
+//! NCCL (`ProcessGroupNCCL`) is compiled in only on request, `BYOL_NCCL=1` (what `make
+//! device` builds for GPU machines), because it makes the binary load
+//! `libtorch_cuda.so` at start-up on every machine. It needs the wheel's
+//! `libtorch_cuda.so` and `nvidia/nccl/include`, and CUDA headers that the torch wheel
+//! does not ship complete: nvcc's `crt/` and CCCL's `nv/target`, from the PyPI packages
+//! `nvidia-cuda-crt` and `nvidia-cuda-cccl` (which `scripts/device_prepare` installs into
+//! the venv) or from a CUDA toolkit (`CUDA_HOME`).
 
 include!("../scripts/build_rpath.rs");
 
@@ -49,7 +54,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/c10d.cpp");
     println!("cargo:rerun-if-env-changed=PYTHON");
     println!("cargo:rerun-if-env-changed=BYOL_VENV");
-    println!("cargo:rerun-if-env-changed=BYOL_NO_NCCL");
+    println!("cargo:rerun-if-env-changed=BYOL_NCCL");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let (torch, abi) = torch_wheel();
     let include = torch.join("include");
@@ -74,7 +79,7 @@ fn main() {
         .warnings(false);
     let site = torch.parent().expect("site-packages");
     let nccl_inc = site.join("nvidia/nccl/include");
-    // The wheel's CUDA headers lack nvcc's `crt/`; a CUDA toolkit (CUDA_HOME) has them.
+    // The wheel's CUDA headers lack nvcc's `crt/` and CCCL's `nv/`: see the module docs.
     let mut cuda_dirs: Vec<PathBuf> = ["nvidia/cu13/include", "nvidia/cuda_runtime/include"]
         .iter()
         .map(|p| site.join(p))
@@ -83,13 +88,37 @@ fn main() {
         cuda_dirs.insert(0, Path::new(&h).join("include"));
     }
     cuda_dirs.push(PathBuf::from("/usr/local/cuda/include"));
-    let cuda_inc = cuda_dirs
+    let cuda_inc = cuda_dirs.into_iter().find(|p| {
+        p.join("cuda_runtime_api.h").exists()
+            && p.join("crt/host_config.h").exists()
+            && p.join("nv/target").exists()
+    });
+    let nccl = std::env::var("BYOL_NCCL").is_ok_and(|v| v == "1");
+    if nccl {
+        let missing: Vec<String> = [
+            (
+                lib.join("libtorch_cuda.so").exists(),
+                "the wheel's libtorch_cuda.so (a CUDA build of torch)".to_string(),
+            ),
+            (
+                nccl_inc.join("nccl.h").exists(),
+                format!("{}/nccl.h", nccl_inc.display()),
+            ),
+            (
+                cuda_inc.is_some(),
+                "CUDA headers with crt/host_config.h and nv/target (pip install nvidia-cuda-crt nvidia-cuda-cccl in the versions of torch's CUDA, or set CUDA_HOME)".to_string(),
+            ),
+        ]
         .into_iter()
-        .find(|p| p.join("cuda_runtime_api.h").exists() && p.join("crt/host_config.h").exists());
-    let nccl = std::env::var("BYOL_NO_NCCL").is_err()
-        && lib.join("libtorch_cuda.so").exists()
-        && nccl_inc.join("nccl.h").exists()
-        && cuda_inc.is_some();
+        .filter(|(ok, _)| !ok)
+        .map(|(_, what)| what)
+        .collect();
+        assert!(
+            missing.is_empty(),
+            "BYOL_NCCL=1 but NCCL cannot be compiled in; missing: {}",
+            missing.join("; ")
+        );
+    }
     if nccl {
         b.define("BYOL_WITH_NCCL", None)
             .define("USE_C10D_NCCL", None)

@@ -38,6 +38,10 @@ pub fn run(a: InfoArgs) -> Result<ExitCode> {
             "precision  auto -> {} ({}); CPU flags: {}\n",
             info.auto_precision, info.auto_precision_reason, info.cpu
         ))?;
+        out(&format!(
+            "c10d       {} (distributed training backends of this build)\n",
+            info.c10d_backends.join(", ")
+        ))?;
         match (&info.ort_library, &info.ort_error) {
             (Some(p), _) => out(&format!("onnxruntime ok ({p})\n"))?,
             (None, Some(e)) => out(&format!("onnxruntime MISSING: {e}\n"))?,

@@ -105,6 +105,9 @@ pub struct RuntimeInfo {
     /// What `train.precision = "auto"` picks on the default device, and why.
     pub auto_precision: String,
     pub auto_precision_reason: String,
+    /// The c10d backends this build has for distributed training (`gloo`, and `nccl`
+    /// when built with `BYOL_NCCL=1`).
+    pub c10d_backends: Vec<String>,
 }
 
 /// Probes libtorch and ONNX Runtime.
@@ -141,5 +144,10 @@ pub fn probe(ort_lib: Option<&Path>) -> RuntimeInfo {
         ort_library,
         ort_error,
         ort_build,
+        c10d_backends: if byol_dist::has_nccl() {
+            vec!["gloo".into(), "nccl".into()]
+        } else {
+            vec!["gloo".into()]
+        },
     }
 }

@@ -611,7 +611,7 @@ fn join_group(
     if backend == Backend::Nccl && !byol_dist::has_nccl() {
         // Gloo moves CUDA tensors through host memory: correct, slower.
         eprintln!(
-            "byol: WARNING: this build has no NCCL (the CUDA toolkit's headers were not found when byol-dist was built; set CUDA_HOME and rebuild); using Gloo for CUDA tensors"
+            "byol: WARNING: this build has no NCCL (it is compiled in with BYOL_NCCL=1, as `make device` builds; see dist/build.rs); using Gloo for CUDA tensors"
         );
         backend = Backend::Gloo;
     }
