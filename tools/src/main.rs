@@ -204,6 +204,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 byol_format::image::set_max_pixels(n);
             }
             let src = expand_globs(&src)?;
+            if let Some(d) = src
+                .iter()
+                .find(|p| p.join(byol_format::shards::MANIFEST).is_file())
+            {
+                bail!(
+                    "{} is a byol dataset (it has {}): it is already sharded; train on it with --data, or shard the images it came from",
+                    d.display(),
+                    byol_format::shards::MANIFEST
+                );
+            }
             let archives = !src.is_empty() && src.iter().all(|p| p.is_file() && is_tar_name(p));
             let layout = layout.unwrap_or(match (archives, &labels) {
                 (true, Some(_)) => LayoutArg::Flat,
@@ -477,8 +487,9 @@ fn expand_globs(srcs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Every source a `.parquet` file, or a folder whose entries are all `.parquet` files
-/// (a byol dataset also has `manifest.json`, so it is not one).
+/// Every source a `.parquet` file, or a folder with `.parquet` files and no image files
+/// (other files, such as a Hugging Face snapshot's `README.md`, are left alone); a byol
+/// dataset (it has `manifest.json`) is not one.
 fn is_parquet_source(srcs: &[PathBuf]) -> bool {
     let parquet = |p: &std::path::Path| p.extension().is_some_and(|e| e == "parquet");
     !srcs.is_empty()
@@ -490,7 +501,11 @@ fn is_parquet_source(srcs: &[PathBuf]) -> bool {
                 return false;
             };
             let names: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
-            !names.is_empty() && names.iter().all(|n| n.is_file() && parquet(n))
+            !p.join(byol_format::shards::MANIFEST).exists()
+                && names.iter().any(|n| n.is_file() && parquet(n))
+                && !names
+                    .iter()
+                    .any(|n| byol_tools::keys::has_image_extension(n))
         })
 }
 
@@ -499,7 +514,29 @@ fn is_tar_name(p: &std::path::Path) -> bool {
     n.ends_with(".tar") || n.ends_with(".tar.gz") || n.ends_with(".tgz")
 }
 
+/// SIGINT/SIGTERM/SIGHUP end byol-tools as they would by default (exit 128 + signal),
+/// after removing the temporary tars of gzip-compressed sources; an interrupted `shard`
+/// resumes from its last complete shard when rerun.
+fn install_signal_cleanup() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("byol-tools-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                byol_tools::tar_source::remove_temporaries();
+                std::process::exit(128 + sig);
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     byol_format::cli::init_logging("BYOL_LOG");
+    if let Err(e) = install_signal_cleanup() {
+        return byol_format::cli::exit("byol-tools", Err(e));
+    }
     byol_format::cli::exit("byol-tools", run(Cli::parse()))
 }

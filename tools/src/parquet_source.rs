@@ -1,7 +1,9 @@
-//! Parquet image datasets in the Hugging Face layout as a source: an `image` column that
-//! is a struct of `bytes` and `path` (the `datasets` library's `Image` feature) or plain
-//! binary, an optional integer `label` column, and class names from the `huggingface`
-//! schema metadata's `ClassLabel` `names` when present.
+//! Parquet image datasets in the Hugging Face layout as a source: an image column that is
+//! a struct of `bytes` and `path` (the `datasets` library's `Image` feature) or plain
+//! binary, an optional integer label column, and class names from the `huggingface`
+//! schema metadata's `ClassLabel` `names` when present. The metadata says which columns
+//! those are (CIFAR-10's image column is `img`); without it they are `image` (or `img`)
+//! and `label`. A byol shard is refused (it is already sharded).
 //!
 //! A scan reads only the label column (and the files' metadata); the shard workers read
 //! the image column one row group at a time through [`ParquetImages`], which keeps the
@@ -20,6 +22,8 @@ use arrow_schema::DataType;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
+use byol_format::shards;
+
 /// Row groups whose rows are shuffled together when stored.
 pub const WINDOW: usize = 8;
 /// Row groups of images kept in memory by the shard workers.
@@ -29,7 +33,8 @@ pub const CACHED_GROUPS: usize = 2 * WINDOW;
 pub use crate::read::ReadError as ParquetSourceError;
 
 /// One row of a scan: its key (`FILE/ROW`, the row's index in its file), label (-1:
-/// none or null), and where it is.
+/// none, null, or negative as Hugging Face test splits mark unknown labels), and where it
+/// is.
 #[derive(Debug, Clone)]
 pub struct ParquetRow {
     pub key: String,
@@ -45,7 +50,7 @@ pub struct ParquetScan {
     pub rows: Vec<ParquetRow>,
     /// `ClassLabel` names from the `huggingface` metadata (the first file that has them).
     pub class_names: Option<Vec<String>>,
-    /// Whether any file has a `label` column.
+    /// Whether any file has a label column.
     pub labelled: bool,
 }
 
@@ -66,41 +71,119 @@ fn builder(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>, Parquet
     ParquetRecordBatchReaderBuilder::try_new(f).map_err(parquet_err(path))
 }
 
-/// `ClassLabel` names of the `label` feature in the `huggingface` metadata JSON
-/// (`{"info": {"features": {"label": {"_type": "ClassLabel", "names": [...]}}}}`).
-fn class_label_names(json: &str) -> Option<Vec<String>> {
-    let v: serde_json::Value = serde_json::from_str(json).ok()?;
-    let features = v
-        .get("info")
-        .and_then(|i| i.get("features"))
-        .or_else(|| v.get("features"))?;
-    let names = features.get("label")?.get("names")?.as_array()?;
-    names.iter().map(|n| n.as_str().map(String::from)).collect()
+/// Which columns hold the image and the label, as the `huggingface` schema metadata
+/// declares them (the feature of `_type` `Image`, the first of `_type` `ClassLabel` with
+/// its `names`), else the columns named `image` (or `img`) and `label`.
+struct Columns {
+    image: usize,
+    label: Option<usize>,
+    names: Option<Vec<String>>,
 }
 
-/// The index of the `image` column, checked to be binary or a struct with `bytes`.
-fn image_column(path: &Path, schema: &arrow_schema::Schema) -> Result<usize, ParquetSourceError> {
+fn features(
+    path: &Path,
+    schema: &arrow_schema::Schema,
+) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let json = schema.metadata().get("huggingface")?;
+    let v: serde_json::Value = match serde_json::from_str(json) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!(
+                "byol-tools: warning: {}: the `huggingface` schema metadata is not JSON ({e}); columns are found by name",
+                path.display()
+            );
+            return None;
+        }
+    };
+    v.get("info")
+        .and_then(|i| i.get("features"))
+        .or_else(|| v.get("features"))?
+        .as_object()
+        .cloned()
+}
+
+fn columns(path: &Path, schema: &arrow_schema::Schema) -> Result<Columns, ParquetSourceError> {
     let bad = |msg: String| ParquetSourceError::Schema {
         path: path.to_path_buf(),
         msg,
     };
-    let (i, f) = schema
-        .column_with_name("image")
-        .ok_or_else(|| bad("no `image` column (a struct of bytes and path, or binary)".into()))?;
-    match f.data_type() {
-        DataType::Binary | DataType::LargeBinary => Ok(i),
-        DataType::Struct(fields)
-            if fields.iter().any(|c| {
-                c.name() == "bytes"
-                    && matches!(c.data_type(), DataType::Binary | DataType::LargeBinary)
-            }) =>
-        {
-            Ok(i)
-        }
-        other => Err(bad(format!(
-            "the `image` column is {other}, not binary or a struct with binary `bytes`"
-        ))),
+    let byol = [
+        shards::COL_KEY,
+        shards::COL_LABEL,
+        shards::COL_IMAGE,
+        shards::COL_HEIGHT,
+        shards::COL_WIDTH,
+    ];
+    if byol.iter().all(|c| schema.column_with_name(c).is_some()) {
+        return Err(bad(
+            "a byol shard (already sharded): train on its folder with --data, or shard the images it came from".into(),
+        ));
     }
+    let feats = features(path, schema);
+    let of_type = |t: &str| -> Option<String> {
+        feats.as_ref()?.iter().find_map(|(name, f)| {
+            (f.get("_type").and_then(|x| x.as_str()) == Some(t)).then(|| name.clone())
+        })
+    };
+    let image_name = of_type("Image")
+        .or_else(|| {
+            ["image", "img"]
+                .iter()
+                .find(|n| schema.column_with_name(n).is_some())
+                .map(|n| n.to_string())
+        })
+        .ok_or_else(|| {
+            let cols: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            bad(format!(
+                "no image column: none is declared an `Image` feature in the `huggingface` metadata, and none is named `image` or `img` (columns: {})",
+                cols.join(", ")
+            ))
+        })?;
+    let (image, f) = schema.column_with_name(&image_name).ok_or_else(|| {
+        bad(format!(
+            "the metadata names the image column `{image_name}`, which the file lacks"
+        ))
+    })?;
+    let ok = match f.data_type() {
+        DataType::Binary | DataType::LargeBinary => true,
+        DataType::Struct(fields) => fields.iter().any(|c| {
+            c.name() == "bytes" && matches!(c.data_type(), DataType::Binary | DataType::LargeBinary)
+        }),
+        _ => false,
+    };
+    if !ok {
+        return Err(bad(format!(
+            "the image column `{image_name}` is {}, not binary or a struct with binary `bytes`",
+            f.data_type()
+        )));
+    }
+    let label_name = of_type("ClassLabel").or_else(|| {
+        schema
+            .column_with_name("label")
+            .map(|_| "label".to_string())
+    });
+    let names = label_name.as_ref().and_then(|l| {
+        let n = feats.as_ref()?.get(l)?.get("names")?.as_array()?;
+        n.iter().map(|x| x.as_str().map(String::from)).collect()
+    });
+    let label = match &label_name {
+        Some(l) => Some(
+            schema
+                .column_with_name(l)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "the metadata names the label column `{l}`, which the file lacks"
+                    ))
+                })?
+                .0,
+        ),
+        None => None,
+    };
+    Ok(Columns {
+        image,
+        label,
+        names,
+    })
 }
 
 /// Scans `files` (in the order given): every row's key, label and place; the labels
@@ -114,12 +197,9 @@ pub fn scan(files: &[PathBuf]) -> Result<ParquetScan, ParquetSourceError> {
     for (fi, path) in files.iter().enumerate() {
         let b = builder(path)?;
         let schema = b.schema().clone();
-        image_column(path, &schema)?;
+        let cols = columns(path, &schema)?;
         if out.class_names.is_none() {
-            out.class_names = schema
-                .metadata()
-                .get("huggingface")
-                .and_then(|j| class_label_names(j));
+            out.class_names = cols.names.clone();
         }
         let name = path
             .file_name()
@@ -131,7 +211,7 @@ pub fn scan(files: &[PathBuf]) -> Result<ParquetScan, ParquetSourceError> {
             .iter()
             .map(|g| g.num_rows() as usize)
             .collect();
-        let label_col = schema.column_with_name("label").map(|(i, _)| i);
+        let label_col = cols.label;
         let mut labels: Vec<i64> = Vec::new();
         if let Some(li) = label_col {
             out.labelled = true;
@@ -146,7 +226,8 @@ pub fn scan(files: &[PathBuf]) -> Result<ParquetScan, ParquetSourceError> {
                     arrow_cast_i64(batch.column(0)).ok_or_else(|| ParquetSourceError::Schema {
                         path: path.to_path_buf(),
                         msg: format!(
-                            "the `label` column is {}, not an integer",
+                            "the label column `{}` is {}, not an integer",
+                            schema.field(label_col.unwrap_or(0)).name(),
                             batch.column(0).data_type()
                         ),
                     })?;
@@ -252,7 +333,7 @@ impl ParquetImages {
 /// The `image` column of one row group.
 fn read_group(path: &Path, group: usize) -> Result<Vec<Option<Vec<u8>>>, String> {
     let b = builder(path).map_err(|e| e.to_string())?;
-    let col = image_column(path, b.schema()).map_err(|e| e.to_string())?;
+    let col = columns(path, b.schema()).map_err(|e| e.to_string())?.image;
     let mask = ProjectionMask::roots(b.parquet_schema(), [col]);
     let reader = b
         .with_projection(mask)

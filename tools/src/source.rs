@@ -270,6 +270,37 @@ fn check_dir(src: &Path) -> Result<(), SourceError> {
     }
 }
 
+/// Sources whose labels are numbers with names (WebDataset, Parquet): with
+/// `--classes-from`, each label is renumbered to its name's index among that dataset's
+/// classes, which become the classes.
+///
+/// # Errors
+/// A class name that dataset does not have, or an unreadable dataset.
+fn with_classes_from(
+    classes: Vec<String>,
+    items: &mut [Item],
+    opts: &ScanOptions,
+) -> Result<Vec<String>, SourceError> {
+    let Some(dir) = &opts.classes_from else {
+        return Ok(classes);
+    };
+    let target = Manifest::load(dir)?.classes;
+    let mut map = Vec::with_capacity(classes.len());
+    for c in &classes {
+        map.push(target.iter().position(|t| t == c));
+    }
+    for it in items.iter_mut().filter(|it| it.label >= 0) {
+        let name = &classes[it.label as usize];
+        it.label = map[it.label as usize].ok_or_else(|| {
+            SourceError::Invalid(format!(
+                "class {name:?} is not among the classes of {}",
+                dir.display()
+            ))
+        })? as i32;
+    }
+    Ok(target)
+}
+
 /// Maps class names to indices: sorted names, or the given dataset's classes.
 fn class_index(
     names: &BTreeSet<String>,
@@ -888,11 +919,26 @@ fn scan_tar(archives: &[PathBuf], opts: &ScanOptions) -> Result<Source, SourceEr
     let mut read_from = Vec::new();
     let mut by_key: BTreeMap<String, (usize, crate::tar_source::TarMember)> = BTreeMap::new();
     let (mut skipped, mut escaped, mut ignored) = (Vec::new(), Vec::new(), 0u64);
+    let mut dirs: BTreeSet<String> = BTreeSet::new();
+    let mut cls_members = 0;
     for (ai, archive) in archives.iter().enumerate() {
         let path = open_archive(archive, opts, &mut temps)?;
         let t = crate::tar_source::scan(&path, archive)?;
         read_from.push(path);
-        skipped.extend(t.skipped);
+        dirs.extend(t.dirs);
+        cls_members += t.cls_members;
+        // With several archives, a skipped member says which archive it is in.
+        let from = |k: String| {
+            if archives.len() > 1 {
+                format!("{}: {k}", archive.display())
+            } else {
+                k
+            }
+        };
+        skipped.extend(t.skipped.into_iter().map(|mut x| {
+            x.reason = from(x.reason);
+            x
+        }));
         escaped.extend(t.escaped);
         ignored += t.ignored;
         for m in t.members {
@@ -904,11 +950,20 @@ fn scan_tar(archives: &[PathBuf], opts: &ScanOptions) -> Result<Source, SourceEr
             }
         }
     }
+    if cls_members > 0 {
+        eprintln!(
+            "byol-tools: note: {cls_members} member(s) named *.cls: if these are WebDataset shards, --layout webdataset reads their labels"
+        );
+    }
     let labelled = by_key.values().any(|(_, m)| m.class.is_some());
-    let names: BTreeSet<String> = by_key
+    // Class folders and inner tars without images are classes too, as on disk.
+    let mut names: BTreeSet<String> = by_key
         .values()
         .filter_map(|(_, m)| m.class.clone())
         .collect();
+    if labelled {
+        names.extend(dirs);
+    }
     let (classes, index) = if labelled {
         class_index(&names, opts)?
     } else {
@@ -1050,6 +1105,7 @@ fn scan_webdataset(srcs: &[PathBuf], opts: &ScanOptions) -> Result<Source, Sourc
         Some(names) => names.clone(),
         None => (0..=max_label).map(|n| n.to_string()).collect(),
     };
+    let classes = with_classes_from(classes, &mut items, opts)?;
     Ok(Source {
         layout: "webdataset",
         classes,
@@ -1159,14 +1215,9 @@ fn scan_parquet(srcs: &[PathBuf], opts: &ScanOptions) -> Result<Source, SourceEr
     let mut items = Vec::with_capacity(scan.rows.len());
     let mut skipped = Vec::new();
     for r in scan.rows {
-        let label = if !scan.labelled {
+        // A null or negative label (Hugging Face test splits use -1) is an unlabeled row.
+        let label = if !scan.labelled || r.label < 0 {
             -1
-        } else if r.label < 0 {
-            skipped.push(Skipped {
-                key: r.key,
-                reason: "null label".into(),
-            });
-            continue;
         } else if r.label as usize >= classes.len() {
             skipped.push(Skipped {
                 key: r.key,
@@ -1191,6 +1242,7 @@ fn scan_parquet(srcs: &[PathBuf], opts: &ScanOptions) -> Result<Source, SourceEr
             size: 0,
         });
     }
+    let classes = with_classes_from(classes, &mut items, opts)?;
     Ok(Source {
         layout: "parquet",
         classes,

@@ -59,6 +59,11 @@ pub struct TarScan {
     pub escaped: Vec<String>,
     /// Members without an image extension.
     pub ignored: u64,
+    /// Top-level folders and inner tars (class names), members or not: an empty class
+    /// folder or inner tar is still a class, as an empty class folder on disk is.
+    pub dirs: std::collections::BTreeSet<String>,
+    /// Members named `*.cls` (a hint that the archive is a WebDataset shard).
+    pub cls_members: u64,
 }
 
 /// Bytes `[start, start + len)` of a file, as a seekable reader (an inner tar).
@@ -136,8 +141,9 @@ struct Scan<'a> {
 
 impl Scan<'_> {
     fn truncated(&self, e: std::io::Error) -> TarError {
-        // The tar crate quotes header bytes of a corrupt archive: keep the text printable.
-        let detail = e
+        // The tar crate quotes header bytes of a corrupt archive: keep the text printable
+        // and short.
+        let mut detail: String = e
             .to_string()
             .chars()
             .map(|c| {
@@ -148,6 +154,9 @@ impl Scan<'_> {
                 }
             })
             .collect();
+        if detail.chars().count() > 160 {
+            detail = detail.chars().take(160).collect::<String>() + "…";
+        }
         TarError::Truncated {
             archive: self.name.to_path_buf(),
             good_to: self.good_to,
@@ -197,6 +206,10 @@ impl Scan<'_> {
     /// The members of the inner tar (a class) at bytes `[base, base + len)` of the
     /// archive file.
     fn inner(&mut self, class: &str, base: u64, len: u64) -> Result<(), TarError> {
+        self.out.dirs.insert(class.to_string());
+        let within = |e: std::io::Error| {
+            std::io::Error::new(e.kind(), format!("in the inner tar {class}.tar: {e}"))
+        };
         let f = File::open(self.archive).map_err(|e| self.truncated(e))?;
         let mut w = Window {
             file: BufReader::with_capacity(1 << 16, f),
@@ -206,9 +219,11 @@ impl Scan<'_> {
         };
         w.seek(SeekFrom::Start(0)).map_err(|e| self.truncated(e))?;
         let mut ar = tar::Archive::new(w);
-        let entries = ar.entries_with_seek().map_err(|e| self.truncated(e))?;
+        let entries = ar
+            .entries_with_seek()
+            .map_err(|e| self.truncated(within(e)))?;
         for e in entries {
-            let e = e.map_err(|e| self.truncated(e))?;
+            let e = e.map_err(|e| self.truncated(within(e)))?;
             let path = clean(&e.path_bytes());
             if !e.header().entry_type().is_file() {
                 self.link(&Path::new(class).join(&path), e.header().entry_type());
@@ -255,10 +270,26 @@ fn each_member(
     let len = f.metadata().map_err(io_err)?.len();
     let mut ar = tar::Archive::new(BufReader::with_capacity(1 << 16, f));
     let entries = ar.entries_with_seek().map_err(|e| s.truncated(e))?;
+    // Where the last entry's data ends, in 512-byte blocks: the end-of-archive marker
+    // (two zero blocks) must follow it.
+    let mut last_end = 0u64;
     for e in entries {
         let mut e = e.map_err(|e| s.truncated(e))?;
-        if !e.header().entry_type().is_file() {
-            s.link(&clean(&e.path_bytes()), e.header().entry_type());
+        last_end = (e.raw_file_position() + e.size()).div_ceil(512) * 512;
+        let kind = e.header().entry_type();
+        if kind.is_dir() {
+            let path = clean(&e.path_bytes());
+            let mut comps = path.components();
+            if let (Some(c), None) = (comps.next(), comps.next()) {
+                let name = key_of(Path::new(c.as_os_str())).0;
+                if !name.starts_with('.') {
+                    s.out.dirs.insert(name);
+                }
+            }
+            continue;
+        }
+        if !kind.is_file() {
+            s.link(&clean(&e.path_bytes()), kind);
             continue;
         }
         let path = clean(&e.path_bytes());
@@ -273,6 +304,12 @@ fn each_member(
         }
         visit(&mut s, &path, offset, size, &mut e)?;
         s.good_to = offset + size;
+    }
+    if len < last_end + 1024 {
+        let e = std::io::Error::other(format!(
+            "no end-of-archive marker after the last entry (the file ends at byte {len})"
+        ));
+        return Err(s.truncated(e));
     }
     // Seeking past data never fails: a member whose bytes end beyond the file means the
     // archive was cut.
@@ -300,18 +337,61 @@ pub fn is_gzip(path: &Path) -> Result<bool, TarError> {
     Ok(n == 2 && magic == [0x1f, 0x8b])
 }
 
+/// Temporary tars made by this process: removed by the signal handler of `byol-tools`
+/// (see [`remove_temporaries`]) when a signal ends the process before they are dropped.
+static TEMPORARIES: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Removes every temporary tar this process made (from a signal handler's thread).
+pub fn remove_temporaries() {
+    let list = TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner());
+    for p in list.iter() {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+const TEMP_PREFIX: &str = ".byol-tools-gunzip-";
+
+/// Removes temporary tars in `dir` left by `byol-tools` processes that no longer run
+/// (killed with SIGKILL): their names carry the process id.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(TEMP_PREFIX) else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                eprintln!(
+                    "byol-tools: removing {}, left by an earlier run that was killed",
+                    e.path().display()
+                );
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
 /// Streams the gzip-compressed `archive` (every member of a multi-member gzip, as
-/// `gunzip` does; the `flate2` crate) into a temporary tar in `dir`, named
-/// `.byol-tools-gunzip-*.tar`, deleted when the returned path is dropped.
+/// `gunzip` does; the `flate2` crate) into a temporary tar in `dir` (made if missing),
+/// named `.byol-tools-gunzip-PID-*.tar`, deleted when the returned path is dropped, or
+/// by [`remove_temporaries`] on a signal, or by a later run when this process was killed.
 ///
 /// # Errors
 /// [`TarError::Gzip`] naming the archive and how many compressed bytes were good for a
-/// corrupt or truncated stream; [`TarError::Io`] when `dir` cannot hold the file.
+/// corrupt or truncated stream; [`TarError::Io`] naming the temporary tar when it cannot
+/// be written (a full disk, a read-only folder).
 pub fn gunzip_to_temp(archive: &Path, dir: &Path) -> Result<tempfile::TempPath, TarError> {
+    use std::io::Write;
     let io_at = |path: &Path| {
         let path = path.to_path_buf();
         move |source| TarError::Io { path, source }
     };
+    std::fs::create_dir_all(dir).map_err(io_at(dir))?;
+    remove_stale_temporaries(dir);
     let f = File::open(archive).map_err(io_at(archive))?;
     let counted = CountingReader {
         inner: BufReader::with_capacity(1 << 20, f),
@@ -319,20 +399,34 @@ pub fn gunzip_to_temp(archive: &Path, dir: &Path) -> Result<tempfile::TempPath, 
     };
     let mut gz = flate2::read::MultiGzDecoder::new(counted);
     let tmp = tempfile::Builder::new()
-        .prefix(".byol-tools-gunzip-")
+        .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
         .suffix(".tar")
         .tempfile_in(dir)
         .map_err(io_at(dir))?;
     let (file, path) = tmp.into_parts();
+    TEMPORARIES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(path.to_path_buf());
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    if let Err(e) = std::io::copy(&mut gz, &mut w) {
-        return Err(TarError::Gzip {
-            archive: archive.to_path_buf(),
-            compressed: gz.get_ref().n,
-            detail: e.to_string(),
-        });
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match gz.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(TarError::Gzip {
+                    archive: archive.to_path_buf(),
+                    compressed: gz.get_ref().n,
+                    detail: e.to_string(),
+                })
+            }
+        };
+        // A write error is the temporary tar's (a full disk), not the archive's.
+        w.write_all(&buf[..n]).map_err(io_at(&path))?;
     }
-    std::io::Write::flush(&mut w).map_err(io_at(&path))?;
+    w.flush().map_err(io_at(&path))?;
     Ok(path)
 }
 
@@ -362,6 +456,19 @@ pub fn scan(archive: &Path, name: &Path) -> Result<TarScan, TarError> {
         if is_tar && path.components().count() == 1 && safe(path) {
             let class = key_of(Path::new(path.file_stem().unwrap_or_default())).0;
             return s.inner(&class, offset, size);
+        }
+        let lower = path.to_string_lossy().to_ascii_lowercase();
+        if path.components().count() == 1 && (lower.ends_with(".tar.gz") || lower.ends_with(".tgz"))
+        {
+            s.out.skipped.push(Skipped {
+                key: key_of(path).0,
+                reason: "a compressed inner tar is not read: store inner class tars uncompressed"
+                    .into(),
+            });
+            return Ok(());
+        }
+        if path.extension() == Some(OsStr::new("cls")) {
+            s.out.cls_members += 1;
         }
         let mut comps = path.components();
         let class = match (comps.next(), comps.next()) {

@@ -1276,6 +1276,29 @@ with open(os.path.join(out, "synsets.txt"), "w") as g:
     g.writelines(f"{c} description\n" for c in synsets)
 data = open(os.path.join(out, "classes.tar.gz"), "rb").read()
 open(os.path.join(out, "cut.tar.gz"), "wb").write(data[: len(data) // 2])
+# A tar of class folders one of which holds no image (a folder entry and a text file),
+# and a tar of class tars one of which is gzip-compressed.
+import io
+with tarfile.open(os.path.join(out, "emptyclass.tar"), "w") as tf:
+    for c, f in files:
+        tf.add(os.path.join(src, c, f), arcname=f"{c}/{f}")
+    ti = tarfile.TarInfo("class-99"); ti.type = tarfile.DIRTYPE; tf.addfile(ti)
+    ti = tarfile.TarInfo("class-99/notes.txt"); ti.size = 3; tf.addfile(ti, io.BytesIO(b"abc"))
+with tarfile.open(os.path.join(out, "gzinner.tar"), "w") as outer:
+    for c in classes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz" if c == classes[0] else "w") as inner:
+            for cc, f in files:
+                if cc == c:
+                    inner.add(os.path.join(src, c, f), arcname=f)
+        ti = tarfile.TarInfo(f"{c}.tar.gz" if c == classes[0] else f"{c}.tar")
+        ti.size = len(buf.getvalue()); outer.addfile(ti, io.BytesIO(buf.getvalue()))
+# A tar cut exactly after a member's data: no end-of-archive marker.
+with tarfile.open(os.path.join(out, "part-1.tar")) as tf:
+    m = tf.getmembers()[3]
+whole = open(os.path.join(out, "part-1.tar"), "rb").read()
+end = (m.offset_data + m.size + 511) // 512 * 512
+open(os.path.join(out, "boundary.tar"), "wb").write(whole[:end])
 "#;
     let o = Command::new(python())
         .args(["-c", make, s(&src), s(t)])
@@ -1298,7 +1321,11 @@ open(os.path.join(out, "cut.tar.gz"), "wb").write(data[: len(data) // 2])
             .count()
     };
 
+    // A temporary tar that a killed run left beside the output (its process id no
+    // longer runs) is removed; an output whose parent does not exist yet works.
     let gz = t.join("gz-ds");
+    let stale = t.join(".byol-tools-gunzip-999999999-x.tar");
+    std::fs::write(&stale, b"left by a killed run").unwrap();
     ok_json(&[
         "shard",
         "--src",
@@ -1309,6 +1336,56 @@ open(os.path.join(out, "cut.tar.gz"), "wb").write(data[: len(data) // 2])
     ]);
     assert_eq!(rows_of(&gz), want);
     assert_eq!(temps(), 0, "the temporary tar was left behind");
+    assert!(!stale.exists(), "the stale temporary tar is still there");
+    let deep = t.join("not/yet/there/ds");
+    ok_json(&[
+        "shard",
+        "--src",
+        s(&t.join("classes.tar.gz")),
+        "--out",
+        s(&deep),
+        "--json",
+    ]);
+    assert_eq!(rows_of(&deep), want);
+
+    // An image-less class folder is still a class, as on disk; a compressed inner class
+    // tar is skipped with the reason; a tar cut after a member is truncated.
+    let ec = t.join("ec-ds");
+    ok_json(&[
+        "shard",
+        "--src",
+        s(&t.join("emptyclass.tar")),
+        "--out",
+        s(&ec),
+        "--json",
+    ]);
+    let classes = json_of(&ec)["classes"].clone();
+    assert_eq!(classes.as_array().unwrap().len(), 4, "{classes}");
+    assert_eq!(classes[3], "class-99");
+    let gi = t.join("gi-ds");
+    ok_json(&[
+        "shard",
+        "--src",
+        s(&t.join("gzinner.tar")),
+        "--out",
+        s(&gi),
+        "--json",
+    ]);
+    let skipped = json_of(&gi)["skipped"].to_string();
+    assert!(skipped.contains("compressed inner tar"), "{skipped}");
+    let o = tools(&[
+        "shard",
+        "--src",
+        s(&t.join("boundary.tar")),
+        "--out",
+        s(&t.join("b-ds")),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("boundary.tar") && err.contains("end-of-archive"),
+        "{err}"
+    );
 
     let two = t.join("two-ds");
     ok_json(&[
@@ -1466,6 +1543,16 @@ for k, part in enumerate([rows[:10], rows[10:]]):
 plain = pa.table({"image": pa.array([b for b, _, _ in rows], pa.binary()),
                   "label": pa.array([l for _, _, l in rows], pa.int32())})
 pq.write_table(plain, os.path.join(out, "plain.parquet"), row_group_size=7)
+# CIFAR-style names (`img`, `fine_label`) and ClassLabel names in another order.
+order = [classes[2], classes[0], classes[1]]
+meta2 = {"huggingface": json.dumps({"info": {"features": {
+    "img": {"_type": "Image"},
+    "fine_label": {"names": order, "_type": "ClassLabel"}}}})}
+schema2 = pa.schema([("img", image_t), ("fine_label", pa.int64())], metadata=meta2)
+pq.write_table(pa.table({"img": [{"bytes": b, "path": None} for b, _, _ in rows],
+                         "fine_label": [order.index(classes[l]) for _, _, l in rows]}, schema=schema2),
+               os.path.join(out, "reordered.parquet"))
+open(os.path.join(out, "hf", "README.md"), "w").write("A dataset card.\n")
 bad = pa.table({"image": [None, {"bytes": b"not an image", "path": "x.jpg"},
                           {"bytes": rows[0][0], "path": None}, {"bytes": rows[0][0], "path": None}],
                 "label": pa.array([0, 1, None, 2], pa.int64())}, schema=schema)
@@ -1533,20 +1620,45 @@ pq.write_table(bad, os.path.join(out, "bad.parquet"))
         s(&bad),
         "--json",
     ]);
+    // A null label is an unlabeled row (Hugging Face test splits), not a skip.
     assert_eq!(
         (r["rows"].as_u64(), r["skipped"].as_u64()),
-        (Some(1), Some(3)),
+        (Some(2), Some(2)),
         "{r}"
     );
+    assert_eq!(json_of(&bad)["totals"]["unlabeled"], 1);
     let skipped = json_of(&bad)["skipped"].to_string();
     for (key, why) in [
         ("bad.parquet/000000000", "no image bytes"),
         ("bad.parquet/000000001", "cannot decode"),
-        ("bad.parquet/000000002", "null label"),
     ] {
         assert!(
             skipped.contains(key) && skipped.contains(why),
             "{key}: {skipped}"
         );
+    }
+
+    // Columns named by the metadata (`img`, `fine_label`), and --classes-from renumbers
+    // the ClassLabel names to the folder dataset's classes.
+    let re = t.join("re-ds");
+    ok_json(&[
+        "shard",
+        "--src",
+        s(&t.join("reordered.parquet")),
+        "--classes-from",
+        s(&folder),
+        "--out",
+        s(&re),
+        "--json",
+    ]);
+    assert_eq!(json_of(&re)["classes"], json_of(&folder)["classes"]);
+    assert_eq!(strip(rows_of(&re)), want);
+
+    // Shards are not a source: a byol dataset folder, or one of its files.
+    for src in [folder.clone(), folder.join("shard-00000.parquet")] {
+        let o = tools(&["shard", "--src", s(&src), "--out", s(&t.join("again-ds"))]);
+        assert_eq!(o.status.code(), Some(2));
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("already sharded"), "{e}");
     }
 }
