@@ -1022,6 +1022,21 @@ fn launched(
     child
 }
 
+/// The child processes of `pid` (a launcher's workers), from `/proc`.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.map(|t| {
+                std::fs::read_to_string(t.unwrap().path().join("children")).unwrap_or_default()
+            })
+            .collect::<String>()
+        })
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect()
+}
+
 /// Two local workers over Gloo on Fashion-MNIST shards: SIGINT to the launcher stops both
 /// after the same step
 /// with one checkpoint (exit 0); the run resumes at world size 1, and again at world size
@@ -1134,13 +1149,7 @@ fn a_killed_worker_fails_the_launch_naming_it() {
         3,
         &["--set", "train.collective_timeout_s=30"],
     );
-    let workers: Vec<u32> = std::fs::read_dir(format!("/proc/{}/task", child.id()))
-        .unwrap()
-        .map(|t| std::fs::read_to_string(t.unwrap().path().join("children")).unwrap_or_default())
-        .collect::<String>()
-        .split_whitespace()
-        .map(|p| p.parse().unwrap())
-        .collect();
+    let workers = children_of(child.id());
     let rank1 = workers
         .iter()
         .copied()
@@ -1197,19 +1206,6 @@ fn restarts_drop_stale_metrics_and_workers_follow_their_launcher() {
     let tmp = tempfile::tempdir().unwrap();
     let data = dataset(tmp.path());
     let run = tmp.path().join("r");
-    let workers = |launcher: u32| -> Vec<u32> {
-        std::fs::read_dir(format!("/proc/{launcher}/task"))
-            .map(|d| {
-                d.map(|t| {
-                    std::fs::read_to_string(t.unwrap().path().join("children")).unwrap_or_default()
-                })
-                .collect::<String>()
-            })
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(|p| p.parse().unwrap())
-            .collect()
-    };
     // Killed after more rows than checkpoints (checkpoint_every 4, a row per step).
     let mut child = launched(
         tmp.path(),
@@ -1218,7 +1214,7 @@ fn restarts_drop_stale_metrics_and_workers_follow_their_launcher() {
         6,
         &["--set", "train.collective_timeout_s=30"],
     );
-    let pids = workers(child.id());
+    let pids = children_of(child.id());
     assert_eq!(pids.len(), 2);
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     child.wait().unwrap();
