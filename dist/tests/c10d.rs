@@ -27,11 +27,11 @@ fn worker(world: usize, timeout_s: u64) -> Option<ProcessGroup> {
     Some(ProcessGroup::new(&env, Backend::Gloo, Duration::from_secs(timeout_s)).unwrap())
 }
 
-/// Runs `test` as `world` ranks and returns their outputs (rank order).
-fn run_ranks(test: &str, world: usize) -> Vec<Output> {
+/// Starts `test` as `world` ranks (rank order), their output piped.
+fn spawn_ranks(test: &str, world: usize) -> Vec<std::process::Child> {
     let port = byol_dist::launch::free_port().unwrap();
     let exe = std::env::current_exe().unwrap();
-    let children: Vec<_> = (0..world)
+    (0..world)
         .map(|r| {
             Command::new(&exe)
                 .args(["--exact", test, "--nocapture", "--test-threads", "1"])
@@ -42,8 +42,12 @@ fn run_ranks(test: &str, world: usize) -> Vec<Output> {
                 .spawn()
                 .unwrap()
         })
-        .collect();
-    children
+        .collect()
+}
+
+/// Runs `test` as `world` ranks and returns their outputs (rank order).
+fn run_ranks(test: &str, world: usize) -> Vec<Output> {
+    spawn_ranks(test, world)
         .into_iter()
         .map(|c| c.wait_with_output().unwrap())
         .collect()
@@ -263,21 +267,9 @@ fn a_hanging_rank_is_named_after_the_timeout() {
 #[test]
 fn a_frozen_store_host_does_not_hang_the_others() {
     let Some(pg) = worker(2, 4) else {
-        let port = byol_dist::launch::free_port().unwrap();
-        let exe = std::env::current_exe().unwrap();
-        let test = "a_frozen_store_host_does_not_hang_the_others";
-        let spawn = |r: usize| {
-            Command::new(&exe)
-                .args(["--exact", test, "--nocapture", "--test-threads", "1"])
-                .env(RANK_VAR, r.to_string())
-                .env("MASTER_PORT", port.to_string())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        };
-        let mut host = spawn(0);
-        let other = spawn(1);
+        let mut ranks = spawn_ranks("a_frozen_store_host_does_not_hang_the_others", 2);
+        let other = ranks.pop().unwrap();
+        let mut host = ranks.pop().unwrap();
         let t0 = std::time::Instant::now();
         let out = other.wait_with_output().unwrap();
         let took = t0.elapsed().as_secs_f64();
