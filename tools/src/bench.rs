@@ -31,6 +31,7 @@ pub enum BenchError {
     Check(String),
 }
 
+/// What to benchmark: the generated images and the shard settings.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     pub images: usize,
@@ -44,6 +45,7 @@ pub struct BenchOptions {
     pub dir: Option<PathBuf>,
 }
 
+/// One measured case: shard throughput next to the bare per-image cost.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchCase {
     /// `keep` (valid baseline JPEGs stored as they are, after a decode check) or
@@ -55,6 +57,7 @@ pub struct BenchCase {
     pub ratio: f64,
 }
 
+/// The `--json` report of `bench`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchReport {
     pub command: String,
@@ -67,6 +70,27 @@ pub struct BenchReport {
     /// Shard throughput from an uncompressed tar of the same images (`keep` case, read
     /// in place) over that from the folder: 1.0 means the archive costs nothing.
     pub tar_vs_folder: f64,
+}
+
+impl BenchReport {
+    /// The human-readable report.
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "{} generated {}x{} JPEGs (mean {:.0} B), {} worker(s)\n",
+            self.images, self.height, self.width, self.mean_jpeg_bytes, self.workers
+        );
+        for c in &self.cases {
+            s += &format!(
+                "  {:<12} shard {:>8.0} images/s   bare {:>8.0} images/s   ratio {:.2}\n",
+                c.case, c.shard_images_per_s, c.bare_images_per_s, c.ratio
+            );
+        }
+        s += &format!(
+            "  from a tar (read in place) vs from the folder: {:.2}x\n",
+            self.tar_vs_folder
+        );
+        s
+    }
 }
 
 /// A photo-like test image: smooth colour fields, edges and noise, so JPEG sizes
@@ -170,8 +194,57 @@ fn bare(images: &[Vec<u8>], opts: &PrepareOptions, workers: usize) -> Result<f64
     Ok(images.len() as f64 / t0.elapsed().as_secs_f64())
 }
 
+/// Shards `source` (read from `from`) into `dir/shards` with `o`'s settings and
+/// `max_side`, and checks that all `expected` images were stored; images/s.
+///
 /// # Errors
-/// The synthetic images cannot be made.
+/// Sharding fails, or stores another number of images.
+fn timed_shard(
+    o: &BenchOptions,
+    dir: &Path,
+    source: &Source,
+    from: &Path,
+    max_side: Option<u32>,
+    expected: usize,
+) -> Result<f64, BenchError> {
+    let opts = ShardOptions {
+        max_side,
+        quality: o.quality,
+        rows_per_shard: None,
+        shard_bytes: Some(64 << 20),
+        row_group_rows: 256,
+        workers: o.workers,
+        seed: 0,
+        force: true,
+        progress: false,
+    };
+    let t0 = Instant::now();
+    let out = dir.join("shards");
+    let summary = shard(source, &from.display().to_string(), &out, &opts)?;
+    let rate = summary.rows as f64 / t0.elapsed().as_secs_f64();
+    if summary.rows as usize != expected {
+        return Err(BenchError::Check(format!(
+            "shard from {} stored {} of {}",
+            from.display(),
+            summary.rows,
+            expected
+        )));
+    }
+    Ok(rate)
+}
+
+/// Writes the folder `src` as the uncompressed tar `tar_path` (synced).
+fn write_tar(src: &Path, tar_path: &Path) -> std::io::Result<()> {
+    let mut b = tar::Builder::new(std::fs::File::create(tar_path)?);
+    b.append_dir_all(".", src)?;
+    b.into_inner()?.sync_all()
+}
+
+/// Runs the benchmark: generated images sharded from a folder (kept, and resized) and
+/// from a tar, each next to the bare per-image cost.
+///
+/// # Errors
+/// The synthetic images cannot be made, or a measured step fails its check.
 pub fn run(o: &BenchOptions) -> Result<BenchReport, BenchError> {
     let tmp;
     let dir = match &o.dir {
@@ -185,32 +258,8 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport, BenchError> {
     let images = write_synthetic_folder(&src, o.images, (o.height, o.width), o.quality, 1)?;
     let mean = images.iter().map(|b| b.len()).sum::<usize>() as f64 / images.len().max(1) as f64;
     let source = scan(&src, &Layout::ImageFolder, &ScanOptions::default())?;
-    // Shards `source` into DIR/shards, checks every image was stored; images/s.
-    let timed_shard = |source: &Source, from: &Path, max_side| -> Result<f64, BenchError> {
-        let opts = ShardOptions {
-            max_side,
-            quality: o.quality,
-            rows_per_shard: None,
-            shard_bytes: Some(64 << 20),
-            row_group_rows: 256,
-            workers: o.workers,
-            seed: 0,
-            force: true,
-            progress: false,
-        };
-        let t0 = Instant::now();
-        let out = dir.join("shards");
-        let summary = shard(source, &from.display().to_string(), &out, &opts)?;
-        let rate = summary.rows as f64 / t0.elapsed().as_secs_f64();
-        if summary.rows as usize != images.len() {
-            return Err(BenchError::Check(format!(
-                "shard from {} stored {} of {}",
-                from.display(),
-                summary.rows,
-                images.len()
-            )));
-        }
-        Ok(rate)
+    let timed_shard = |source: &Source, from: &Path, max_side| {
+        timed_shard(o, &dir, source, from, max_side, images.len())
     };
     let mut cases = Vec::new();
     for max_side in [None, Some(o.resize_to)] {
@@ -234,12 +283,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport, BenchError> {
     }
     // The same images as one uncompressed tar of class folders, sharded in place.
     let tar_path = dir.join("synthetic.tar");
-    let write_tar = || -> std::io::Result<()> {
-        let mut b = tar::Builder::new(std::fs::File::create(&tar_path)?);
-        b.append_dir_all(".", &src)?;
-        b.into_inner()?.sync_all()
-    };
-    write_tar().map_err(FileError::at("writing", &tar_path))?;
+    write_tar(&src, &tar_path).map_err(FileError::at("writing", &tar_path))?;
     let tar_source = scan(&tar_path, &Layout::Tar, &ScanOptions::default())?;
     let tar_rate = timed_shard(&tar_source, &tar_path, None)?;
     let (folder_rate, keep_bare) = (cases[0].shard_images_per_s, cases[0].bare_images_per_s);

@@ -11,6 +11,7 @@ use byol_format::shards::{FormatError, Manifest};
 /// Upper bounds (inclusive) of the longer-side histogram buckets; the last bucket is open.
 pub const SIDE_BUCKETS: &[i32] = &[32, 64, 128, 256, 384, 512, 1024];
 
+/// Rows of one class.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClassCount {
     pub index: usize,
@@ -18,6 +19,7 @@ pub struct ClassCount {
     pub count: u64,
 }
 
+/// One shard's rows and size.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShardLine {
     pub file: String,
@@ -25,6 +27,7 @@ pub struct ShardLine {
     pub bytes: u64,
 }
 
+/// The `--json` report of `inspect`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Inspect {
     pub command: String,
@@ -48,6 +51,7 @@ pub struct Inspect {
     pub reencoded: u64,
 }
 
+/// Why a dataset cannot be inspected.
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
     #[error(transparent)]

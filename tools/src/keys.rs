@@ -1,5 +1,6 @@
-//! Keys and image extensions: how a file or archive member's path becomes a row's
-//! `key`, and which names count as images. Shared by the folder and tar sources.
+//! Keys and file names: how a file or archive member's path becomes a row's `key`, and
+//! which names count as images, tar archives and Parquet files. Shared by every source
+//! and by layout inference.
 
 use std::path::Path;
 
@@ -15,6 +16,36 @@ pub fn has_image_extension(p: &Path) -> bool {
         .and_then(|e| e.to_str())
         .map(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
         .unwrap_or(false)
+}
+
+/// What a file name says a tar archive is: [`tar_name`]'s answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TarName {
+    /// `NAME.tar`: read in place.
+    Plain,
+    /// `NAME.tar.gz` or `NAME.tgz`: gzip-compressed (decompressed once into a temporary
+    /// tar; refused as an inner class tar).
+    Gzip,
+}
+
+/// The one rule for which file names are tar archives: the file name (any case) ends in
+/// `.tar` ([`TarName::Plain`]) or `.tar.gz` / `.tgz` ([`TarName::Gzip`]) after at least
+/// one other character. `None`: not a tar archive's name.
+pub fn tar_name(p: &Path) -> Option<TarName> {
+    let name = p.file_name()?.to_string_lossy().to_ascii_lowercase();
+    let has = |suffix: &str| name.len() > suffix.len() && name.ends_with(suffix);
+    if has(".tar") {
+        Some(TarName::Plain)
+    } else if has(".tar.gz") || has(".tgz") {
+        Some(TarName::Gzip)
+    } else {
+        None
+    }
+}
+
+/// Whether `p` is named as a Parquet file (`*.parquet`).
+pub fn is_parquet_name(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e == "parquet")
 }
 
 /// A path relative to a source root as a `key`: its components joined by `/`. A key
@@ -85,4 +116,26 @@ pub fn unescape_key(key: &str) -> Vec<u8> {
         i += 1;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tar_names_are_told_by_one_rule() {
+        for (name, want) in [
+            ("a.tar", Some(TarName::Plain)),
+            ("dir/B.TAR", Some(TarName::Plain)),
+            ("a.tar.gz", Some(TarName::Gzip)),
+            ("a.TGZ", Some(TarName::Gzip)),
+            (".tar", None),
+            ("a.tar.bz2", None),
+            ("a.jpg", None),
+        ] {
+            assert_eq!(tar_name(Path::new(name)), want, "{name}");
+        }
+        assert!(is_parquet_name(Path::new("x/train-00000.parquet")));
+        assert!(!is_parquet_name(Path::new("x/README.md")));
+    }
 }

@@ -5,15 +5,14 @@
 
 #[cfg(feature = "opencv")]
 pub mod bench;
-pub mod idx;
 pub mod inspect;
 pub mod keys;
-pub mod parquet_source;
 pub mod read;
 #[cfg(feature = "opencv")]
 pub mod shard;
 pub mod source;
-#[cfg(unix)]
-pub mod tar_source;
 #[cfg(feature = "opencv")]
 pub mod verify;
+
+/// The IDX reader and the `idx` layout ([`source::idx`]), also under its old path.
+pub use source::idx;

@@ -12,6 +12,7 @@ use parquet::arrow::ProjectionMask;
 
 use byol_format::shards::{self, COL_HEIGHT, COL_IMAGE, COL_KEY, COL_LABEL, COL_WIDTH};
 
+/// Why a shard (or a Parquet source file) cannot be read, naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error("{path}")]
@@ -36,9 +37,11 @@ pub struct Rows {
 }
 
 impl Rows {
+    /// Rows in the row group.
     pub fn len(&self) -> usize {
         self.batch.num_rows()
     }
+    /// Whether the row group has no rows.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -48,18 +51,23 @@ impl Rows {
             .as_any()
             .downcast_ref::<T>()
     }
+    /// The `key` column (`None`: missing or another type).
     pub fn keys(&self) -> Option<&StringArray> {
         self.col(COL_KEY)
     }
+    /// The `label` column.
     pub fn labels(&self) -> Option<&Int32Array> {
         self.col(COL_LABEL)
     }
+    /// The `image` column.
     pub fn images(&self) -> Option<&BinaryArray> {
         self.col(COL_IMAGE)
     }
+    /// The `height` column.
     pub fn heights(&self) -> Option<&Int32Array> {
         self.col(COL_HEIGHT)
     }
+    /// The `width` column.
     pub fn widths(&self) -> Option<&Int32Array> {
         self.col(COL_WIDTH)
     }

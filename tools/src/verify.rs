@@ -7,10 +7,13 @@ use std::path::Path;
 use byol_format::progress::{Mode, Progress};
 use serde::{Deserialize, Serialize};
 
-use crate::read::for_each_row_group;
-use byol_format::image::decode_bgr;
-use byol_format::shards::{file_checksum, FormatError, Manifest};
+use arrow_array::{Array, BinaryArray, Int32Array, StringArray};
 
+use crate::read::{for_each_row_group, Rows};
+use byol_format::image::decode_bgr;
+use byol_format::shards::{file_checksum, FormatError, Manifest, ShardInfo};
+
+/// One problem found: the shard, the row's key when it is one row's, what is wrong.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Problem {
     pub shard: String,
@@ -19,6 +22,7 @@ pub struct Problem {
     pub problem: String,
 }
 
+/// The `--json` report of `verify`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub command: String,
@@ -31,6 +35,27 @@ pub struct VerifyReport {
     pub seconds: f64,
 }
 
+impl VerifyReport {
+    /// The human-readable report: one line per problem, then the verdict.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        for p in &self.problems {
+            let key = p.key.as_ref().map(|k| format!(" key {k}"));
+            s += &format!("{}{}: {}\n", p.shard, key.unwrap_or_default(), p.problem);
+        }
+        s += &format!(
+            "{}: {} shard(s), {} rows, {} images decoded, {} problem(s), {:.1} s\n",
+            if self.ok { "OK" } else { "FAILED" },
+            self.shards,
+            self.rows,
+            self.decoded,
+            self.problems.len(),
+            self.seconds
+        );
+        s
+    }
+}
+
 /// Checks `dir`; `workers` threads decode images.
 ///
 /// # Errors
@@ -38,135 +63,20 @@ pub struct VerifyReport {
 pub fn verify(dir: &Path, workers: usize, progress: bool) -> Result<VerifyReport, FormatError> {
     let t0 = std::time::Instant::now();
     let m = Manifest::load(dir)?;
-    let mut bar = Progress::new(Mode::detect(progress), "verify", m.totals.rows, "images", 0);
-    let mut problems = Vec::new();
-    let mut keys: HashSet<String> = HashSet::new();
+    let mut c = Checker {
+        bar: Progress::new(Mode::detect(progress), "verify", m.totals.rows, "images", 0),
+        problems: Vec::new(),
+        keys: HashSet::new(),
+        decoded: 0,
+        nclasses: m.classes.len() as i32,
+        workers: workers.max(1),
+    };
     let mut rows_seen = 0u64;
-    let mut decoded = 0u64;
-    let nclasses = m.classes.len() as i32;
     for s in &m.shards {
-        let path = dir.join(&s.file);
-        let shard_problem = |p: String| Problem {
-            shard: s.file.clone(),
-            key: None,
-            problem: p,
-        };
-        match std::fs::metadata(&path) {
-            Err(e) => {
-                problems.push(shard_problem(format!("cannot read: {e}")));
-                continue;
-            }
-            Ok(md) if md.len() != s.bytes => problems.push(shard_problem(format!(
-                "size {} bytes, manifest says {}",
-                md.len(),
-                s.bytes
-            ))),
-            Ok(_) => {}
-        }
-        match file_checksum(&path) {
-            Ok(c) if c != s.checksum => problems.push(shard_problem(format!(
-                "checksum {c}, manifest says {}",
-                s.checksum
-            ))),
-            Err(e) => problems.push(shard_problem(format!("cannot read: {e}"))),
-            Ok(_) => {}
-        }
-        let mut rows_here = 0u64;
-        let res = for_each_row_group(&path, true, |rows| {
-            let (Some(k), Some(l), Some(im), Some(h), Some(w)) = (
-                rows.keys(),
-                rows.labels(),
-                rows.images(),
-                rows.heights(),
-                rows.widths(),
-            ) else {
-                problems.push(shard_problem("columns have unexpected types".into()));
-                return Ok(());
-            };
-            rows_here += rows.len() as u64;
-            // Decode in parallel: each worker takes every `workers`-th row.
-            let n = rows.len();
-            let nw = workers.max(1);
-            let mut found: Vec<Problem> = std::thread::scope(|sc| {
-                let handles: Vec<_> = (0..nw)
-                    .map(|t| {
-                        let file = s.file.clone();
-                        sc.spawn(move || {
-                            let mut out = Vec::new();
-                            for i in (t..n).step_by(nw) {
-                                let key = k.value(i).to_string();
-                                let row = |p: String| Problem {
-                                    shard: file.clone(),
-                                    key: Some(key.clone()),
-                                    problem: p,
-                                };
-                                match decode_bgr(im.value(i), 1) {
-                                    Err(e) => out.push(row(format!("image does not decode: {e}"))),
-                                    Ok(img) => {
-                                        use opencv::core::MatTraitConst;
-                                        let (dh, dw) = (img.rows(), img.cols());
-                                        if (dh, dw) != (h.value(i), w.value(i)) {
-                                            out.push(row(format!(
-                                                "decodes to {dh}x{dw}, recorded {}x{}",
-                                                h.value(i),
-                                                w.value(i)
-                                            )));
-                                        }
-                                    }
-                                }
-                            }
-                            out
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            vec![Problem {
-                                shard: s.file.clone(),
-                                key: None,
-                                problem: "decoder panicked".into(),
-                            }]
-                        })
-                    })
-                    .collect()
-            });
-            decoded += n as u64;
-            for i in 0..n {
-                let key = k.value(i);
-                let label = l.value(i);
-                if label < -1 || label >= nclasses.max(0) && label != -1 {
-                    found.push(Problem {
-                        shard: s.file.clone(),
-                        key: Some(key.to_string()),
-                        problem: format!("label {label} outside -1..{nclasses}"),
-                    });
-                }
-                if !keys.insert(key.to_string()) {
-                    found.push(Problem {
-                        shard: s.file.clone(),
-                        key: Some(key.to_string()),
-                        problem: "duplicate key".into(),
-                    });
-                }
-            }
-            problems.append(&mut found);
-            bar.inc(n as u64);
-            Ok(())
-        });
-        if let Err(e) = res {
-            problems.push(shard_problem(byol_format::error_chain(&e)));
-        }
-        if rows_here != s.rows {
-            problems.push(shard_problem(format!(
-                "{rows_here} rows, manifest says {}",
-                s.rows
-            )));
-        }
-        rows_seen += rows_here;
+        rows_seen += c.shard(dir, s);
     }
-    bar.finish();
+    c.bar.finish();
+    let mut problems = c.problems;
     if rows_seen != m.totals.rows {
         problems.push(Problem {
             shard: "manifest.json".into(),
@@ -180,8 +90,170 @@ pub fn verify(dir: &Path, workers: usize, progress: bool) -> Result<VerifyReport
         ok: problems.is_empty(),
         shards: m.shards.len(),
         rows: rows_seen,
-        decoded,
+        decoded: c.decoded,
         problems,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// What the checks found so far, across shards.
+struct Checker {
+    bar: Progress,
+    problems: Vec<Problem>,
+    /// Every key seen (a key seen again is a duplicate).
+    keys: HashSet<String>,
+    decoded: u64,
+    nclasses: i32,
+    workers: usize,
+}
+
+/// A problem of the shard `file` as a whole.
+fn shard_problem(file: &str, problem: String) -> Problem {
+    Problem {
+        shard: file.to_string(),
+        key: None,
+        problem,
+    }
+}
+
+impl Checker {
+    /// Checks one shard: size, checksum, every row group, row count. Returns the rows
+    /// read.
+    fn shard(&mut self, dir: &Path, s: &ShardInfo) -> u64 {
+        let path = dir.join(&s.file);
+        match std::fs::metadata(&path) {
+            Err(e) => {
+                let p = shard_problem(&s.file, format!("cannot read: {e}"));
+                self.problems.push(p);
+                return 0;
+            }
+            Ok(md) if md.len() != s.bytes => self.problems.push(shard_problem(
+                &s.file,
+                format!("size {} bytes, manifest says {}", md.len(), s.bytes),
+            )),
+            Ok(_) => {}
+        }
+        match file_checksum(&path) {
+            Ok(c) if c != s.checksum => self.problems.push(shard_problem(
+                &s.file,
+                format!("checksum {c}, manifest says {}", s.checksum),
+            )),
+            Err(e) => self
+                .problems
+                .push(shard_problem(&s.file, format!("cannot read: {e}"))),
+            Ok(_) => {}
+        }
+        let mut rows_here = 0u64;
+        let res = for_each_row_group(&path, true, |rows| {
+            rows_here += self.row_group(&s.file, &rows);
+            Ok(())
+        });
+        if let Err(e) = res {
+            let p = shard_problem(&s.file, byol_format::error_chain(&e));
+            self.problems.push(p);
+        }
+        if rows_here != s.rows {
+            self.problems.push(shard_problem(
+                &s.file,
+                format!("{rows_here} rows, manifest says {}", s.rows),
+            ));
+        }
+        rows_here
+    }
+
+    /// Checks one row group of shard `file`: every image decodes to its recorded size,
+    /// labels are in range, keys are unique. Returns the rows counted (0 when the
+    /// columns have unexpected types).
+    fn row_group(&mut self, file: &str, rows: &Rows) -> u64 {
+        let (Some(k), Some(l), Some(im), Some(h), Some(w)) = (
+            rows.keys(),
+            rows.labels(),
+            rows.images(),
+            rows.heights(),
+            rows.widths(),
+        ) else {
+            let p = shard_problem(file, "columns have unexpected types".into());
+            self.problems.push(p);
+            return 0;
+        };
+        let n = rows.len();
+        let mut found = decode_all(file, k, im, (h, w), self.workers);
+        self.decoded += n as u64;
+        let nclasses = self.nclasses;
+        for i in 0..n {
+            let key = k.value(i);
+            let label = l.value(i);
+            let row = |problem: String| Problem {
+                shard: file.to_string(),
+                key: Some(key.to_string()),
+                problem,
+            };
+            if label < -1 || label >= nclasses.max(0) && label != -1 {
+                found.push(row(format!("label {label} outside -1..{nclasses}")));
+            }
+            if !self.keys.insert(key.to_string()) {
+                found.push(row("duplicate key".into()));
+            }
+        }
+        self.problems.append(&mut found);
+        self.bar.inc(n as u64);
+        n as u64
+    }
+}
+
+/// Decodes every image of a row group in parallel (worker t takes every `workers`-th
+/// row from row t): the rows that do not decode, or decode to another size than the
+/// recorded (height, width).
+fn decode_all(
+    file: &str,
+    keys: &StringArray,
+    images: &BinaryArray,
+    (heights, widths): (&Int32Array, &Int32Array),
+    workers: usize,
+) -> Vec<Problem> {
+    let n = images.len();
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..workers)
+            .map(|t| {
+                sc.spawn(move || {
+                    let mut out = Vec::new();
+                    for i in (t..n).step_by(workers) {
+                        let recorded = (heights.value(i), widths.value(i));
+                        if let Some(problem) = decode_problem(images.value(i), recorded) {
+                            out.push(Problem {
+                                shard: file.to_string(),
+                                key: Some(keys.value(i).to_string()),
+                                problem,
+                            });
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| vec![shard_problem(file, "decoder panicked".into())])
+            })
+            .collect()
+    })
+}
+
+/// Why `bytes` is not an image of the `recorded` (height, width), if it is not.
+fn decode_problem(bytes: &[u8], recorded: (i32, i32)) -> Option<String> {
+    use opencv::core::MatTraitConst;
+    match decode_bgr(bytes, 1) {
+        Err(e) => Some(format!("image does not decode: {e}")),
+        Ok(img) => {
+            let (dh, dw) = (img.rows(), img.cols());
+            ((dh, dw) != recorded).then(|| {
+                format!(
+                    "decodes to {dh}x{dw}, recorded {}x{}",
+                    recorded.0, recorded.1
+                )
+            })
+        }
+    }
 }

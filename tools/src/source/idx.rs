@@ -1,8 +1,13 @@
-//! IDX files (MNIST, Fashion-MNIST), raw or gzip-compressed.
+//! The `idx` layout: IDX files (MNIST, Fashion-MNIST), raw or gzip-compressed: an image
+//! array `[n, rows, cols]` and an optional label array `[n]`. Also reachable as
+//! `byol_tools::idx`.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use super::{Item, LayoutKind, Origin, ScanNotes, ScanOptions, Source, SourceError, Src};
+
+/// Why an IDX file cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum IdxError {
     #[error("reading {path}")]
@@ -28,6 +33,7 @@ impl IdxU8 {
         self.dims.first().copied().unwrap_or(0)
     }
 
+    /// Whether the array holds no items.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -37,6 +43,7 @@ impl IdxU8 {
         self.dims[1..].iter().product()
     }
 
+    /// The bytes of item `i`.
     pub fn item(&self, i: usize) -> &[u8] {
         let n = self.item_size();
         &self.data[i * n..(i + 1) * n]
@@ -97,6 +104,90 @@ pub fn read_idx_u8(path: &Path) -> Result<IdxU8, IdxError> {
         dims,
         data: bytes[start..].to_vec(),
     })
+}
+
+/// Reads the IDX `images` (and `labels`): one unlabeled or labelled item per image,
+/// keyed `idx:N`; the classes are `class_names` (at least as many as the largest label
+/// needs) or the numbers `0..=max`.
+///
+/// # Errors
+/// A missing or unreadable file, an image array that is not `[n, rows, cols]`, a label
+/// array that is not `[n]`, or too few class names.
+pub fn scan(
+    images: &Path,
+    labels: Option<&Path>,
+    opts: &ScanOptions,
+) -> Result<Source, SourceError> {
+    if !images.exists() {
+        return Err(SourceError::Missing(images.to_path_buf()));
+    }
+    let imgs = read_idx_u8(images)?;
+    if imgs.dims.len() != 3 {
+        return Err(SourceError::Invalid(format!(
+            "{}: expected an image array [n, rows, cols], got dims {:?}",
+            images.display(),
+            imgs.dims
+        )));
+    }
+    let lbls = match labels {
+        Some(p) => Some(read_labels(p, images, imgs.len())?),
+        None => None,
+    };
+    let classes = match &lbls {
+        None => Vec::new(),
+        Some(l) => class_names(l, opts)?,
+    };
+    let items = (0..imgs.len())
+        .map(|i| Item {
+            key: format!("idx:{i}"),
+            label: lbls.as_ref().map(|l| l[i] as i32).unwrap_or(-1),
+            src: Src::Idx(i),
+            size: 0,
+        })
+        .collect();
+    let notes = ScanNotes::default();
+    Ok(Source::new(
+        LayoutKind::Idx,
+        classes,
+        items,
+        notes,
+        Origin::Idx(imgs),
+    ))
+}
+
+/// The labels at `path`: one per image of `images` (`n` of them).
+fn read_labels(path: &Path, images: &Path, n: usize) -> Result<Vec<u8>, SourceError> {
+    let l = read_idx_u8(path)?;
+    if l.dims.len() != 1 || l.len() != n {
+        return Err(SourceError::Invalid(format!(
+            "{}: {} labels (dims {:?}) for {} images in {}",
+            path.display(),
+            l.len(),
+            l.dims,
+            n,
+            images.display()
+        )));
+    }
+    Ok(l.data)
+}
+
+/// `--class-names`, or the numbers `0..=max label`.
+fn class_names(labels: &[u8], opts: &ScanOptions) -> Result<Vec<String>, SourceError> {
+    let n = labels
+        .iter()
+        .copied()
+        .max()
+        .map(|m| m as usize + 1)
+        .unwrap_or(0);
+    match &opts.class_names {
+        Some(names) if names.len() >= n => Ok(names.clone()),
+        Some(names) => Err(SourceError::Invalid(format!(
+            "{} class names given but labels go up to {}",
+            names.len(),
+            n - 1
+        ))),
+        None => Ok((0..n).map(|i| i.to_string()).collect()),
+    }
 }
 
 #[cfg(test)]

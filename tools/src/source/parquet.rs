@@ -1,4 +1,4 @@
-//! Parquet image datasets in the Hugging Face layout as a source: an image column that is
+//! The `parquet` layout: Parquet image datasets in the Hugging Face layout: an image column that is
 //! a struct of `bytes` and `path` (the `datasets` library's `Image` feature) or plain
 //! binary, an optional integer label column, and class names from the `huggingface`
 //! schema metadata's `ClassLabel` `names` when present. The metadata says which columns
@@ -22,7 +22,13 @@ use arrow_schema::DataType;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
-use byol_format::shards;
+use byol_format::shards::{self, Skipped};
+
+use super::{
+    files_and_folders, with_classes_from, Item, LayoutKind, Origin, ScanNotes, ScanOptions, Source,
+    SourceError, Src,
+};
+use crate::keys::is_parquet_name;
 
 /// Row groups whose rows are shuffled together when stored.
 pub const WINDOW: usize = 8;
@@ -125,38 +131,7 @@ fn columns(path: &Path, schema: &arrow_schema::Schema) -> Result<Columns, Parque
             (f.get("_type").and_then(|x| x.as_str()) == Some(t)).then(|| name.clone())
         })
     };
-    let image_name = of_type("Image")
-        .or_else(|| {
-            ["image", "img"]
-                .iter()
-                .find(|n| schema.column_with_name(n).is_some())
-                .map(|n| n.to_string())
-        })
-        .ok_or_else(|| {
-            let cols: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-            bad(format!(
-                "no image column: none is declared an `Image` feature in the `huggingface` metadata, and none is named `image` or `img` (columns: {})",
-                cols.join(", ")
-            ))
-        })?;
-    let (image, f) = schema.column_with_name(&image_name).ok_or_else(|| {
-        bad(format!(
-            "the metadata names the image column `{image_name}`, which the file lacks"
-        ))
-    })?;
-    let ok = match f.data_type() {
-        DataType::Binary | DataType::LargeBinary => true,
-        DataType::Struct(fields) => fields.iter().any(|c| {
-            c.name() == "bytes" && matches!(c.data_type(), DataType::Binary | DataType::LargeBinary)
-        }),
-        _ => false,
-    };
-    if !ok {
-        return Err(bad(format!(
-            "the image column `{image_name}` is {}, not binary or a struct with binary `bytes`",
-            f.data_type()
-        )));
-    }
+    let image = image_column(schema, of_type("Image")).map_err(bad)?;
     let label_name = of_type("ClassLabel").or_else(|| {
         schema
             .column_with_name("label")
@@ -186,13 +161,111 @@ fn columns(path: &Path, schema: &arrow_schema::Schema) -> Result<Columns, Parque
     })
 }
 
+/// The index of the image column: `declared` (the metadata's `Image` feature), else the
+/// column named `image` or `img`; it must be binary, or a struct with binary `bytes`.
+/// The error text says why there is none.
+fn image_column(schema: &arrow_schema::Schema, declared: Option<String>) -> Result<usize, String> {
+    let image_name = declared
+        .or_else(|| {
+            ["image", "img"]
+                .iter()
+                .find(|n| schema.column_with_name(n).is_some())
+                .map(|n| n.to_string())
+        })
+        .ok_or_else(|| {
+            let cols: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            format!(
+                "no image column: none is declared an `Image` feature in the `huggingface` metadata, and none is named `image` or `img` (columns: {})",
+                cols.join(", ")
+            )
+        })?;
+    let (image, f) = schema.column_with_name(&image_name).ok_or_else(|| {
+        format!("the metadata names the image column `{image_name}`, which the file lacks")
+    })?;
+    let ok = match f.data_type() {
+        DataType::Binary | DataType::LargeBinary => true,
+        DataType::Struct(fields) => fields.iter().any(|c| {
+            c.name() == "bytes" && matches!(c.data_type(), DataType::Binary | DataType::LargeBinary)
+        }),
+        _ => false,
+    };
+    if !ok {
+        return Err(format!(
+            "the image column `{image_name}` is {}, not binary or a struct with binary `bytes`",
+            f.data_type()
+        ));
+    }
+    Ok(image)
+}
+
+/// The files given, and the `*.parquet` files of the folders given (sorted by name), as a
+/// source. Labels are the label column's integers; the class names are `--class-names`,
+/// else the `ClassLabel` names in the `huggingface` metadata, else the numbers `0..=max`.
+/// Without a label column every row is unlabeled; a row whose label is null or negative
+/// is unlabeled; one beyond the class names is skipped with the reason.
+///
+/// # Errors
+/// A missing source, a folder without `.parquet` files, a file that is not a usable
+/// Parquet image dataset (naming it), or a class that `--classes-from`'s dataset lacks.
+pub fn scan(srcs: &[PathBuf], opts: &ScanOptions) -> Result<Source, SourceError> {
+    let files = files_and_folders(srcs, is_parquet_name, ".parquet files")?;
+    let scan =
+        scan_files(&files).map_err(|e| SourceError::Invalid(byol_format::error_chain(&e)))?;
+    let names: Option<Vec<String>> = opts.class_names.clone().or(scan.class_names);
+    let max = scan.rows.iter().map(|r| r.label).max().unwrap_or(-1);
+    let classes: Vec<String> = match (&names, scan.labelled) {
+        (_, false) => Vec::new(),
+        (Some(n), true) => n.clone(),
+        (None, true) => (0..=max).map(|n| n.to_string()).collect(),
+    };
+    let mut items = Vec::with_capacity(scan.rows.len());
+    let mut notes = ScanNotes::default();
+    for r in scan.rows {
+        // A null or negative label (Hugging Face test splits use -1) is an unlabeled row.
+        let label = if !scan.labelled || r.label < 0 {
+            -1
+        } else if r.label as usize >= classes.len() {
+            notes.skipped.push(Skipped {
+                key: r.key,
+                reason: format!(
+                    "label {} is beyond the {} class names",
+                    r.label,
+                    classes.len()
+                ),
+            });
+            continue;
+        } else {
+            r.label as i32
+        };
+        items.push(Item {
+            key: r.key,
+            label,
+            src: Src::Parquet {
+                file: r.file,
+                group: r.group,
+                row: r.row,
+            },
+            size: 0,
+        });
+    }
+    let classes = with_classes_from(classes, &mut items, opts)?;
+    let origin = Origin::Parquet(ParquetImages::new(files));
+    Ok(Source::new(
+        LayoutKind::Parquet,
+        classes,
+        items,
+        notes,
+        origin,
+    ))
+}
+
 /// Scans `files` (in the order given): every row's key, label and place; the labels
 /// come from an integer `label` column (null: unlabeled).
 ///
 /// # Errors
 /// [`ParquetSourceError`] naming the file: unreadable, not Parquet, no usable `image`
 /// column, or a `label` column that is not integer.
-pub fn scan(files: &[PathBuf]) -> Result<ParquetScan, ParquetSourceError> {
+pub fn scan_files(files: &[PathBuf]) -> Result<ParquetScan, ParquetSourceError> {
     let mut out = ParquetScan::default();
     for (fi, path) in files.iter().enumerate() {
         let b = builder(path)?;
@@ -294,6 +367,7 @@ pub struct ParquetImages {
 }
 
 impl ParquetImages {
+    /// The images of `files` (indexed as [`Src::Parquet`]'s `file`), none read yet.
     pub fn new(files: Vec<PathBuf>) -> ParquetImages {
         ParquetImages {
             files,

@@ -1,17 +1,13 @@
-//! Tar archives as a source, read in place (nothing extracted): WebDataset shards
-//! ([`scan_webdataset`]), a tar of class folders
-//! (`class/xxx.jpg`), or a tar of tars where each inner tar is a class (ImageNet's
-//! `ILSVRC2012_img_train.tar`: `n01440764.tar`, …), or a tar of images without folders
-//! (unlabeled).
+//! Reading tar archives in place (nothing extracted): a tar of class folders
+//! (`class/xxx.jpg`), a tar of tars where each inner tar is a class (ImageNet's
+//! `ILSVRC2012_img_train.tar`: `n01440764.tar`, …), a tar of images without folders
+//! (unlabeled), and WebDataset shards ([`scan_webdataset`]).
 //!
 //! A scan reads only the headers (the `tar` crate, seeking past member data; an inner
 //! tar is scanned the same way through a window of the archive file) and records where
 //! each member's bytes lie in the archive file; the shard workers then read those bytes
-//! with positioned reads. Memory is bounded by the item list, not by the archive.
-//! A gzip-compressed tar cannot be read at an offset: [`gunzip_to_temp`] first streams
-//! it once into a temporary uncompressed tar (deleted when the source is dropped; JPEG
-//! members barely compress, so it is about the archive's size), which is then read in
-//! place like any other.
+//! with positioned reads ([`read_member`]). Memory is bounded by the item list, not by
+//! the archive. Gzip-compressed archives are first decompressed by [`super::gzip`].
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -21,7 +17,8 @@ use std::path::{Component, Path, PathBuf};
 
 use byol_format::shards::Skipped;
 
-use crate::keys::{has_image_extension, key_of};
+use super::{ScanNotes, Src};
+use crate::keys::{has_image_extension, key_of, tar_name, TarName};
 
 /// Why an archive cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -53,12 +50,9 @@ pub enum TarError {
 pub struct TarScan {
     /// Image members in archive order (a later one may repeat an earlier key).
     pub members: Vec<TarMember>,
-    /// Members not used, with the reason (a path leaving the archive).
-    pub skipped: Vec<Skipped>,
-    /// Keys spelled with `%XX` escapes (see [`key_of`]).
-    pub escaped: Vec<String>,
-    /// Members without an image extension.
-    pub ignored: u64,
+    /// Members without an image extension or hidden (ignored), members not used with
+    /// the reason (a path leaving the archive, a link), and escaped keys.
+    pub notes: ScanNotes,
     /// Top-level folders and inner tars (class names), members or not: an empty class
     /// folder or inner tar is still a class, as an empty class folder on disk is.
     pub dirs: std::collections::BTreeSet<String>,
@@ -116,6 +110,17 @@ pub struct TarMember {
     pub size: u64,
 }
 
+impl TarMember {
+    /// Where this member's bytes are, as an item of archive `archive` of the source.
+    pub fn src(&self, archive: usize) -> Src {
+        Src::Tar {
+            archive,
+            offset: self.offset,
+            size: self.size,
+        }
+    }
+}
+
 /// Whether a member path stays inside the archive's tree (no `..`, not absolute).
 fn safe(path: &Path) -> bool {
     path.components()
@@ -168,7 +173,7 @@ impl Scan<'_> {
     /// archive's bytes for it are not an image, and following it could leave the archive.
     fn link(&mut self, path: &Path, kind: tar::EntryType) {
         if (kind.is_symlink() || kind.is_hard_link()) && has_image_extension(path) {
-            self.out.skipped.push(Skipped {
+            self.out.notes.skipped.push(Skipped {
                 key: key_of(path).0,
                 reason: "a link member, not followed".into(),
             });
@@ -178,7 +183,7 @@ impl Scan<'_> {
     /// Records one regular-file member at `offset` (in the archive file) under `path`.
     fn member(&mut self, path: &Path, class: Option<String>, offset: u64, size: u64) {
         if !safe(path) {
-            self.out.skipped.push(Skipped {
+            self.out.notes.skipped.push(Skipped {
                 key: path.display().to_string(),
                 reason: "member path leaves the archive (absolute or ..)".into(),
             });
@@ -189,11 +194,11 @@ impl Scan<'_> {
             .components()
             .any(|c| c.as_os_str().as_bytes().first() == Some(&b'.'));
         if hidden || !has_image_extension(path) {
-            self.out.ignored += 1;
+            self.out.notes.ignored += 1;
             return;
         }
         if escaped {
-            self.out.escaped.push(key.clone());
+            self.out.notes.escaped.push(key.clone());
         }
         self.out.members.push(TarMember {
             key,
@@ -320,130 +325,6 @@ fn each_member(
     Ok(s.out)
 }
 
-/// Whether `path` starts with gzip's magic bytes.
-///
-/// # Errors
-/// The file cannot be read.
-pub fn is_gzip(path: &Path) -> Result<bool, TarError> {
-    let mut magic = [0u8; 2];
-    let mut f = File::open(path).map_err(|source| TarError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let n = f.read(&mut magic).map_err(|source| TarError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(n == 2 && magic == [0x1f, 0x8b])
-}
-
-/// Temporary tars made by this process: removed by the signal handler of `byol-tools`
-/// (see [`remove_temporaries`]) when a signal ends the process before they are dropped.
-static TEMPORARIES: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-
-/// Removes every temporary tar this process made (from a signal handler's thread).
-pub fn remove_temporaries() {
-    let list = TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner());
-    for p in list.iter() {
-        let _ = std::fs::remove_file(p);
-    }
-}
-
-const TEMP_PREFIX: &str = ".byol-tools-gunzip-";
-
-/// Removes temporary tars in `dir` left by `byol-tools` processes that no longer run
-/// (killed with SIGKILL): their names carry the process id.
-fn remove_stale_temporaries(dir: &Path) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(TEMP_PREFIX) else {
-            continue;
-        };
-        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                eprintln!(
-                    "byol-tools: removing {}, left by an earlier run that was killed",
-                    e.path().display()
-                );
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
-}
-
-/// Streams the gzip-compressed `archive` (every member of a multi-member gzip, as
-/// `gunzip` does; the `flate2` crate) into a temporary tar in `dir` (made if missing),
-/// named `.byol-tools-gunzip-PID-*.tar`, deleted when the returned path is dropped, or
-/// by [`remove_temporaries`] on a signal, or by a later run when this process was killed.
-///
-/// # Errors
-/// [`TarError::Gzip`] naming the archive and how many compressed bytes were good for a
-/// corrupt or truncated stream; [`TarError::Io`] naming the temporary tar when it cannot
-/// be written (a full disk, a read-only folder).
-pub fn gunzip_to_temp(archive: &Path, dir: &Path) -> Result<tempfile::TempPath, TarError> {
-    use std::io::Write;
-    let io_at = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| TarError::Io { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(io_at(dir))?;
-    remove_stale_temporaries(dir);
-    let f = File::open(archive).map_err(io_at(archive))?;
-    let counted = CountingReader {
-        inner: BufReader::with_capacity(1 << 20, f),
-        n: 0,
-    };
-    let mut gz = flate2::read::MultiGzDecoder::new(counted);
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
-        .suffix(".tar")
-        .tempfile_in(dir)
-        .map_err(io_at(dir))?;
-    let (file, path) = tmp.into_parts();
-    TEMPORARIES
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(path.to_path_buf());
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = match gz.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(TarError::Gzip {
-                    archive: archive.to_path_buf(),
-                    compressed: gz.get_ref().n,
-                    detail: e.to_string(),
-                })
-            }
-        };
-        // A write error is the temporary tar's (a full disk), not the archive's.
-        w.write_all(&buf[..n]).map_err(io_at(&path))?;
-    }
-    w.flush().map_err(io_at(&path))?;
-    Ok(path)
-}
-
-/// Counts the bytes read through it (the compressed position of a gzip error).
-struct CountingReader<R> {
-    inner: R,
-    n: u64,
-}
-
-impl<R: Read> Read for CountingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let k = self.inner.read(buf)?;
-        self.n += k as u64;
-        Ok(k)
-    }
-}
-
 /// Scans `archive` (see the module docs): class folders, inner class tars, or images.
 /// Messages name the archive as `name` (the compressed file a temporary tar came from).
 ///
@@ -452,20 +333,22 @@ impl<R: Read> Read for CountingReader<R> {
 /// archive and the byte after which it breaks).
 pub fn scan(archive: &Path, name: &Path) -> Result<TarScan, TarError> {
     each_member(archive, name, |s, path, offset, size, _| {
-        let is_tar = path.extension() == Some(OsStr::new("tar"));
-        if is_tar && path.components().count() == 1 && safe(path) {
-            let class = key_of(Path::new(path.file_stem().unwrap_or_default())).0;
-            return s.inner(&class, offset, size);
-        }
-        let lower = path.to_string_lossy().to_ascii_lowercase();
-        if path.components().count() == 1 && (lower.ends_with(".tar.gz") || lower.ends_with(".tgz"))
-        {
-            s.out.skipped.push(Skipped {
-                key: key_of(path).0,
-                reason: "a compressed inner tar is not read: store inner class tars uncompressed"
-                    .into(),
-            });
-            return Ok(());
+        let top = path.components().count() == 1;
+        match tar_name(path) {
+            Some(TarName::Plain) if top && safe(path) => {
+                let class = key_of(Path::new(path.file_stem().unwrap_or_default())).0;
+                return s.inner(&class, offset, size);
+            }
+            Some(TarName::Gzip) if top => {
+                s.out.notes.skipped.push(Skipped {
+                    key: key_of(path).0,
+                    reason:
+                        "a compressed inner tar is not read: store inner class tars uncompressed"
+                            .into(),
+                });
+                return Ok(());
+            }
+            _ => {}
         }
         if path.extension() == Some(OsStr::new("cls")) {
             s.out.cls_members += 1;
