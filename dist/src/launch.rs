@@ -154,7 +154,7 @@ pub fn run(opts: &LaunchOptions) -> Result<i32> {
     );
     // Like torchrun, keep n workers from each starting one libtorch thread per core:
     // each gets its share of the cores unless OMP_NUM_THREADS is set.
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let cores = byol_format::cores();
     let omp = std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| (cores / n).max(1).to_string());
     let mut children = Vec::with_capacity(n);
     let mut pipes = Vec::new();

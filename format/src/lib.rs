@@ -21,6 +21,12 @@ pub mod progress;
 pub mod rng;
 pub mod shards;
 
+/// The cores this process may use (`available_parallelism`, 1 when unknown): the
+/// default for decode threads, shard workers and a launcher's per-worker share.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// An error and its causes on one line: `a: b: c`.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();

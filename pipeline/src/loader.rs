@@ -58,9 +58,7 @@ pub struct LoaderConfig {
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let cores = byol_format::cores();
         LoaderConfig {
             batch: 256,
             canvas: 256,

@@ -102,7 +102,7 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
             seconds,
             json,
         } => {
-            let threads = threads.unwrap_or_else(super::cores);
+            let threads = threads.unwrap_or_else(byol_format::cores);
             let r = super::bench_pipeline::run(&data, canvas, batch, threads, seconds)?;
             emit(json, &r, || {
                 format!(
@@ -189,7 +189,7 @@ fn augment(
             &d,
             batch,
             canvas,
-            threads.unwrap_or_else(super::cores),
+            threads.unwrap_or_else(byol_format::cores),
             seconds,
             cfg,
         )?,

@@ -22,7 +22,7 @@ pub struct InfoArgs {
 /// # Errors
 /// Writing the report to stdout fails.
 pub fn run(a: InfoArgs) -> Result<ExitCode> {
-    let info = byol_trainer::runtime::probe(a.ort_lib.as_deref());
+    let info = byol_trainer::train::runtime::probe(a.ort_lib.as_deref());
     if a.json {
         json_line(&info)?;
     } else {

@@ -20,14 +20,6 @@ pub mod preview;
 #[cfg(feature = "opencv")]
 pub mod train;
 
-/// The machine's cores (the default number of decode threads).
-#[cfg(feature = "opencv")]
-pub fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
 /// Python with torch for reference measurements: `$BYOL_PYTHON`, the project's venv
 /// (next to `target/`), then `python3`.
 pub fn default_python() -> PathBuf {

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use byol_format::cli::emit;
-use byol_trainer::config::TrainConfig;
 use byol_trainer::train::{install_signal_handlers, train, TrainOptions};
 
 /// Train (or resume) a BYOL run.
@@ -50,21 +49,13 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     if let Some(n) = a.nproc_per_node {
         return launch(n);
     }
-    install_signal_handlers().context("installing signal handlers")?;
+    let stop = install_signal_handlers().context("installing signal handlers")?;
     let resume = a.resume.as_deref() == Some("yes");
     let resume_auto = a.resume.as_deref() == Some("auto");
-    let cfg = match &a.config {
-        Some(p) => Some(super::read_config(p, &a.sets)?),
-        None if !a.sets.is_empty() && (resume || resume_auto) => {
-            let p = byol_trainer::run::config_path(&a.out);
-            let saved =
-                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-            Some(
-                TrainConfig::from_toml(&saved, &a.sets)
-                    .with_context(|| format!("{}", p.display()))?,
-            )
-        }
-        None => None,
+    // On --resume without --config, the --set overrides apply to the run's own config.
+    let (cfg, sets) = match &a.config {
+        Some(p) => (Some(super::read_config(p, &a.sets)?), Vec::new()),
+        None => (None, a.sets),
     };
     let opts = TrainOptions {
         max_steps: a.max_steps,
@@ -73,9 +64,11 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         resume_auto,
         progress: true,
         time_budget: a.time_budget,
+        stop,
+        sets,
     };
     let s = train(cfg, &a.data, &a.out, &opts, byol_pipeline::opencv_decoder())?;
-    if std::env::var("RANK").is_ok_and(|r| r != "0") && s.world_size > 1 {
+    if s.rank != 0 {
         // Rank 0 reports for the job.
         return Ok(ExitCode::SUCCESS);
     }

@@ -113,12 +113,6 @@ struct ShardArgs {
     json: bool,
 }
 
-fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
 fn run_shard(a: ShardArgs) -> Result<ExitCode> {
     if let Some(n) = a.max_pixels {
         byol_format::image::set_max_pixels(n);
@@ -135,7 +129,7 @@ fn run_shard(a: ShardArgs) -> Result<ExitCode> {
         },
         rows_per_shard: a.rows_per_shard,
         row_group_rows: a.row_group_rows,
-        workers: a.workers.unwrap_or_else(cores).max(1),
+        workers: a.workers.unwrap_or_else(byol_format::cores).max(1),
         seed: a.seed,
         force: a.force,
         // A bar on a terminal, plain lines otherwise.
@@ -164,7 +158,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(n) = max_pixels {
                 byol_format::image::set_max_pixels(n);
             }
-            let r = verify::verify(&dir, workers.unwrap_or_else(cores), true)?;
+            let r = verify::verify(&dir, workers.unwrap_or_else(byol_format::cores), true)?;
             emit(json, &r, || r.render())?;
             Ok(ExitCode::from(if r.ok { 0 } else { 1 }))
         }
@@ -199,7 +193,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 images,
                 height,
                 width,
-                workers: workers.unwrap_or_else(cores).max(1),
+                workers: workers.unwrap_or_else(byol_format::cores).max(1),
                 quality: 90,
                 resize_to,
                 dir: None,

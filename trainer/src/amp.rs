@@ -11,6 +11,8 @@
 
 use tch::{Device, Kind};
 
+use crate::config::Precision;
+
 mod ffi {
     #[link(name = "torch_cpu")]
     extern "C" {
@@ -270,9 +272,7 @@ pub fn native_bf16(hw: &Hardware) -> (bool, String) {
 /// with AVX-512 BF16 or AMX) and float32 elsewhere; an explicit `bf16` on hardware
 /// that emulates it still runs, with a warning.
 ///
-/// # Errors
-/// An unknown precision name.
-pub fn choose_precision(name: &str, hw: &Hardware) -> Result<PrecisionChoice, String> {
+pub fn choose_precision(p: Precision, hw: &Hardware) -> PrecisionChoice {
     let (native, why) = native_bf16(hw);
     let bf16 = |reason: String, warning| PrecisionChoice {
         dtype: Some(Kind::BFloat16),
@@ -286,30 +286,19 @@ pub fn choose_precision(name: &str, hw: &Hardware) -> Result<PrecisionChoice, St
         reason,
         warning: None,
     };
-    match name {
-        "fp32" => Ok(fp32("train.precision = \"fp32\"".into())),
-        "bf16" if native => Ok(bf16(format!("train.precision = \"bf16\"; {why}"), None)),
-        "bf16" => Ok(bf16(
+    match p {
+        Precision::Fp32 => fp32("train.precision = \"fp32\"".into()),
+        Precision::Bf16 if native => bf16(format!("train.precision = \"bf16\"; {why}"), None),
+        Precision::Bf16 => bf16(
             format!("train.precision = \"bf16\" although {why}"),
             Some(format!(
                 "train.precision = \"bf16\" but {why}: expect {EMULATED_BF16_SLOWDOWN}; \
                  use \"auto\" or \"fp32\""
             )),
-        )),
-        "auto" if native => Ok(bf16(format!("auto: {why}"), None)),
-        "auto" => Ok(fp32(format!("auto: {why}"))),
-        other => Err(format!(
-            "unknown train.precision {other:?} (auto, fp32 or bf16)"
-        )),
+        ),
+        Precision::Auto if native => bf16(format!("auto: {why}"), None),
+        Precision::Auto => fp32(format!("auto: {why}")),
     }
-}
-
-/// [`choose_precision`] on this machine for `device`.
-///
-/// # Errors
-/// An unknown precision name.
-pub fn precision(name: &str, device: Device) -> Result<PrecisionChoice, String> {
-    choose_precision(name, &Hardware::detect(device))
 }
 
 #[cfg(test)]
@@ -330,7 +319,7 @@ mod tests {
 
     #[test]
     fn auto_is_bf16_only_where_bf16_is_native() {
-        let c = |flags| choose_precision("auto", &cpu(flags)).unwrap();
+        let c = |flags| choose_precision(Precision::Auto, &cpu(flags));
         assert_eq!(c(AVX2).name, "fp32");
         assert_eq!(c(AVX512_NO_BF16).name, "fp32");
         assert_eq!(c(&[]).name, "fp32");
@@ -351,11 +340,11 @@ mod tests {
     fn onednn_isa_cap_below_bf16_means_emulated() {
         let mut hw = cpu(AVX512_BF16);
         hw.onednn_max_isa = Some("AVX2".into());
-        assert_eq!(choose_precision("auto", &hw).unwrap().name, "fp32");
+        assert_eq!(choose_precision(Precision::Auto, &hw).name, "fp32");
         hw.onednn_max_isa = Some("AVX512_CORE_BF16".into());
-        assert_eq!(choose_precision("auto", &hw).unwrap().name, "bf16");
+        assert_eq!(choose_precision(Precision::Auto, &hw).name, "bf16");
         hw.onednn_max_isa = Some("AVX512_CORE_AMX".into());
-        assert_eq!(choose_precision("auto", &hw).unwrap().name, "bf16");
+        assert_eq!(choose_precision(Precision::Auto, &hw).name, "bf16");
     }
 
     #[test]
@@ -367,36 +356,35 @@ mod tests {
             onednn_max_isa: None,
         };
         assert_eq!(
-            choose_precision("auto", &gpu(Some((9, 0)))).unwrap().name,
+            choose_precision(Precision::Auto, &gpu(Some((9, 0)))).name,
             "bf16"
         );
         assert_eq!(
-            choose_precision("auto", &gpu(Some((8, 0)))).unwrap().name,
+            choose_precision(Precision::Auto, &gpu(Some((8, 0)))).name,
             "bf16"
         );
         assert_eq!(
-            choose_precision("auto", &gpu(Some((7, 5)))).unwrap().name,
+            choose_precision(Precision::Auto, &gpu(Some((7, 5)))).name,
             "fp32"
         );
-        assert_eq!(choose_precision("auto", &gpu(None)).unwrap().name, "fp32");
-        assert!(choose_precision("bf16", &gpu(Some((7, 0))))
-            .unwrap()
+        assert_eq!(choose_precision(Precision::Auto, &gpu(None)).name, "fp32");
+        assert!(choose_precision(Precision::Bf16, &gpu(Some((7, 0))))
             .warning
             .is_some());
     }
 
     #[test]
     fn explicit_bf16_on_emulating_cpu_runs_with_a_warning() {
-        let c = choose_precision("bf16", &cpu(AVX2)).unwrap();
+        let c = choose_precision(Precision::Bf16, &cpu(AVX2));
         assert_eq!(c.dtype, Some(Kind::BFloat16));
         let w = c.warning.unwrap();
         assert!(w.contains("9x slower"), "{w}");
-        assert!(choose_precision("bf16", &cpu(AVX512_BF16))
-            .unwrap()
+        assert!(choose_precision(Precision::Bf16, &cpu(AVX512_BF16))
             .warning
             .is_none());
-        let f = choose_precision("fp32", &cpu(AMX)).unwrap();
+        let f = choose_precision(Precision::Fp32, &cpu(AMX));
         assert_eq!((f.dtype, f.name), (None, "fp32"));
-        assert!(choose_precision("fp16", &cpu(AMX)).is_err());
+        let refused = crate::config::TrainConfig::from_toml("[train]\nprecision = \"fp16\"", &[]);
+        assert!(refused.is_err());
     }
 }

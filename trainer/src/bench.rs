@@ -14,7 +14,7 @@ use byol_pipeline::{Cursor, Dataset, Loader};
 
 use crate::byol::{channels_last, train_step, Network, Optimizer, StepSettings};
 use crate::config::TrainConfig;
-use crate::run::device_of;
+use crate::train::{BatchPlan, Runtime};
 
 #[derive(Debug, Serialize)]
 pub struct TrainBench {
@@ -96,18 +96,15 @@ pub fn bench_train(
     decode: Option<DecodeFn>,
     python: Option<&Path>,
 ) -> Result<TrainBench> {
-    if cfg.train.torch_threads > 0 {
-        tch::set_num_threads(cfg.train.torch_threads);
-    }
-    let dev = device_of(&cfg.train.device)?;
-    let b = cfg.train.batch;
+    // One process: the runtime and batch plan `byol train` would use without torchrun.
+    let rt = Runtime::local(&cfg.train)?;
+    rt.warn_precision();
+    let plan = BatchPlan::new(cfg.train.batch, &rt)?;
+    let dev = rt.device;
+    let b = plan.global;
     let size = cfg.augment.size;
     let warmup = 3;
-    let choice =
-        crate::amp::precision(&cfg.train.precision, dev).map_err(crate::error::Error::Invalid)?;
-    if let Some(w) = &choice.warning {
-        eprintln!("byol: WARNING: {w}");
-    }
+    let choice = &rt.precision;
     let amp = choice.dtype;
     let st = StepSettings {
         lr: 0.1,
@@ -148,7 +145,7 @@ pub fn bench_train(
         (Some(d), Some(dec)) => {
             let mut m = model(cfg, dev);
             let ds = Dataset::open(d).with_context(|| format!("opening {}", d.display()))?;
-            let lc = crate::train::loader_config(cfg);
+            let lc = plan.loader_config(cfg);
             let loader = Loader::new(ds, lc, dec)?;
             if loader.batches_per_epoch() == 0 {
                 crate::bail!("{}: fewer rows than one batch", d.display());
@@ -245,7 +242,7 @@ pub fn bench_train(
         size,
         steps,
         precision: choice.name.into(),
-        precision_reason: choice.reason,
+        precision_reason: choice.reason.clone(),
         compute_images_per_s: compute,
         synthetic_images_per_s: synthetic,
         data_images_per_s: data_rate,

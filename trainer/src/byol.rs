@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 
-use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::model::{EncoderConfig, HeadConfig, Mlp, ResNet};
@@ -158,14 +157,7 @@ pub fn copy_into(target: &nn::VarStore, online: &nn::VarStore) {
     });
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimizerKind {
-    Lars,
-    Sgd,
-    /// Adam with decoupled weight decay (torch.optim.AdamW; β1 = `momentum`).
-    Adamw,
-}
+pub use crate::config::OptimizerKind;
 
 /// The optimizer of the networks (and of the online probe), one of [`OptimizerKind`]:
 ///

@@ -1,11 +1,151 @@
 //! The training config: one TOML file holds every hyper-parameter of a run.
+//!
+//! A leaf module (it imports nothing else of the crate): every other part reads its
+//! settings from here. [`TrainConfig::from_toml`] and [`TrainConfig::with_sets`] check
+//! every value when the config loads ([`TrainConfig::validate`]), so a bad value is
+//! refused with its key before any work starts.
 
 use serde::{Deserialize, Serialize};
 
 use byol_pipeline::augment::AugmentConfig;
 
-use crate::byol::OptimizerKind;
-use crate::model::{EncoderConfig, HeadConfig};
+/// The torchvision ResNet depths byol builds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Resnet18,
+    Resnet34,
+    Resnet50,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncoderConfig {
+    pub arch: Arch,
+    /// 3×3 stride-1 first convolution and no max-pool (small images).
+    pub cifar_stem: bool,
+    /// Max-pool (3×3, stride 2) after the stem; default: on for the ImageNet stem, off
+    /// for the CIFAR stem. With the CIFAR stem it halves every stage's resolution, so
+    /// twice the width costs about the same compute.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stem_pool: Option<bool>,
+    /// Channel width multiplier (1.0 = torchvision's widths).
+    pub width: f64,
+}
+
+impl Default for EncoderConfig {
+    fn default() -> Self {
+        EncoderConfig {
+            arch: Arch::Resnet50,
+            cifar_stem: false,
+            stem_pool: None,
+            width: 1.0,
+        }
+    }
+}
+
+impl EncoderConfig {
+    /// Whether the stem has its 3×3 stride-2 max-pool (`stem_pool`, default: on for the
+    /// ImageNet stem, off for the CIFAR stem).
+    pub fn stem_pool(&self) -> bool {
+        self.stem_pool.unwrap_or(!self.cifar_stem)
+    }
+
+    /// The first convolution's (kernel, stride, padding): torchvision's 7×7/2 (pad 3),
+    /// or 3×3/1 (pad 1) for the CIFAR stem.
+    pub fn stem_conv(&self) -> (i64, i64, i64) {
+        if self.cifar_stem {
+            (3, 1, 1)
+        } else {
+            (7, 2, 3)
+        }
+    }
+
+    /// Blocks per stage (torchvision: ResNet-18 `[2, 2, 2, 2]`, ResNet-34 and -50
+    /// `[3, 4, 6, 3]`) and whether they are bottlenecks (ResNet-50).
+    pub fn stages(&self) -> ([usize; 4], bool) {
+        match self.arch {
+            Arch::Resnet18 => ([2, 2, 2, 2], false),
+            Arch::Resnet34 => ([3, 4, 6, 3], false),
+            Arch::Resnet50 => ([3, 4, 6, 3], true),
+        }
+    }
+
+    /// The stride of block `block` of stage `stage` (both from 0): 2 for the first block
+    /// of stages 2–4 (torchvision puts it on the 3×3 convolution), else 1.
+    pub fn block_stride(stage: usize, block: usize) -> i64 {
+        if block == 0 && stage > 0 {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Channels of a stage's base width (64, 128, 256, 512) times `width`, at least 1.
+    pub fn channels(&self, base: i64) -> i64 {
+        ((base as f64 * self.width).round() as i64).max(1)
+    }
+}
+
+/// An MLP head's sizes (BYOL's projector and predictor: 4096 hidden, 256 out).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeadConfig {
+    pub hidden: i64,
+    pub out: i64,
+}
+
+impl Default for HeadConfig {
+    fn default() -> Self {
+        HeadConfig {
+            hidden: 4096,
+            out: 256,
+        }
+    }
+}
+
+/// The optimizer of the networks.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Lars,
+    Sgd,
+    /// Adam with decoupled weight decay (torch.optim.AdamW; β1 = `momentum`).
+    Adamw,
+}
+
+/// `train.device`: where a run trains.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA when available, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// `train.precision`: the forward pass's precision.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 autocast where the hardware computes bf16 natively, float32 elsewhere.
+    #[default]
+    Auto,
+    Fp32,
+    Bf16,
+}
+
+impl Precision {
+    /// The name as the config spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Auto => "auto",
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -63,7 +203,7 @@ pub struct TrainSection {
     pub total_steps: u64,
     pub seed: u64,
     /// `auto` (CUDA when available), `cpu` or `cuda`.
-    pub device: String,
+    pub device: DeviceChoice,
     /// τ_base of the target's moving average.
     pub tau_base: f64,
     /// Steps between metrics rows.
@@ -83,7 +223,7 @@ pub struct TrainSection {
     /// natively: CUDA from compute capability 8.0, CPUs with AVX-512 BF16 or AMX;
     /// float32 elsewhere), `fp32`, or `bf16` (autocast on either device; a warning where
     /// bf16 is emulated). See `amp::choose_precision`.
-    pub precision: String,
+    pub precision: Precision,
     /// kNN monitor every N epochs when `--val` is given (0: never).
     pub knn_every_epochs: u64,
     /// Training images in the kNN monitor's bank.
@@ -103,7 +243,7 @@ impl Default for TrainSection {
             epochs: 100,
             total_steps: 0,
             seed: 0,
-            device: "auto".into(),
+            device: DeviceChoice::Auto,
             tau_base: 0.99,
             log_every: 10,
             checkpoint_every: 500,
@@ -112,7 +252,7 @@ impl Default for TrainSection {
             collapse_threshold: 0.05,
             torch_threads: 0,
             channels_last: true,
-            precision: "auto".into(),
+            precision: Precision::Auto,
             knn_every_epochs: 1,
             knn_bank: 10000,
             knn_queries: 2000,
@@ -213,45 +353,280 @@ pub enum ConfigError {
     },
     #[error("--set {0}: expected key=value (for example optim.base_lr=0.3)")]
     BadSet(String),
+    /// A value outside its range.
+    #[error("{key} = {value}: {expected}")]
+    Range {
+        key: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+}
+
+/// Refuses `value` of `key` unless `ok`.
+fn check(
+    ok: bool,
+    key: &'static str,
+    value: impl std::fmt::Display,
+    expected: &'static str,
+) -> Result<(), ConfigError> {
+    if ok {
+        return Ok(());
+    }
+    Err(ConfigError::Range {
+        key,
+        value: value.to_string(),
+        expected,
+    })
+}
+
+/// `x` is a finite number in `[lo, hi]`.
+fn within(x: f64, lo: f64, hi: f64) -> bool {
+    x.is_finite() && (lo..=hi).contains(&x)
+}
+
+/// `key=value` overrides applied to a TOML table (dotted keys; values in TOML syntax,
+/// bare words taken as strings).
+fn apply_sets(v: &mut toml::Table, sets: &[String]) -> Result<(), ConfigError> {
+    for s in sets {
+        let (k, val) = s
+            .split_once('=')
+            .ok_or_else(|| ConfigError::BadSet(s.clone()))?;
+        let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("x = {val}"))
+            .ok()
+            .and_then(|t| t.get("x").cloned())
+            .unwrap_or_else(|| toml::Value::String(val.to_string()));
+        let parts: Vec<&str> = k.trim().split('.').collect();
+        let mut cur = &mut *v;
+        for p in &parts[..parts.len() - 1] {
+            let e = cur
+                .entry(p.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cur = e
+                .as_table_mut()
+                .ok_or_else(|| ConfigError::BadSet(s.clone()))?;
+        }
+        cur.insert(parts[parts.len() - 1].to_string(), parsed);
+    }
+    Ok(())
 }
 
 impl TrainConfig {
-    /// Parses TOML text, then applies `key=value` overrides (dotted keys; values in TOML
-    /// syntax, bare words taken as strings).
+    /// Parses TOML text, applies `key=value` overrides (dotted keys; values in TOML
+    /// syntax, bare words taken as strings) and checks every value ([`Self::validate`]).
     ///
     /// # Errors
     /// [`ConfigError`]: invalid TOML or an unknown/mistyped key (with its line and column
-    /// when there are no overrides), or a malformed override.
+    /// when there are no overrides), a malformed override, or a value out of range.
     pub fn from_toml(text: &str, sets: &[String]) -> Result<TrainConfig, ConfigError> {
+        let c: TrainConfig = if sets.is_empty() {
+            toml::from_str(text).map_err(ConfigError::Parse)?
+        } else {
+            let mut v: toml::Table = toml::from_str(text).map_err(ConfigError::Parse)?;
+            apply_sets(&mut v, sets)?;
+            v.try_into()
+                .map_err(|source: toml::de::Error| ConfigError::AfterSets {
+                    sets: sets.to_vec(),
+                    source,
+                })?
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// This config with `key=value` overrides applied (as [`Self::from_toml`] does),
+    /// checked.
+    ///
+    /// # Errors
+    /// As [`Self::from_toml`].
+    pub fn with_sets(&self, sets: &[String]) -> Result<TrainConfig, ConfigError> {
         if sets.is_empty() {
-            return toml::from_str(text).map_err(ConfigError::Parse);
+            return Ok(self.clone());
         }
-        let mut v: toml::Table = toml::from_str(text).map_err(ConfigError::Parse)?;
-        for s in sets {
-            let (k, val) = s
-                .split_once('=')
-                .ok_or_else(|| ConfigError::BadSet(s.clone()))?;
-            let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("x = {val}"))
-                .ok()
-                .and_then(|t| t.get("x").cloned())
-                .unwrap_or_else(|| toml::Value::String(val.to_string()));
-            let parts: Vec<&str> = k.trim().split('.').collect();
-            let mut cur = &mut v;
-            for p in &parts[..parts.len() - 1] {
-                let e = cur
-                    .entry(p.to_string())
-                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                cur = e
-                    .as_table_mut()
-                    .ok_or_else(|| ConfigError::BadSet(s.clone()))?;
-            }
-            cur.insert(parts[parts.len() - 1].to_string(), parsed);
+        let mut v = toml::Table::try_from(self)
+            .map_err(|e| ConfigError::Parse(<toml::de::Error as serde::de::Error>::custom(e)))?;
+        apply_sets(&mut v, sets)?;
+        let c: TrainConfig =
+            v.try_into()
+                .map_err(|source: toml::de::Error| ConfigError::AfterSets {
+                    sets: sets.to_vec(),
+                    source,
+                })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The run's length in steps at `steps_per_epoch`: `train.total_steps` when set,
+    /// else `train.epochs` epochs.
+    pub fn total_steps(&self, steps_per_epoch: u64) -> u64 {
+        match self.train.total_steps {
+            0 => steps_per_epoch * self.train.epochs,
+            n => n,
         }
-        v.try_into()
-            .map_err(|source: toml::de::Error| ConfigError::AfterSets {
-                sets: sets.to_vec(),
-                source,
-            })
+    }
+
+    /// Checks every value's range; the error names the key, its value and the range.
+    ///
+    /// # Errors
+    /// [`ConfigError::Range`] for the first value out of range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let (m, o, t, d, a) = (
+            &self.model,
+            &self.optim,
+            &self.train,
+            &self.data,
+            &self.augment,
+        );
+        let w = m.encoder.width;
+        check(
+            within(w, 1e-3, 64.0),
+            "model.encoder.width",
+            w,
+            "a number in (0, 64]",
+        )?;
+        for (key, h) in [
+            ("model.projector", &m.projector),
+            ("model.predictor", &m.predictor),
+        ] {
+            check(
+                h.hidden >= 1 && h.out >= 1,
+                key,
+                format!("{{ hidden = {}, out = {} }}", h.hidden, h.out),
+                "hidden and out must be at least 1",
+            )?;
+        }
+        check(
+            within(o.base_lr, 0.0, 1e6) && o.base_lr > 0.0,
+            "optim.base_lr",
+            o.base_lr,
+            "a positive number",
+        )?;
+        check(
+            within(o.weight_decay, 0.0, 1e3),
+            "optim.weight_decay",
+            o.weight_decay,
+            "a number ≥ 0",
+        )?;
+        check(
+            within(o.momentum, 0.0, 1.0) && o.momentum < 1.0,
+            "optim.momentum",
+            o.momentum,
+            "a number in [0, 1)",
+        )?;
+        check(
+            within(o.trust, 0.0, 1e3),
+            "optim.trust",
+            o.trust,
+            "a number ≥ 0",
+        )?;
+        check(
+            within(o.warmup_epochs, 0.0, 1e6),
+            "optim.warmup_epochs",
+            o.warmup_epochs,
+            "a number of epochs ≥ 0",
+        )?;
+        check(
+            within(o.beta2, 0.0, 1.0) && o.beta2 < 1.0,
+            "optim.beta2",
+            o.beta2,
+            "a number in [0, 1)",
+        )?;
+        check(
+            within(o.eps, 0.0, 1.0) && o.eps > 0.0,
+            "optim.eps",
+            o.eps,
+            "a positive number",
+        )?;
+        check(t.batch >= 1, "train.batch", t.batch, "at least 1")?;
+        check(
+            t.epochs >= 1 || t.total_steps >= 1,
+            "train.epochs",
+            t.epochs,
+            "at least 1 (or train.total_steps > 0)",
+        )?;
+        check(
+            within(t.tau_base, 0.0, 1.0),
+            "train.tau_base",
+            t.tau_base,
+            "a number in [0, 1]",
+        )?;
+        check(t.keep >= 1, "train.keep", t.keep, "at least 1 checkpoint")?;
+        check(
+            t.torch_threads >= 0,
+            "train.torch_threads",
+            t.torch_threads,
+            "0 (libtorch's default) or more",
+        )?;
+        check(
+            within(t.collapse_threshold, 0.0, 1e6),
+            "train.collapse_threshold",
+            t.collapse_threshold,
+            "a number ≥ 0",
+        )?;
+        check(
+            t.knn_bank >= 1,
+            "train.knn_bank",
+            t.knn_bank,
+            "at least 1 image",
+        )?;
+        check(
+            t.knn_queries >= 1,
+            "train.knn_queries",
+            t.knn_queries,
+            "at least 1 image",
+        )?;
+        check(
+            within(t.collective_timeout_s, 0.0, 1e9) && t.collective_timeout_s > 0.0,
+            "train.collective_timeout_s",
+            t.collective_timeout_s,
+            "a positive number of seconds",
+        )?;
+        check(d.canvas >= 1, "data.canvas", d.canvas, "at least 1 pixel")?;
+        check(
+            d.window >= 1,
+            "data.window",
+            d.window,
+            "at least 1 row group",
+        )?;
+        check(a.size >= 1, "augment.size", a.size, "at least 1 pixel")?;
+        check(
+            a.blur_kernel_224 >= 1,
+            "augment.blur_kernel_224",
+            a.blur_kernel_224,
+            "at least 1 pixel",
+        )?;
+        check(
+            a.std.iter().all(|&s| s.is_finite() && s > 0.0),
+            "augment.std",
+            format!("{:?}", a.std),
+            "positive numbers",
+        )?;
+        for (key, v) in [("augment.view1", &a.view1), ("augment.view2", &a.view2)] {
+            let ps = [v.flip_p, v.jitter_p, v.grayscale_p, v.blur_p, v.solarize_p];
+            check(
+                ps.iter().all(|&p| within(p, 0.0, 1.0)),
+                key,
+                format!(
+                    "flip_p {}, jitter_p {}, grayscale_p {}, blur_p {}, solarize_p {}",
+                    ps[0], ps[1], ps[2], ps[3], ps[4]
+                ),
+                "probabilities must be in [0, 1]",
+            )?;
+            let [lo, hi] = v.crop_scale;
+            check(
+                within(lo, 0.0, 1.0) && within(hi, 0.0, 1.0) && lo > 0.0 && lo <= hi,
+                key,
+                format!("crop_scale {:?}", v.crop_scale),
+                "crop_scale must be [min, max] with 0 < min ≤ max ≤ 1",
+            )?;
+            let [lo, hi] = v.crop_ratio;
+            check(
+                lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi,
+                key,
+                format!("crop_ratio {:?}", v.crop_ratio),
+                "crop_ratio must be [min, max] with 0 < min ≤ max",
+            )?;
+        }
+        Ok(())
     }
 
     pub fn to_toml(&self) -> String {

@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
+pub use crate::config::{Arch, EncoderConfig, HeadConfig};
 use byol_dist::ProcessGroup;
-use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
 
@@ -46,40 +46,6 @@ impl Norm {
                 )
                 .unwrap_or_else(|e| panic!("{e}")),
             _ => x.apply_t(&self.bn, train),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Arch {
-    Resnet18,
-    Resnet34,
-    Resnet50,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct EncoderConfig {
-    pub arch: Arch,
-    /// 3×3 stride-1 first convolution and no max-pool (small images).
-    pub cifar_stem: bool,
-    /// Max-pool (3×3, stride 2) after the stem; default: on for the ImageNet stem, off
-    /// for the CIFAR stem. With the CIFAR stem it halves every stage's resolution, so
-    /// twice the width costs about the same compute.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stem_pool: Option<bool>,
-    /// Channel width multiplier (1.0 = torchvision's widths).
-    pub width: f64,
-}
-
-impl Default for EncoderConfig {
-    fn default() -> Self {
-        EncoderConfig {
-            arch: Arch::Resnet50,
-            cifar_stem: false,
-            stem_pool: None,
-            width: 1.0,
         }
     }
 }
@@ -192,39 +158,32 @@ pub struct ResNet {
 impl ResNet {
     /// Builds the encoder under `p` (its keys are `p/conv1.weight`, `p/layer1.0.conv1.weight`, …).
     pub fn new(p: &nn::Path, cfg: &EncoderConfig) -> ResNet {
-        let w = |c: i64| ((c as f64 * cfg.width).round() as i64).max(1);
-        let (layers, bottleneck) = match cfg.arch {
-            Arch::Resnet18 => ([2, 2, 2, 2], false),
-            Arch::Resnet34 => ([3, 4, 6, 3], false),
-            Arch::Resnet50 => ([3, 4, 6, 3], true),
-        };
-        let stem = w(64);
-        let conv1 = if cfg.cifar_stem {
-            conv(p / "conv1", 3, stem, 3, 1, 1)
-        } else {
-            conv(p / "conv1", 3, stem, 7, 2, 3)
-        };
+        let (layers, bottleneck) = cfg.stages();
+        let stem = cfg.channels(64);
+        let (k, stride, pad) = cfg.stem_conv();
+        let conv1 = conv(p / "conv1", 3, stem, k, stride, pad);
         let bn1 = bn(p / "bn1", stem);
         let mut blocks = Vec::new();
         let mut cin = stem;
         for (li, (&n, base)) in layers.iter().zip([64, 128, 256, 512]).enumerate() {
             let lp = p / format!("layer{}", li + 1);
+            let width = cfg.channels(base);
             for bi in 0..n {
-                let stride = if bi == 0 && li > 0 { 2 } else { 1 };
+                let stride = EncoderConfig::block_stride(li, bi);
                 let bp = &lp / bi.to_string();
                 let b = if bottleneck {
-                    Block::bottleneck(&bp, cin, w(base), stride)
+                    Block::bottleneck(&bp, cin, width, stride)
                 } else {
-                    Block::basic(&bp, cin, w(base), stride)
+                    Block::basic(&bp, cin, width, stride)
                 };
-                cin = if bottleneck { w(base) * 4 } else { w(base) };
+                cin = if bottleneck { width * 4 } else { width };
                 blocks.push(b);
             }
         }
         ResNet {
             conv1,
             bn1,
-            stem_pool: cfg.stem_pool.unwrap_or(!cfg.cifar_stem),
+            stem_pool: cfg.stem_pool(),
             blocks,
             out_dim: cin,
         }
@@ -258,22 +217,6 @@ impl ResNet {
             y = b.forward_t(&y, train);
         }
         y.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct HeadConfig {
-    pub hidden: i64,
-    pub out: i64,
-}
-
-impl Default for HeadConfig {
-    fn default() -> Self {
-        HeadConfig {
-            hidden: 4096,
-            out: 256,
-        }
     }
 }
 

@@ -106,22 +106,6 @@ pub struct KnnRow {
     pub knn_top1: f64,
 }
 
-/// # Errors
-/// An unknown device name, or `cuda` without CUDA.
-pub fn device_of(s: &str) -> Result<Device> {
-    Ok(match s {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => {
-            if !tch::Cuda::is_available() {
-                bail!("config asks for device \"cuda\" but CUDA is not available");
-            }
-            Device::Cuda(0)
-        }
-        other => bail!("unknown device {other:?} (auto, cpu or cuda)"),
-    })
-}
-
 fn checkpoints_dir(run: &Path) -> PathBuf {
     run.join("checkpoints")
 }
@@ -131,17 +115,21 @@ pub fn checkpoint_path(run: &Path, step: u64) -> PathBuf {
     checkpoints_dir(run).join(format!("step-{step:09}"))
 }
 
+/// The step of a checkpoint folder `RUN/checkpoints/step-NNNNNNNNN` (`None`: not one).
+pub fn checkpoint_step(dir: &Path) -> Option<u64> {
+    dir.file_name()?
+        .to_str()?
+        .strip_prefix("step-")?
+        .parse()
+        .ok()
+}
+
 /// Checkpoint folders, oldest first.
 pub fn list_checkpoints(run: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(checkpoints_dir(run))
         .map(|rd| {
             rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.file_name()
-                        .map(|n| n.to_string_lossy().starts_with("step-"))
-                        .unwrap_or(false)
-                        && p.join("state.json").exists()
-                })
+                .filter(|p| checkpoint_step(p).is_some() && p.join(STATE).exists())
                 .collect()
         })
         .unwrap_or_default();
@@ -248,8 +236,9 @@ pub fn read_state(dir: &Path) -> Result<CheckpointState> {
 }
 
 /// The run's config: the given one for a new run (refused when the folder already holds
-/// checkpoints); on `--resume` the saved one, or the given one when it differs from the
-/// saved one only in [`RESUMABLE_CHANGES`].
+/// checkpoints); on `--resume` the saved one (with `sets` applied when no config is
+/// given), or the given one, when it differs from the saved one only in
+/// [`RESUMABLE_CHANGES`]. `RUN/config.toml` is read once, here.
 ///
 /// # Errors
 /// `--resume` without a saved config, with a config that differs in other keys, or with
@@ -257,6 +246,7 @@ pub fn read_state(dir: &Path) -> Result<CheckpointState> {
 /// already holds checkpoints.
 pub fn run_config(
     config: Option<TrainConfig>,
+    sets: &[String],
     run: &Path,
     resume: bool,
     budgeted: bool,
@@ -273,8 +263,11 @@ pub fn run_config(
             .with_context(|| format!("--resume: no config in {}", run.display()))?;
         let saved = TrainConfig::from_toml(&saved_text, &[])
             .with_context(|| format!("reading {}", cfg_path.display()))?;
-        let Some(mut c) = config else {
-            return Ok(saved);
+        let mut c = match config {
+            Some(c) => c,
+            None => saved
+                .with_sets(sets)
+                .with_context(|| format!("{}", cfg_path.display()))?,
         };
         let diff: Vec<String> = saved
             .differences(&c)
@@ -595,7 +588,7 @@ pub fn load_online(run: &Path, checkpoint: Option<&Path>) -> Result<TrainedOnlin
             .with_context(|| format!("{} has no checkpoint", run.display()))?,
     };
     let st = read_state(&ckpt)?;
-    let device = device_of(&cfg.train.device)?;
+    let device = crate::runtime::resolve_device(cfg.train.device, 0)?;
     let mut net = Network::new(
         device,
         &cfg.model.encoder,

@@ -3,8 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-
 /// Environment variables naming the ONNX Runtime library, in the order they are read.
 pub const ORT_ENV_VARS: &[&str] = &["BYOL_ORT_DYLIB", "ORT_DYLIB_PATH"];
 
@@ -16,12 +14,33 @@ pub enum RuntimeError {
          in onnxruntime/capi/)"
     )]
     OrtMissing { tried: String },
+    #[error("config asks for device \"cuda\" but CUDA is not available")]
+    NoCuda,
     #[error("loading ONNX Runtime from {path}")]
     OrtLoad {
         path: PathBuf,
         #[source]
         source: ort::LoadDynamicError,
     },
+}
+
+/// The device `choice` names (`train.device`); `local_rank` picks the GPU of a
+/// distributed rank.
+///
+/// # Errors
+/// [`RuntimeError::NoCuda`]: `cuda` without CUDA.
+pub fn resolve_device(
+    choice: crate::config::DeviceChoice,
+    local_rank: usize,
+) -> Result<tch::Device, RuntimeError> {
+    use crate::config::DeviceChoice;
+    use tch::Device;
+    Ok(match choice {
+        DeviceChoice::Auto if tch::Cuda::is_available() => Device::Cuda(local_rank),
+        DeviceChoice::Auto | DeviceChoice::Cpu => Device::Cpu,
+        DeviceChoice::Cuda if tch::Cuda::is_available() => Device::Cuda(local_rank),
+        DeviceChoice::Cuda => return Err(RuntimeError::NoCuda),
+    })
 }
 
 /// Finds `libonnxruntime.so`: the explicit path, then [`ORT_ENV_VARS`], then the path
@@ -86,68 +105,4 @@ pub fn init_ort(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> {
         source,
     })?;
     Ok(path)
-}
-
-/// What `byol info` reports.
-#[derive(Debug, Clone, Serialize)]
-pub struct RuntimeInfo {
-    pub torch_threads: i32,
-    pub cuda_available: bool,
-    pub cuda_devices: usize,
-    pub cudnn_available: bool,
-    /// Result of a small computation on the default device, as a libtorch smoke test.
-    pub torch_check: f64,
-    pub ort_library: Option<String>,
-    pub ort_error: Option<String>,
-    pub ort_build: Option<String>,
-    /// The CPU flags that matter for precision (`avx2 avx512f avx512_bf16 …`).
-    pub cpu: String,
-    /// What `train.precision = "auto"` picks on the default device, and why.
-    pub auto_precision: String,
-    pub auto_precision_reason: String,
-    /// The c10d backends this build has for distributed training (`gloo`, and `nccl`
-    /// when built with `BYOL_NCCL=1`).
-    pub c10d_backends: Vec<String>,
-}
-
-/// Probes libtorch and ONNX Runtime.
-pub fn probe(ort_lib: Option<&Path>) -> RuntimeInfo {
-    use tch::{Cuda, Kind, Tensor};
-    let cuda = Cuda::is_available();
-    let device = if cuda {
-        tch::Device::Cuda(0)
-    } else {
-        tch::Device::Cpu
-    };
-    // sum of squares 0..9 = 285
-    let t = Tensor::arange(10, (Kind::Float, device));
-    let check = (&t * &t).sum(Kind::Float).double_value(&[]);
-    let (ort_library, ort_error, ort_build) = match init_ort(ort_lib) {
-        Ok(p) => (
-            Some(p.display().to_string()),
-            None,
-            Some(ort::info().to_string()),
-        ),
-        Err(e) => (None, Some(byol_format::error_chain(&e)), None),
-    };
-    let hw = crate::amp::Hardware::detect(device);
-    let choice = crate::amp::choose_precision("auto", &hw).expect("auto is a known precision");
-    RuntimeInfo {
-        cpu: hw.cpu_summary(),
-        auto_precision: choice.name.into(),
-        auto_precision_reason: choice.reason,
-        torch_threads: tch::get_num_threads(),
-        cuda_available: cuda,
-        cuda_devices: Cuda::device_count() as usize,
-        cudnn_available: Cuda::cudnn_is_available(),
-        torch_check: check,
-        ort_library,
-        ort_error,
-        ort_build,
-        c10d_backends: if byol_dist::has_nccl() {
-            vec!["gloo".into(), "nccl".into()]
-        } else {
-            vec!["gloo".into()]
-        },
-    }
 }

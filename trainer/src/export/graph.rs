@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::bail;
 use crate::error::{Context, Result};
 use tch::{Kind, Tensor};
 
@@ -12,7 +11,7 @@ use super::proto::{
     attribute, graph, model, node, operator_set_id, string_entry, tensor, value_info, Pb,
 };
 use crate::byol::Network;
-use crate::config::TrainConfig;
+use crate::config::{EncoderConfig, TrainConfig};
 
 fn attr_ints(name: &str, v: &[i64]) -> Pb {
     let mut a = Pb::default();
@@ -168,10 +167,10 @@ pub fn export(
     let x = g.node("Div", &[&x, &std], &[], None);
 
     let enc = &cfg.model.encoder;
-    let stem_stride = if enc.cifar_stem { 1 } else { 2 };
+    let (_, stem_stride, _) = enc.stem_conv();
     let x = conv_bn(&mut g, &x, "encoder.conv1", "encoder.bn1", stem_stride)?;
     let mut x = g.node("Relu", &[&x], &[], None);
-    if enc.stem_pool.unwrap_or(!enc.cifar_stem) {
+    if enc.stem_pool() {
         x = g.node(
             "MaxPool",
             &[&x],
@@ -184,12 +183,11 @@ pub fn export(
         );
     }
     let mut dim = 0;
-    for layer in 1..=4 {
-        let mut b = 0;
-        while vars.contains_key(&format!("encoder.layer{layer}.{b}.conv1.weight")) {
-            let p = format!("encoder.layer{layer}.{b}");
-            let stride = if b == 0 && layer > 1 { 2 } else { 1 };
-            let bottleneck = vars.contains_key(&format!("{p}.conv3.weight"));
+    let (stages, bottleneck) = enc.stages();
+    for (stage, &blocks) in stages.iter().enumerate() {
+        for b in 0..blocks {
+            let p = format!("encoder.layer{}.{b}", stage + 1);
+            let stride = EncoderConfig::block_stride(stage, b);
             let y = if bottleneck {
                 let y = conv_bn(&mut g, &x, &format!("{p}.conv1"), &format!("{p}.bn1"), 1)?;
                 let y = g.node("Relu", &[&y], &[], None);
@@ -215,6 +213,8 @@ pub fn export(
             };
             let last = if bottleneck { "conv3" } else { "conv2" };
             dim = get(&format!("{p}.{last}.weight"))?.size()[0];
+            // The block has a projection shortcut when it changes the stride or the
+            // channels (as `model::Block` builds it).
             let shortcut = if vars.contains_key(&format!("{p}.downsample.0.weight")) {
                 conv_bn(
                     &mut g,
@@ -228,10 +228,6 @@ pub fn export(
             };
             let s = g.node("Add", &[&y, &shortcut], &[], None);
             x = g.node("Relu", &[&s], &[], None);
-            b += 1;
-        }
-        if b == 0 {
-            bail!("the network has no encoder.layer{layer}: not a ResNet encoder");
         }
     }
     let x = g.node("GlobalAveragePool", &[&x], &[], None);

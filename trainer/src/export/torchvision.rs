@@ -74,7 +74,7 @@ fn differences(t: &TrainedOnline) -> Vec<String> {
                 .to_string(),
         );
     }
-    if !e.stem_pool.unwrap_or(!e.cifar_stem) {
+    if !e.stem_pool() {
         d.push("no max-pool after the stem: set model.maxpool = nn.Identity()".to_string());
     }
     if (e.width - 1.0).abs() > 1e-9 {
