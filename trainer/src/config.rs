@@ -495,13 +495,13 @@ impl TrainConfig {
             )?;
         }
         check(
-            within(o.base_lr, 0.0, 1e6) && o.base_lr > 0.0,
+            o.base_lr.is_finite() && o.base_lr > 0.0,
             "optim.base_lr",
             o.base_lr,
             "a positive number",
         )?;
         check(
-            within(o.weight_decay, 0.0, 1e3),
+            within(o.weight_decay, 0.0, f64::MAX),
             "optim.weight_decay",
             o.weight_decay,
             "a number ≥ 0",
@@ -659,5 +659,90 @@ impl TrainConfig {
             .filter(|(k, v)| bm.get(k) != Some(v))
             .map(|(k, _)| k)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(text: &str, sets: &[&str]) -> String {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let e = TrainConfig::from_toml(text, &sets).expect_err("refused");
+        byol_format::error_chain(&e)
+    }
+
+    #[test]
+    fn values_out_of_range_are_refused_at_load_with_their_key() {
+        let e = refused("[train]\nbatch = 0\n", &[]);
+        assert!(e.contains("train.batch = 0"), "{e}");
+        let e = refused("", &["optim.momentum=1.5"]);
+        assert!(
+            e.contains("optim.momentum = 1.5") && e.contains("[0, 1)"),
+            "{e}"
+        );
+        let e = refused("", &["train.collective_timeout_s=0"]);
+        assert!(e.contains("train.collective_timeout_s"), "{e}");
+        let e = refused("[augment.view2]\nsolarize_p = 2.0\n", &[]);
+        assert!(
+            e.contains("augment.view2") && e.contains("solarize_p 2"),
+            "{e}"
+        );
+        let e = refused("", &["augment.view1.crop_scale=[0.9, 0.2]"]);
+        assert!(e.contains("crop_scale"), "{e}");
+        // Defaults and the shipped presets load.
+        TrainConfig::from_toml("", &[]).expect("defaults are valid");
+        for f in ["fmnist", "imagenet-resnet50", "imagenet100-resnet18"] {
+            let p = format!("{}/../configs/{f}.toml", env!("CARGO_MANIFEST_DIR"));
+            let text = std::fs::read_to_string(&p).expect("preset");
+            TrainConfig::from_toml(&text, &[]).unwrap_or_else(|e| panic!("{p}: {e}"));
+        }
+    }
+
+    #[test]
+    fn device_precision_and_optimizer_are_checked_when_the_config_loads() {
+        for (key, bad) in [
+            ("train.device", "\"tpu\""),
+            ("train.precision", "\"fp16\""),
+            ("optim.kind", "\"adam\""),
+        ] {
+            let e = refused("", &[&format!("{key}={bad}")]);
+            assert!(e.contains("unknown variant"), "{key}: {e}");
+        }
+        let c = TrainConfig::from_toml("[train]\ndevice = \"cpu\"\nprecision = \"bf16\"\n", &[])
+            .expect("valid");
+        assert_eq!(
+            (c.train.device, c.train.precision),
+            (DeviceChoice::Cpu, Precision::Bf16)
+        );
+    }
+
+    #[test]
+    fn sets_apply_to_a_loaded_config_as_to_its_text() {
+        let text = "[optim]\nbase_lr = 0.5\n";
+        let sets = vec![
+            "train.log_every=3".to_string(),
+            "optim.kind=sgd".to_string(),
+        ];
+        let from_text = TrainConfig::from_toml(text, &sets).expect("valid");
+        let loaded = TrainConfig::from_toml(text, &[]).expect("valid");
+        assert_eq!(loaded.with_sets(&sets).expect("valid"), from_text);
+        assert_eq!(from_text.train.log_every, 3);
+        assert_eq!(from_text.optim.kind, OptimizerKind::Sgd);
+    }
+
+    #[test]
+    fn encoder_topology_is_torchvision_s() {
+        let e = EncoderConfig::default();
+        assert_eq!((e.stem_conv(), e.stem_pool()), ((7, 2, 3), true));
+        let c = EncoderConfig {
+            cifar_stem: true,
+            ..EncoderConfig::default()
+        };
+        assert_eq!((c.stem_conv(), c.stem_pool()), ((3, 1, 1), false));
+        assert_eq!(c.stages(), ([3, 4, 6, 3], true));
+        let strides: Vec<i64> = (0..4).map(|s| EncoderConfig::block_stride(s, 0)).collect();
+        assert_eq!(strides, [1, 2, 2, 2]);
+        assert_eq!(EncoderConfig::block_stride(2, 1), 1);
     }
 }
