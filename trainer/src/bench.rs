@@ -143,92 +143,15 @@ pub fn bench_train(
     // 3. Real data through the loader.
     let (data_rate, stall) = match (data, decode) {
         (Some(d), Some(dec)) => {
-            let mut m = model(cfg, dev);
-            let ds = Dataset::open(d).with_context(|| format!("opening {}", d.display()))?;
-            let lc = plan.loader_config(cfg);
-            let loader = Loader::new(ds, lc, dec)?;
-            if loader.batches_per_epoch() == 0 {
-                crate::bail!("{}: fewer rows than one batch", d.display());
-            }
-            let mut epoch = 0;
-            let mut it = loader.start(Cursor { epoch, consumed: 0 });
-            let mut wait0 = 0.0;
-            let mut t0 = Instant::now();
-            let mut done = 0;
-            let mut last = None;
-            while done < steps + warmup {
-                let batch = match it.next() {
-                    Some(x) => x?,
-                    None => {
-                        epoch += 1;
-                        it = loader.start(Cursor { epoch, consumed: 0 });
-                        continue;
-                    }
-                };
-                let mut batch = batch;
-                let c = batch.to_device(dev);
-                let (a, v) = aug.views(&c, batch.valid_sizes(), &mut rng);
-                last = Some(train_step(&m.online, &m.target, &mut m.opt, &cl(a), &cl(v), st).0);
-                done += 1;
-                if done == warmup {
-                    sync(dev);
-                    t0 = Instant::now();
-                    wait0 = loader.stats().consumer_wait_s;
-                }
-            }
-            if let Some(l) = last {
-                l.double_value(&[]);
-            }
-            sync(dev);
-            let s = t0.elapsed().as_secs_f64();
-            (
-                Some((steps * b) as f64 / s),
-                Some(((loader.stats().consumer_wait_s - wait0) / s).clamp(0.0, 1.0)),
-            )
+            let (r, s) = time_data(cfg, &plan, d, dec, (warmup, steps), (st, dev))?;
+            (Some(r), Some(s))
         }
         _ => (None, None),
     };
 
     // 4. The PyTorch reference, same config, same device.
     let reference = match python {
-        Some(py) => {
-            let local = Path::new("benches/reference/byol_torch.py");
-            let script = if local.exists() {
-                local.to_path_buf()
-            } else {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/reference/byol_torch.py")
-            };
-            // The effective config (after --set), so both sides run the same settings.
-            let eff = std::env::temp_dir().join(format!("byol-bench-{}.toml", std::process::id()));
-            byol_format::fs::write_atomic(&eff, cfg.to_toml().as_bytes())?;
-            let o = std::process::Command::new(py)
-                .arg(&script)
-                .arg("--config")
-                .arg(&eff)
-                .args([
-                    "--steps",
-                    &steps.to_string(),
-                    "--warmup",
-                    &warmup.to_string(),
-                    "--precision",
-                    if amp.is_some() { "bf16" } else { "fp32" },
-                    "--json",
-                ])
-                .args(cfg.train.channels_last.then_some("--channels-last"))
-                .output()
-                .with_context(|| format!("running {} {}", py.display(), script.display()));
-            let _ = std::fs::remove_file(&eff);
-            let o = o?;
-            if !o.status.success() {
-                crate::bail!(
-                    "reference script failed: {}",
-                    String::from_utf8_lossy(&o.stderr)
-                );
-            }
-            Some(serde_json::from_slice::<serde_json::Value>(
-                o.stdout.trim_ascii(),
-            )?)
-        }
+        Some(py) => Some(reference(cfg, py, (warmup, steps), amp.is_some())?),
         None => None,
     };
     let ratio_to_reference = reference
@@ -251,4 +174,114 @@ pub fn bench_train(
         reference,
         ratio_to_reference,
     })
+}
+
+/// Shards `d` → loader → augmentation → step, timed for `steps` after `warmup`:
+/// (images/s, the share of the time the step waited for data).
+fn time_data(
+    cfg: &TrainConfig,
+    plan: &BatchPlan,
+    d: &Path,
+    dec: DecodeFn,
+    (warmup, steps): (usize, usize),
+    (st, dev): (StepSettings, Device),
+) -> Result<(f64, f64)> {
+    let b = plan.global;
+    let aug = Augmenter::new(cfg.augment.clone());
+    let mut rng = SplitMix64::new(0);
+    let cl = |t: Tensor| {
+        if cfg.train.channels_last {
+            channels_last(&t)
+        } else {
+            t
+        }
+    };
+    let mut m = model(cfg, dev);
+    let ds = Dataset::open(d).with_context(|| format!("opening {}", d.display()))?;
+    let lc = plan.loader_config(cfg);
+    let loader = Loader::new(ds, lc, dec)?;
+    if loader.batches_per_epoch() == 0 {
+        crate::bail!("{}: fewer rows than one batch", d.display());
+    }
+    let mut epoch = 0;
+    let mut it = loader.start(Cursor { epoch, consumed: 0 });
+    let mut wait0 = 0.0;
+    let mut t0 = Instant::now();
+    let mut done = 0;
+    let mut last = None;
+    while done < steps + warmup {
+        let batch = match it.next() {
+            Some(x) => x?,
+            None => {
+                epoch += 1;
+                it = loader.start(Cursor { epoch, consumed: 0 });
+                continue;
+            }
+        };
+        let mut batch = batch;
+        let c = batch.to_device(dev);
+        let (a, v) = aug.views(&c, batch.valid_sizes(), &mut rng);
+        last = Some(train_step(&m.online, &m.target, &mut m.opt, &cl(a), &cl(v), st).0);
+        done += 1;
+        if done == warmup {
+            sync(dev);
+            t0 = Instant::now();
+            wait0 = loader.stats().consumer_wait_s;
+        }
+    }
+    if let Some(l) = last {
+        l.double_value(&[]);
+    }
+    sync(dev);
+    let s = t0.elapsed().as_secs_f64();
+    Ok((
+        (steps * b) as f64 / s,
+        ((loader.stats().consumer_wait_s - wait0) / s).clamp(0.0, 1.0),
+    ))
+}
+
+/// Runs `benches/reference/byol_torch.py` with `py` on the effective config (after
+/// `--set`), the same steps and precision; returns its JSON line.
+fn reference(
+    cfg: &TrainConfig,
+    py: &Path,
+    (warmup, steps): (usize, usize),
+    bf16: bool,
+) -> Result<serde_json::Value> {
+    let local = Path::new("benches/reference/byol_torch.py");
+    let script = if local.exists() {
+        local.to_path_buf()
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/reference/byol_torch.py")
+    };
+    // The effective config (after --set), so both sides run the same settings.
+    let eff = std::env::temp_dir().join(format!("byol-bench-{}.toml", std::process::id()));
+    byol_format::fs::write_atomic(&eff, cfg.to_toml().as_bytes())?;
+    let o = std::process::Command::new(py)
+        .arg(&script)
+        .arg("--config")
+        .arg(&eff)
+        .args([
+            "--steps",
+            &steps.to_string(),
+            "--warmup",
+            &warmup.to_string(),
+            "--precision",
+            if bf16 { "bf16" } else { "fp32" },
+            "--json",
+        ])
+        .args(cfg.train.channels_last.then_some("--channels-last"))
+        .output()
+        .with_context(|| format!("running {} {}", py.display(), script.display()));
+    let _ = std::fs::remove_file(&eff);
+    let o = o?;
+    if !o.status.success() {
+        crate::bail!(
+            "reference script failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(serde_json::from_slice::<serde_json::Value>(
+        o.stdout.trim_ascii(),
+    )?)
 }

@@ -41,7 +41,7 @@ pub use learner::build_model;
 pub use position::{rank_position, Position};
 pub use runtime::Runtime;
 pub use signals::{install_signal_handlers, StopSignal};
-pub use step_loop::{Cadence, LoopContext, StepLoop};
+pub use step_loop::{Cadence, LoopContext, LoopSummary, StepLoop};
 
 use byol_step::ByolStep;
 use knn::{KnnMonitor, KnnSource};
@@ -170,15 +170,7 @@ pub fn train(
     decode: DecodeFn,
 ) -> Result<TrainSummary> {
     let t_start = Instant::now();
-    let latest = list_checkpoints(run).pop();
-    let mut opts = opts.clone();
-    if opts.resume_auto {
-        opts.resume = latest.is_some();
-        if opts.resume {
-            // A restart keeps the length its first start chose.
-            opts.time_budget = None;
-        }
-    }
+    let (opts, latest) = resume_choice(run, opts);
     let mut cfg = run_config(
         config,
         &opts.sets,
@@ -188,28 +180,14 @@ pub fn train(
         latest.is_some(),
     )?;
     let rt = Runtime::from_env(&cfg.train)?;
-    // Rank 0 makes the folder and holds the lock; the others write nothing in it.
-    let _lock = if rt.is_writer() {
-        std::fs::create_dir_all(run).with_context(|| format!("creating {}", run.display()))?;
-        Some(lock_run(run)?)
-    } else {
-        None
-    };
-    if opts.resume_auto && rt.is_writer() {
-        match &latest {
-            Some(c) => eprintln!("byol train: --resume auto: continuing from {}", c.display()),
-            None => eprintln!(
-                "byol train: --resume auto: no checkpoint in {}, starting a new run",
-                run.display()
-            ),
-        }
-    }
+    let _lock = take_run_folder(&rt, run, &opts, latest.as_deref())?;
     let plan = BatchPlan::new(cfg.train.batch, &rt)?;
     if plan.world > 1 && opts.time_budget.is_some() {
         bail!("--time-budget is for one process; give a distributed run its length with train.epochs or train.total_steps");
     }
-    let timeout = std::time::Duration::from_secs_f64(cfg.train.collective_timeout_s);
-    let group = rt.join(timeout)?;
+    let group = rt.join(std::time::Duration::from_secs_f64(
+        cfg.train.collective_timeout_s,
+    ))?;
     if let Some(g) = &group {
         same_latest_checkpoint(g, latest.as_deref(), rt.device)?;
     }
@@ -226,59 +204,34 @@ pub fn train(
         decode,
     });
     rt.announce_precision("train");
-    let spe = loader.batches_per_epoch();
     let mut monitor = KnnMonitor::default();
     let budget = match opts.time_budget {
-        Some(seconds) => {
-            let knn = knn.as_ref().filter(|_| cfg.train.knn_every_epochs > 0);
-            let mut trial = ByolTrial {
-                learner: Learner::new(&cfg, &rt, labelled, None),
-                rng: SplitMix64::new(cfg.train.seed ^ 0xCA11_B4A7_E000_0001),
-                cfg: &cfg,
-                knn: knn.map(|s| (&mut monitor, s)),
-            };
-            let b = Budget {
+        Some(seconds) => Some(plan_budget(
+            &cfg,
+            &rt,
+            Budget {
                 seconds,
                 t_start,
                 loader: &loader,
                 images_per_step: plan.global,
-                monitor_every_epochs: if knn.is_some() {
-                    cfg.train.knn_every_epochs
-                } else {
-                    0
-                },
-            };
-            Some(b.plan(&opts.stop, &mut trial)?)
-        }
+                monitor_every_epochs: 0,
+            },
+            (labelled, knn.as_ref(), &mut monitor),
+            &opts.stop,
+        )?),
         None => None,
     };
-    if let Some(b) = &budget {
-        // The planned length is the run's: recorded in its config, kept on resume.
-        cfg.train.total_steps = b.total_steps;
-        cfg.train.epochs = b.epochs;
-    }
-    cfg.resolved = Some(resolved(&mut cfg, &rt, spe, budget.as_ref(), opts.resume));
-    // The config is written before training starts.
-    if rt.is_writer() {
-        write_atomic(&run::config_path(run), cfg.to_toml().as_bytes())?;
-    }
+    let spe = loader.batches_per_epoch();
+    record_config(&mut cfg, &rt, run, (spe, budget.as_ref()), opts.resume)?;
     let total = cfg.total_steps(spe);
     let mut learner = Learner::new(&cfg, &rt, labelled, group.clone());
-    let pos = match latest.as_ref().filter(|_| opts.resume) {
-        Some(dir) => {
-            let st = learner.restore(dir)?;
-            if rt.is_writer() && st.world != plan.world {
-                eprintln!(
-                    "byol train: resuming a run last trained at world size {} with world size {}: the rest of epoch {} is re-partitioned over the new ranks (each remaining sample once); the trajectory differs from an uninterrupted run",
-                    st.world, plan.world, st.cursor.epoch
-                );
-            }
-            Position::resumed(&st, plan.rank, plan.world)
-        }
-        None => Position::start(cfg.train.seed, plan.rank),
-    };
-    // Every rank starts from rank 0's weights, buffers and optimizer state.
-    learner.broadcast_from(0)?;
+    let pos = start_position(
+        &mut learner,
+        &rt,
+        &plan,
+        &cfg,
+        latest.as_deref().filter(|_| opts.resume),
+    )?;
     let cadence = Cadence {
         total,
         stop_at: opts.max_steps.unwrap_or(total).min(total),
@@ -300,8 +253,134 @@ pub fn train(
     lp.run(&loader, &mut step)?;
     let s = lp.finish(&loader, &mut step)?;
     let knn_in_run = step.monitor.seconds - step.monitor.calibration_seconds;
+    Ok(summary(
+        s,
+        run,
+        &rt,
+        (t_start, knn_in_run),
+        (opts.time_budget, budget),
+    ))
+}
+
+/// `--resume auto` decided: resume when the run has a checkpoint (a restart keeps the
+/// length its first start chose: no time budget), else start it. Returns the options
+/// and the latest checkpoint.
+fn resume_choice(run: &Path, opts: &TrainOptions) -> (TrainOptions, Option<PathBuf>) {
+    let latest = list_checkpoints(run).pop();
+    let mut opts = opts.clone();
+    if opts.resume_auto {
+        opts.resume = latest.is_some();
+        if opts.resume {
+            opts.time_budget = None;
+        }
+    }
+    (opts, latest)
+}
+
+/// Rank 0 makes the run folder and holds its lock (the others write nothing in it), and
+/// says what `--resume auto` chose.
+fn take_run_folder(
+    rt: &Runtime,
+    run: &Path,
+    opts: &TrainOptions,
+    latest: Option<&Path>,
+) -> Result<Option<std::fs::File>> {
+    if !rt.is_writer() {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(run).with_context(|| format!("creating {}", run.display()))?;
+    let lock = lock_run(run)?;
+    if opts.resume_auto {
+        match latest {
+            Some(c) => eprintln!("byol train: --resume auto: continuing from {}", c.display()),
+            None => eprintln!(
+                "byol train: --resume auto: no checkpoint in {}, starting a new run",
+                run.display()
+            ),
+        }
+    }
+    Ok(Some(lock))
+}
+
+/// Calibrates a throw-away BYOL learner (and the kNN monitor when it runs) and plans the
+/// run's length within the budget.
+fn plan_budget(
+    cfg: &TrainConfig,
+    rt: &Runtime,
+    mut budget: Budget<'_>,
+    (labelled, knn, monitor): (Option<i64>, Option<&KnnSource>, &mut KnnMonitor),
+    stop: &StopSignal,
+) -> Result<BudgetPlan> {
+    let knn = knn.filter(|_| cfg.train.knn_every_epochs > 0);
+    if knn.is_some() {
+        budget.monitor_every_epochs = cfg.train.knn_every_epochs;
+    }
+    let mut trial = ByolTrial {
+        learner: Learner::new(cfg, rt, labelled, None),
+        rng: SplitMix64::new(cfg.train.seed ^ 0xCA11_B4A7_E000_0001),
+        cfg,
+        knn: knn.map(|s| (monitor, s)),
+    };
+    budget.plan(stop, &mut trial)
+}
+
+/// Records the run's length (a budget's plan), the resolved values and writes
+/// `RUN/config.toml` (rank 0) before training starts.
+fn record_config(
+    cfg: &mut TrainConfig,
+    rt: &Runtime,
+    run: &Path,
+    (spe, budget): (u64, Option<&BudgetPlan>),
+    resume: bool,
+) -> Result<()> {
+    if let Some(b) = budget {
+        // The planned length is the run's: recorded in its config, kept on resume.
+        cfg.train.total_steps = b.total_steps;
+        cfg.train.epochs = b.epochs;
+    }
+    cfg.resolved = Some(resolved(cfg, rt, spe, budget, resume));
+    if rt.is_writer() {
+        write_atomic(&run::config_path(run), cfg.to_toml().as_bytes())?;
+    }
+    Ok(())
+}
+
+/// This rank's place: restored from checkpoint `resume_from` (networks, optimizer,
+/// probe), or a new run's start; then every rank takes rank 0's state.
+fn start_position(
+    learner: &mut Learner,
+    rt: &Runtime,
+    plan: &BatchPlan,
+    cfg: &TrainConfig,
+    resume_from: Option<&Path>,
+) -> Result<Position> {
+    let pos = match resume_from {
+        Some(dir) => {
+            let st = learner.restore(dir)?;
+            if rt.is_writer() && st.world != plan.world {
+                eprintln!(
+                    "byol train: resuming a run last trained at world size {} with world size {}: the rest of epoch {} is re-partitioned over the new ranks (each remaining sample once); the trajectory differs from an uninterrupted run",
+                    st.world, plan.world, st.cursor.epoch
+                );
+            }
+            Position::resumed(&st, plan.rank, plan.world)
+        }
+        None => Position::start(cfg.train.seed, plan.rank),
+    };
+    learner.broadcast_from(0)?;
+    Ok(pos)
+}
+
+/// The `--json` summary of a finished loop.
+fn summary(
+    s: LoopSummary,
+    run: &Path,
+    rt: &Runtime,
+    (t_start, knn_in_run): (Instant, f64),
+    (time_budget_s, budget): (Option<f64>, Option<BudgetPlan>),
+) -> TrainSummary {
     let train_s = (s.seconds - knn_in_run).max(1e-9);
-    Ok(TrainSummary {
+    TrainSummary {
         command: "train".into(),
         run: run.display().to_string(),
         steps: s.step,
@@ -321,10 +400,10 @@ pub fn train(
         seconds: t_start.elapsed().as_secs_f64(),
         precision: rt.precision.name.into(),
         precision_reason: rt.precision.reason.clone(),
-        time_budget_s: opts.time_budget,
+        time_budget_s,
         calibration_seconds: budget.map(|b| b.calibration_seconds),
-        rank: plan.rank,
-    })
+        rank: rt.rank(),
+    }
 }
 
 /// Every rank must see the same latest checkpoint (a run folder that all nodes share).

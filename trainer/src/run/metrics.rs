@@ -1,0 +1,167 @@
+//! `RUN/metrics.jsonl` and `RUN/curves.png`: the rows a loop appends, their readers,
+//! and the curves drawn from them.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::write_atomic;
+use crate::error::{Context, Result};
+
+/// `RUN/metrics.jsonl`.
+pub fn metrics_path(run: &Path) -> PathBuf {
+    run.join("metrics.jsonl")
+}
+
+/// One metrics row (`RUN/metrics.jsonl`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metrics {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub tau: f64,
+    pub images_per_s: f64,
+    /// Share of the interval the step loop waited for data.
+    pub stall: f64,
+    /// std of the L2-normalised projections × √d: about 1 when healthy, 0 when collapsed.
+    pub collapse: f64,
+    /// Accuracy of the online linear probe on this interval's training batches (view 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_acc: Option<f64>,
+    /// Distributed: share of the interval rank 0 waited for collectives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_share: Option<f64>,
+}
+
+/// A kNN-monitor row in `RUN/metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KnnRow {
+    pub step: u64,
+    pub epoch: u64,
+    /// Weighted kNN (k = 20) top-1 of held-out images against a bank of training images.
+    pub knn_top1: f64,
+}
+
+/// One row of `RUN/metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MetricsRow {
+    Knn(KnnRow),
+    Step(Metrics),
+}
+
+/// Reads `RUN/metrics.jsonl`.
+///
+/// # Errors
+/// The file cannot be read, or a line is not a metrics row (naming file and line).
+pub fn read_metrics(run: &Path) -> Result<Vec<MetricsRow>> {
+    let path = metrics_path(run);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: not a metrics row", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// Drops the rows of `RUN/metrics.jsonl` after `step`: rows an earlier attempt wrote
+/// after its last checkpoint, which a resume from that checkpoint (or a new run, `step`
+/// 0) trains again. Returns how many were dropped (the file is rewritten atomically).
+///
+/// # Errors
+/// The file cannot be read or rewritten.
+pub fn trim_metrics(run: &Path, step: u64) -> Result<usize> {
+    let path = metrics_path(run);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut kept = String::with_capacity(text.len());
+    let mut dropped = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        // Unparsable lines are kept (read_metrics reports them).
+        let row_step = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("step")?.as_u64());
+        if row_step.is_some_and(|s| s > step) {
+            dropped += 1;
+        } else {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    if dropped > 0 {
+        write_atomic(&path, kept.as_bytes())?;
+    }
+    Ok(dropped)
+}
+
+/// Redraws `RUN/curves.png` from `RUN/metrics.jsonl`: the BYOL loss (left panel), the
+/// online probe's and the kNN monitor's top-1 accuracy in % (right), against the step,
+/// titled with the run folder's name.
+///
+/// # Errors
+/// Unreadable metrics, no font for the text, or I/O (see [`crate::plot::save_panels`]).
+pub fn draw_curves(run: &Path) -> Result<()> {
+    use crate::plot::{save_panels, Panel, Series, SeriesLabelPosition, BLUE, GREEN, ORANGE};
+    let (mut loss, mut probe, mut knn) = (Vec::new(), Vec::new(), Vec::new());
+    for row in read_metrics(run)? {
+        match row {
+            MetricsRow::Step(m) => {
+                loss.push((m.step as f64, m.loss));
+                if let Some(a) = m.probe_acc {
+                    probe.push((m.step as f64, 100.0 * a));
+                }
+            }
+            MetricsRow::Knn(k) => knn.push((k.step as f64, 100.0 * k.knn_top1)),
+        }
+    }
+    let name = std::fs::canonicalize(run)
+        .unwrap_or_else(|_| run.to_path_buf())
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| run.display().to_string());
+    save_panels(
+        &run.join("curves.png"),
+        &format!("byol run {name}"),
+        &[
+            Panel {
+                title: "BYOL loss",
+                y_label: "loss",
+                y_range: None,
+                legend: SeriesLabelPosition::UpperRight,
+                series: &[Series {
+                    name: "loss",
+                    color: BLUE,
+                    points: &loss,
+                }],
+            },
+            Panel {
+                title: "top-1 accuracy",
+                y_label: "accuracy (%)",
+                y_range: Some((0.0, 100.0)),
+                legend: SeriesLabelPosition::LowerRight,
+                series: &[
+                    Series {
+                        name: "online linear probe (training batches)",
+                        color: ORANGE,
+                        points: &probe,
+                    },
+                    Series {
+                        name: "kNN (k = 20), held-out",
+                        color: GREEN,
+                        points: &knn,
+                    },
+                ],
+            },
+        ],
+        (1000, 420),
+    )?;
+    Ok(())
+}
