@@ -5,10 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-pub mod augment;
 pub mod bench;
-#[cfg(feature = "opencv")]
-pub mod bench_pipeline;
 #[cfg(feature = "opencv")]
 pub mod embed;
 #[cfg(feature = "opencv")]

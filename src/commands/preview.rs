@@ -1,10 +1,12 @@
 //! `byol preview`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use byol_format::cli::out;
+use byol_pipeline::augment::{AugmentConfig, Augmenter, SplitMix64};
+use tch::{Device, Kind, Tensor};
 
 /// Write a grid of augmented pairs: each row the canvas, view 1 and view 2.
 #[derive(clap::Args)]
@@ -31,11 +33,61 @@ pub fn run(a: PreviewArgs) -> Result<ExitCode> {
         size: a.size,
         ..Default::default()
     };
-    super::augment::preview(&a.data, &a.out, a.n, a.seed, a.canvas, cfg)?;
+    preview(&a.data, &a.out, a.n, a.seed, a.canvas, cfg)?;
     out(&format!(
         "wrote {} ({} rows: canvas, view 1, view 2)\n",
         a.out.display(),
         a.n
     ))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes a grid: one row per sample with the canvas, view 1 and view 2.
+///
+/// # Errors
+/// The dataset cannot be read or the PNG cannot be written.
+fn preview(
+    data: &Path,
+    out: &Path,
+    n: usize,
+    seed: u64,
+    canvas: usize,
+    cfg: AugmentConfig,
+) -> Result<()> {
+    use byol_pipeline::{opencv_decoder, Cursor, Dataset, Loader, LoaderConfig};
+    let ds = Dataset::open(data).with_context(|| format!("opening {}", data.display()))?;
+    let lc = LoaderConfig {
+        batch: n,
+        canvas,
+        seed,
+        drop_last: false,
+        slots: 2,
+        ..LoaderConfig::default()
+    };
+    let loader = Loader::new(ds, lc, opencv_decoder())?;
+    let mut epoch = loader.start(Cursor::default());
+    let batch = epoch.next().context("the dataset is empty")??;
+    let dev = Device::cuda_if_available();
+    let canv = batch.images().to_device(dev);
+    let aug = Augmenter::new(cfg);
+    let mut rng = SplitMix64::new(seed);
+    let (v1, v2) = aug.views(&canv, batch.valid_sizes(), &mut rng);
+    let size = aug.cfg.size;
+    let shown = canv
+        .to_kind(Kind::Float)
+        .upsample_bilinear2d([size, size], false, None, None)
+        .round()
+        .clamp(0.0, 255.0)
+        .to_kind(Kind::Uint8);
+    let row = Tensor::cat(&[shown, aug.to_uint8(&v1), aug.to_uint8(&v2)], 3); // [n,3,size,3*size]
+    let grid = row
+        .permute([1, 0, 2, 3])
+        .reshape([3, -1, 3 * size])
+        .to_device(Device::Cpu);
+    // tch picks the image format from the extension: the temporary name keeps it.
+    let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("png");
+    let tmp = byol_format::fs::temp_path(out).with_extension(format!("tmp.{ext}"));
+    tch::vision::image::save(&grid, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    byol_format::fs::commit(&tmp, out)?;
+    Ok(())
 }

@@ -1,5 +1,10 @@
 //! `byol bench train | augment | pipeline`: each reports a ratio against a baseline
-//! measured in the same run.
+//! measured in the same run. One module per benchmark: `byol bench train` is
+//! `byol_trainer::bench`, [`augment`] and [`pipeline`] are here.
+
+pub mod augment;
+#[cfg(feature = "opencv")]
+pub mod pipeline;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -103,7 +108,7 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
             json,
         } => {
             let threads = threads.unwrap_or_else(byol_format::cores);
-            let r = super::bench_pipeline::run(&data, canvas, batch, threads, seconds)?;
+            let r = pipeline::run(&data, canvas, batch, threads, seconds)?;
             emit(json, &r, || {
                 format!(
                     "pipeline {:.0} images/s, bare ceiling {:.0} images/s, ratio {:.2}; decode only {:.0} images/s; \
@@ -178,7 +183,7 @@ fn augment(
     seconds: f64,
     json: bool,
 ) -> Result<ExitCode> {
-    use super::augment::{bench_data, bench_synthetic};
+    use augment::{bench_data, bench_synthetic};
     let cfg = byol_pipeline::augment::AugmentConfig {
         size,
         ..Default::default()
