@@ -39,6 +39,7 @@ pub fn default_python() -> PathBuf {
 ///
 /// # Errors
 /// Not a humantime duration, or zero.
+#[cfg(feature = "opencv")]
 pub fn parse_duration(s: &str) -> Result<f64, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("{s:?}: {e} (expected a duration such as 20m, 1h30m, 90s)"))?;

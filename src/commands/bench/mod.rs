@@ -183,7 +183,9 @@ fn augment(
     seconds: f64,
     json: bool,
 ) -> Result<ExitCode> {
-    use augment::{bench_data, bench_synthetic};
+    #[cfg(feature = "opencv")]
+    use augment::bench_data;
+    use augment::bench_synthetic;
     let cfg = byol_pipeline::augment::AugmentConfig {
         size,
         ..Default::default()
