@@ -7,11 +7,11 @@ use std::path::Path;
 use byol_pipeline::loader::DecodeFn;
 use byol_pipeline::{Dataset, Loader, LoaderConfig};
 
+use super::runtime::Runtime;
 use crate::bail;
 use crate::config::TrainConfig;
 use crate::error::{Context, Result};
 use crate::run::{check_run_data, same_classes};
-use crate::train::Runtime;
 
 /// How a step's batch is divided over the ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

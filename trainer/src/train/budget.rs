@@ -7,9 +7,9 @@ use std::time::Instant;
 use byol_pipeline::loader::Batch;
 use byol_pipeline::{Cursor, Loader};
 
+use super::signals::StopSignal;
 use crate::bail;
 use crate::error::Result;
-use crate::train::StopSignal;
 
 /// What the calibration before a time-budgeted run measured.
 #[derive(Debug, Clone, Copy, PartialEq)]

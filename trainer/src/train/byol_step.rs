@@ -7,16 +7,16 @@ use std::time::Instant;
 
 use byol_pipeline::loader::Batch;
 
+use super::knn::{KnnMonitor, KnnSource};
+use super::learner::Learner;
+use super::position::Position;
+use super::step_loop::{Interval, Reporter, Step, StepOutput};
 use crate::byol::{lr_at, tau_at};
 use crate::config::TrainConfig;
 use crate::error::Result;
 use crate::run::{
     draw_curves, save_checkpoint, CheckpointParts, CheckpointState, KnnRow, Metrics, RankState,
 };
-use crate::train::knn::{KnnMonitor, KnnSource};
-use crate::train::learner::Learner;
-use crate::train::step_loop::{Interval, Reporter, Step, StepOutput};
-use crate::train::Position;
 
 /// A BYOL run's step, schedules and monitors.
 pub struct ByolStep<'a> {

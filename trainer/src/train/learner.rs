@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 use byol_dist::ProcessGroup;
 use byol_pipeline::augment::{Augmenter, SplitMix64};
 
+use super::runtime::Runtime;
 use crate::byol::{
     channels_last, copy_into, named_gradients, train_step_synced, Network, Optimizer,
     OptimizerKind, StepSettings,
@@ -16,7 +17,6 @@ use crate::byol::{
 use crate::config::TrainConfig;
 use crate::error::Result;
 use crate::run::{self, load_checkpoint, CheckpointState};
-use crate::train::Runtime;
 
 /// The online linear probe: a linear classifier on the detached embedding, trained with
 /// SGD alongside the networks (its state is part of the checkpoint).

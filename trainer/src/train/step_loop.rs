@@ -19,10 +19,13 @@ use byol_format::progress::{Mode, Progress};
 use byol_pipeline::loader::Batch;
 use byol_pipeline::Loader;
 
+use super::batch::BatchPlan;
+use super::position::Position;
+use super::runtime::Runtime;
+use super::signals::StopSignal;
 use crate::bail;
 use crate::error::{Context, Result};
 use crate::run::{self, RankState};
-use crate::train::{BatchPlan, Position, Runtime, StopSignal};
 
 /// A step's values on this rank, before the ranks agree.
 #[derive(Debug, Clone, Default)]

@@ -10,7 +10,7 @@ use byol_trainer::amp;
 use byol_trainer::byol::{
     channels_last, copy_into, train_step, Network, Optimizer, OptimizerKind, StepSettings,
 };
-use byol_trainer::model::{Arch, EncoderConfig, HeadConfig};
+use byol_trainer::model::HeadConfig;
 use tch::{Device, Kind, Tensor};
 
 use super::max_diff;
@@ -29,12 +29,6 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
     max_diff(a, &b) / b.abs().max().double_value(&[]).max(1e-12)
 }
 
-const ENC: EncoderConfig = EncoderConfig {
-    arch: Arch::Resnet18,
-    cifar_stem: true,
-    stem_pool: None,
-    width: 0.25,
-};
 const HEAD: HeadConfig = HeadConfig {
     hidden: 128,
     out: 64,
@@ -51,7 +45,7 @@ struct Start {
 fn start() -> Start {
     let x1 = Tensor::randn([32, 3, 32, 32], (Kind::Float, Device::Cpu));
     Start {
-        weights: Network::new(Device::Cpu, &ENC, &HEAD, Some(&HEAD)),
+        weights: super::tiny_byol(Device::Cpu, 0.25, &HEAD).0,
         x2: x1.flip([3]) * 0.8 + 0.1,
         x1,
     }
@@ -59,8 +53,7 @@ fn start() -> Start {
 
 /// Online and target networks on `dev` with the starting weights.
 fn networks(s: &Start, dev: Device, cl: bool) -> (Network, Network) {
-    let mut online = Network::new(dev, &ENC, &HEAD, Some(&HEAD));
-    let mut target = Network::new(dev, &ENC, &HEAD, None);
+    let (mut online, mut target) = super::tiny_byol(dev, 0.25, &HEAD);
     online.vs.copy(&s.weights.vs).unwrap();
     copy_into(&target.vs, &online.vs);
     if cl {

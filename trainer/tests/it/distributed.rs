@@ -10,10 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use byol_dist::{Backend, DistEnv, ProcessGroup};
-use byol_trainer::byol::{
-    copy_into, train_step_synced, Network, Optimizer, OptimizerKind, StepSettings,
-};
-use byol_trainer::model::{Arch, EncoderConfig, HeadConfig};
+use byol_trainer::byol::{train_step_synced, Network, Optimizer, OptimizerKind, StepSettings};
+use byol_trainer::model::HeadConfig;
 use tch::{Device, Kind, Tensor};
 
 const ROLE: &str = "BYOL_DIST_ROLE";
@@ -29,20 +27,12 @@ const STEPS: usize = 5;
 const B: i64 = 8;
 
 fn networks(sync: Option<&Arc<ProcessGroup>>) -> (Network, Network) {
-    let enc = EncoderConfig {
-        arch: Arch::Resnet18,
-        cifar_stem: true,
-        stem_pool: None,
-        width: 0.125,
-    };
     let head = HeadConfig {
         hidden: 64,
         out: 32,
     };
     tch::manual_seed(3);
-    let mut online = Network::new(Device::Cpu, &enc, &head, Some(&head));
-    let mut target = Network::new(Device::Cpu, &enc, &head, None);
-    copy_into(&target.vs, &online.vs);
+    let (mut online, mut target) = super::tiny_byol(Device::Cpu, 0.125, &head);
     if f64_run() {
         online.vs.double();
         target.vs.double();

@@ -7,8 +7,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use byol_trainer::byol::Network;
 use byol_trainer::byol::{byol_loss, ema_update, lr_at, tau_at, Optimizer, OptimizerKind};
-use byol_trainer::model::{Arch, EncoderConfig, ResNet};
+use byol_trainer::model::{Arch, EncoderConfig, HeadConfig, ResNet};
 use tch::{nn, Device, Kind, Tensor};
 
 fn golden() -> (tempfile::TempDir, PathBuf) {
@@ -35,13 +36,29 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
 
-fn r18() -> EncoderConfig {
+/// A test encoder: torchvision's `arch` at `width`, with the CIFAR stem or not (the
+/// stem's max-pool as its default).
+fn encoder(arch: Arch, cifar_stem: bool, width: f64) -> EncoderConfig {
     EncoderConfig {
-        arch: Arch::Resnet18,
-        cifar_stem: false,
+        arch,
+        cifar_stem,
         stem_pool: None,
-        width: 1.0,
+        width,
     }
+}
+
+/// The small BYOL pair the step tests train: a ResNet-18 with the CIFAR stem at
+/// `width`, heads of `head`; online with its predictor, target a copy of it.
+fn tiny_byol(device: Device, width: f64, head: &HeadConfig) -> (Network, Network) {
+    let enc = encoder(Arch::Resnet18, true, width);
+    let online = Network::new(device, &enc, head, Some(head));
+    let target = Network::new(device, &enc, head, None);
+    byol_trainer::byol::copy_into(&target.vs, &online.vs);
+    (online, target)
+}
+
+fn r18() -> EncoderConfig {
+    encoder(Arch::Resnet18, false, 1.0)
 }
 
 #[test]
@@ -70,12 +87,7 @@ fn resnet_keys_match_torchvision_and_its_weights_load() {
 #[test]
 fn resnet50_and_heads_key_list_is_pinned() {
     let vs = nn::VarStore::new(Device::Cpu);
-    let enc = EncoderConfig {
-        arch: Arch::Resnet50,
-        cifar_stem: false,
-        stem_pool: None,
-        width: 1.0,
-    };
+    let enc = encoder(Arch::Resnet50, false, 1.0);
     let net = ResNet::new(&(vs.root() / "encoder"), &enc);
     assert_eq!(net.out_dim(), 2048);
     let keys: BTreeSet<String> = vs.variables().into_keys().collect();
@@ -91,14 +103,9 @@ fn resnet50_and_heads_key_list_is_pinned() {
     ] {
         assert!(keys.contains(k), "{k}");
     }
-    let n = byol_trainer::byol::Network::new(
+    let n = Network::new(
         Device::Cpu,
-        &EncoderConfig {
-            arch: Arch::Resnet18,
-            cifar_stem: true,
-            stem_pool: None,
-            width: 0.25,
-        },
+        &encoder(Arch::Resnet18, true, 0.25),
         &Default::default(),
         Some(&Default::default()),
     );
@@ -254,25 +261,17 @@ fn adamw_steps_match_torch() {
 #[test]
 fn bf16_autocast_step_is_close_to_float32() {
     use byol_trainer::amp;
-    use byol_trainer::byol::{copy_into, train_step, Network, StepSettings};
-    use byol_trainer::model::HeadConfig;
-    let enc = EncoderConfig {
-        arch: Arch::Resnet18,
-        cifar_stem: true,
-        stem_pool: None,
-        width: 0.125,
-    };
+    use byol_trainer::byol::{copy_into, train_step, StepSettings};
     let head = HeadConfig {
         hidden: 64,
         out: 32,
     };
     // One set of starting weights, copied into each build: tests run in parallel and
     // share libtorch's global generator, so re-seeding would not give equal builds.
-    let start = Network::new(Device::Cpu, &enc, &head, Some(&head));
+    let (start, _) = tiny_byol(Device::Cpu, 0.125, &head);
     let build = || {
-        let mut online = Network::new(Device::Cpu, &enc, &head, Some(&head));
+        let (mut online, target) = tiny_byol(Device::Cpu, 0.125, &head);
         online.vs.copy(&start.vs).unwrap();
-        let target = Network::new(Device::Cpu, &enc, &head, None);
         copy_into(&target.vs, &online.vs);
         (online, target)
     };
@@ -330,16 +329,10 @@ fn bf16_autocast_step_is_close_to_float32() {
 /// in ONNX Runtime like libtorch's eval-mode encoder.
 #[test]
 fn resnet50_onnx_export_matches_libtorch() {
-    use byol_trainer::byol::Network;
     use byol_trainer::config::TrainConfig;
     use byol_trainer::export::{export, OnnxEncoder};
     let mut cfg = TrainConfig::default();
-    cfg.model.encoder = EncoderConfig {
-        arch: Arch::Resnet50,
-        cifar_stem: false,
-        stem_pool: None,
-        width: 0.125,
-    };
+    cfg.model.encoder = encoder(Arch::Resnet50, false, 0.125);
     cfg.augment.size = 64;
     tch::manual_seed(5);
     let net = Network::new(
