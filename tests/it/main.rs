@@ -2,6 +2,7 @@
 
 use std::process::Command;
 
+mod step_loop;
 mod train;
 
 const BIN: &str = env!("CARGO_BIN_EXE_byol");

@@ -44,7 +44,7 @@ fn dataset(dir: &Path) -> PathBuf {
 
 /// `n` generated 32×32 JPEGs in `classes` classes in `dir/src_name`, sharded into
 /// `dir/out_name`; writes `dir/tiny.toml`.
-fn dataset_of(dir: &Path, src_name: &str, out_name: &str, n: usize, classes: usize) -> PathBuf {
+pub fn dataset_of(dir: &Path, src_name: &str, out_name: &str, n: usize, classes: usize) -> PathBuf {
     let src = dir.join(src_name);
     byol_tools::bench::write_synthetic_folder(&src, n, (32, 32), 90, classes).unwrap();
     let source = byol_tools::source::scan(

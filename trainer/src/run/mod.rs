@@ -131,11 +131,7 @@ pub fn save_checkpoint(
     st: &CheckpointState,
     keep: usize,
 ) -> Result<PathBuf> {
-    let dir = checkpoints_dir(run);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let fin = checkpoint_path(run, st.step);
-    byol_format::fs::write_atomic_with(&fin, |tmp| -> Result<()> {
-        std::fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    write_checkpoint(run, st.step, keep, |tmp| {
         parts.online.save(&tmp.join(ONLINE))?;
         parts.target.save(&tmp.join(TARGET))?;
         if !parts.optimizer.is_empty() {
@@ -144,10 +140,40 @@ pub fn save_checkpoint(
         if let Some(p) = &parts.probe {
             Tensor::write_safetensors(p, tmp.join(PROBE))?;
         }
-        let state = tmp.join(STATE);
-        std::fs::write(&state, serde_json::to_string_pretty(st)?)
-            .with_context(|| format!("writing {}", state.display()))?;
-        Ok(())
+        write_state(tmp, st)
+    })
+}
+
+/// Writes a checkpoint's `state.json` (any serialisable state: a loop's own) into
+/// checkpoint folder `dir`.
+///
+/// # Errors
+/// Serialisation or I/O, naming the file.
+pub fn write_state(dir: &Path, st: &impl Serialize) -> Result<()> {
+    let state = dir.join(STATE);
+    std::fs::write(&state, serde_json::to_string_pretty(st)?)
+        .with_context(|| format!("writing {}", state.display()))
+}
+
+/// The checkpoint folder of any loop at `step`: `fill` writes its files (at least
+/// `state.json`, see [`write_state`]) into a temporary folder, which is fsynced and
+/// renamed to `RUN/checkpoints/step-NNNNNNNNN` when complete; then all but the newest
+/// `keep` checkpoints are removed.
+///
+/// # Errors
+/// What `fill` returns, or I/O, naming the checkpoint.
+pub fn write_checkpoint(
+    run: &Path,
+    step: u64,
+    keep: usize,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let dir = checkpoints_dir(run);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let fin = checkpoint_path(run, step);
+    byol_format::fs::write_atomic_with(&fin, |tmp| -> Result<()> {
+        std::fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        fill(tmp)
     })
     .with_context(|| format!("saving checkpoint {}", fin.display()))?;
     let all = list_checkpoints(run);
