@@ -233,6 +233,30 @@ pub fn export(
     let x = g.node("GlobalAveragePool", &[&x], &[], None);
     g.node("Flatten", &[&x], &[attr_int("axis", 1)], Some("embedding"));
 
+    let mut entries: Vec<(&str, String)> = vec![
+        ("byol.size", size.to_string()),
+        ("byol.canvas", cfg.data.canvas.to_string()),
+        ("byol.dim", dim.to_string()),
+        (
+            "byol.input",
+            "pixels: float32 [N,3,size,size] in [0,1], RGB".into(),
+        ),
+    ];
+    entries.extend(meta.iter().cloned());
+    let model = model_proto(&g, (size, dim), &entries);
+    byol_format::fs::write_atomic(path, &model.0)?;
+    Ok(ExportInfo {
+        path: path.display().to_string(),
+        size,
+        dim,
+        convs,
+        bytes: model.0.len() as u64,
+    })
+}
+
+/// The `ModelProto` of graph `g` (IR 8, opset 17): input `pixels` `[N, 3, size, size]`,
+/// output `embedding` `[N, dim]`, and `entries` as its metadata.
+fn model_proto(g: &Graph, (size, dim): (i64, i64), entries: &[(&str, String)]) -> Pb {
     let mut gp = Pb::default();
     for n in &g.nodes {
         gp.msg(graph::NODE, n);
@@ -256,28 +280,11 @@ pub fn export(
     opset.int(operator_set_id::VERSION, 17);
     model.msg(model::OPSET_IMPORT, &opset);
     model.msg(model::GRAPH, &gp);
-    let mut entries: Vec<(&str, String)> = vec![
-        ("byol.size", size.to_string()),
-        ("byol.canvas", cfg.data.canvas.to_string()),
-        ("byol.dim", dim.to_string()),
-        (
-            "byol.input",
-            "pixels: float32 [N,3,size,size] in [0,1], RGB".into(),
-        ),
-    ];
-    entries.extend(meta.iter().cloned());
     for (k, v) in entries {
         let mut e = Pb::default();
-        e.str(string_entry::KEY, k).str(string_entry::VALUE, &v);
+        e.str(string_entry::KEY, k).str(string_entry::VALUE, v);
         model.msg(model::METADATA_PROPS, &e);
     }
 
-    byol_format::fs::write_atomic(path, &model.0)?;
-    Ok(ExportInfo {
-        path: path.display().to_string(),
-        size,
-        dim,
-        convs,
-        bytes: model.0.len() as u64,
-    })
+    model
 }
