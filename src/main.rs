@@ -29,13 +29,22 @@ enum Cmd {
     /// Train (or resume) a BYOL run.
     #[cfg(feature = "opencv")]
     Train(commands::train::TrainArgs),
-    /// Export a run's online encoder to ONNX (BatchNorm folded, normalisation inside) and
-    /// check it in ONNX Runtime against libtorch.
+    /// Fine-tune a run's encoder with a new linear head on a labelled subset (the BYOL
+    /// paper's semi-supervised and transfer evaluations), or a random encoder as the
+    /// supervised baseline; reports top-1/top-5 on the test shards.
+    #[cfg(feature = "opencv")]
+    Finetune(commands::finetune::FinetuneArgs),
+    /// Export a run's online encoder (or a fine-tuned classifier) to ONNX (BatchNorm
+    /// folded, normalisation inside) and check it in ONNX Runtime against libtorch.
     Export(commands::export::ExportArgs),
     /// Embed every image of a shard folder with an exported encoder (ONNX Runtime) into
     /// a Parquet file: row, key, label, embedding.
     #[cfg(feature = "opencv")]
     Embed(commands::embed::EmbedArgs),
+    /// A classifier's most probable classes per image of a shard folder, with their
+    /// probabilities, into a Parquet file (`byol embed --top-k 5`).
+    #[cfg(feature = "opencv")]
+    Predict(commands::embed::EmbedArgs),
     /// Linear probe and kNN on frozen features: BYOL vs random init vs raw pixels.
     #[cfg(feature = "opencv")]
     Eval(commands::eval::EvalArgs),
@@ -53,9 +62,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Bench(c) => commands::bench::run(c),
         #[cfg(feature = "opencv")]
         Cmd::Train(a) => commands::train::run(a),
+        #[cfg(feature = "opencv")]
+        Cmd::Finetune(a) => commands::finetune::run(a),
         Cmd::Export(a) => commands::export::run(a),
         #[cfg(feature = "opencv")]
-        Cmd::Embed(a) => commands::embed::run(a),
+        Cmd::Embed(a) => commands::embed::run(a, false),
+        #[cfg(feature = "opencv")]
+        Cmd::Predict(a) => commands::embed::run(a, true),
         #[cfg(feature = "opencv")]
         Cmd::Eval(a) => commands::eval::run(a),
         #[cfg(feature = "opencv")]

@@ -165,6 +165,68 @@ impl Dataset {
         &self.shards[shard].path
     }
 
+    /// Row group `index`'s record batches, only `columns` read.
+    fn read_group(
+        &self,
+        index: usize,
+        columns: &[&str],
+    ) -> Result<Vec<arrow_array::RecordBatch>, PipelineError> {
+        let info = &self.groups[index];
+        let sh = &self.shards[info.shard];
+        let perr = |source| PipelineError::Parquet {
+            path: sh.path.clone(),
+            source,
+        };
+        let builder =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(sh.bytes.clone(), sh.meta.clone());
+        let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
+        let reader = builder
+            .with_row_groups(vec![info.group])
+            .with_projection(mask)
+            .with_batch_size(info.span.rows.max(1) as usize)
+            .build()
+            .map_err(perr)?;
+        let mut batches = Vec::new();
+        for b in reader {
+            batches
+                .push(b.map_err(|e| perr(parquet::errors::ParquetError::External(Box::new(e))))?);
+        }
+        Ok(batches)
+    }
+
+    /// Every row's key and label (-1: unlabeled) in global row order (row groups in
+    /// manifest order, rows in file order: the ids [`crate::Loader::with_rows`] takes),
+    /// reading only those two columns.
+    ///
+    /// # Errors
+    /// A row group cannot be read or its columns have the wrong type (naming the shard).
+    pub fn keys_and_labels(&self) -> Result<(Vec<String>, Vec<i32>), PipelineError> {
+        let mut keys = Vec::with_capacity(self.rows() as usize);
+        let mut labels = Vec::with_capacity(self.rows() as usize);
+        for index in 0..self.groups.len() {
+            let path = &self.shards[self.groups[index].shard].path;
+            let typed = |name: &str| {
+                PipelineError::Corrupt(format!(
+                    "{}: column {name:?} missing or of the wrong type",
+                    path.display()
+                ))
+            };
+            for b in self.read_group(index, &[COL_KEY, COL_LABEL])? {
+                let k = b
+                    .column_by_name(COL_KEY)
+                    .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                    .ok_or_else(|| typed(COL_KEY))?;
+                let l = b
+                    .column_by_name(COL_LABEL)
+                    .and_then(|c| c.as_any().downcast_ref::<Int32Array>())
+                    .ok_or_else(|| typed(COL_LABEL))?;
+                keys.extend(k.iter().map(|v| v.unwrap_or_default().to_string()));
+                labels.extend(l.iter().map(|v| v.unwrap_or(-1)));
+            }
+        }
+        Ok((keys, labels))
+    }
+
     /// Reads row group `index` (all columns) from the mapped shard, then tells the
     /// kernel its pages are no longer needed by this process, so resident memory stays
     /// bounded by the open row groups rather than growing with the bytes streamed.
@@ -178,23 +240,10 @@ impl Dataset {
             path: sh.path.clone(),
             source,
         };
-        let builder =
-            ParquetRecordBatchReaderBuilder::new_with_metadata(sh.bytes.clone(), sh.meta.clone());
-        let mask = ProjectionMask::columns(
-            builder.parquet_schema(),
-            [COL_KEY, COL_LABEL, COL_IMAGE, COL_HEIGHT, COL_WIDTH],
-        );
-        let reader = builder
-            .with_row_groups(vec![info.group])
-            .with_projection(mask)
-            .with_batch_size(info.span.rows.max(1) as usize)
-            .build()
-            .map_err(perr)?;
-        let mut batches = Vec::new();
-        for b in reader {
-            batches
-                .push(b.map_err(|e| perr(parquet::errors::ParquetError::External(Box::new(e))))?);
-        }
+        let batches = self.read_group(
+            index,
+            &[COL_KEY, COL_LABEL, COL_IMAGE, COL_HEIGHT, COL_WIDTH],
+        )?;
         let schema = byol_format::shards::schema();
         let batch = arrow_select_concat(&schema, &batches).map_err(perr)?;
         let col = |name: &str| -> Result<_, PipelineError> {

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::dataset::{Dataset, LoadedGroup};
-use crate::plan::{epoch_order, per_rank, resumed_order, Cursor, GroupSpan, PlanConfig, Split};
+use crate::plan::{per_rank, resumed_order, Cursor, GroupSpan, PlanConfig, Planned, Split};
 use crate::PipelineError;
 use byol_format::image_error::ImageError;
 
@@ -153,7 +153,11 @@ unsafe impl Send for SlotBuf {}
 pub struct Loader {
     ds: Arc<Dataset>,
     cfg: LoaderConfig,
+    /// The row groups as the planner sees them: the dataset's, or (with a subset) each
+    /// group's subset rows numbered contiguously (see [`Loader::with_rows`]).
     spans: Vec<GroupSpan>,
+    /// The global row ids of a subset, sorted: planned row `i` is `subset[i]`.
+    subset: Option<Arc<[u64]>>,
     decode: DecodeFn,
     free_tx: Sender<SlotBuf>,
     free_rx: Receiver<SlotBuf>,
@@ -204,6 +208,7 @@ impl Loader {
             ds: Arc::new(ds),
             cfg,
             spans,
+            subset: None,
             decode,
             free_tx,
             free_rx,
@@ -229,9 +234,55 @@ impl Loader {
         self.pinned
     }
 
+    /// Restricts every epoch to the rows `rows` (global row ids: row groups in manifest
+    /// order, rows in file order; duplicates ignored): rows outside it are never read
+    /// into a batch or decoded. The epoch order, the ranks' parts and the cursor are
+    /// those of the planner over the subset alone ([`crate::plan`]), so a subset run
+    /// resumes exactly like a whole-dataset one.
+    ///
+    /// # Errors
+    /// [`PipelineError::Config`]: a row id beyond the dataset, or an empty subset.
+    pub fn with_rows(mut self, mut rows: Vec<u64>) -> Result<Loader, PipelineError> {
+        rows.sort_unstable();
+        rows.dedup();
+        let total = self.ds.rows();
+        match rows.last() {
+            None => return Err(PipelineError::Config("an empty subset of rows".into())),
+            Some(&last) if last >= total => {
+                return Err(PipelineError::Config(format!(
+                    "row {last} of a subset is beyond the dataset's {total} rows"
+                )))
+            }
+            Some(_) => {}
+        }
+        let mut spans = Vec::with_capacity(self.spans.len());
+        let mut i = 0usize;
+        for sp in self.ds.spans() {
+            let first = i;
+            while i < rows.len() && rows[i] < sp.first_row + sp.rows {
+                i += 1;
+            }
+            spans.push(GroupSpan {
+                first_row: first as u64,
+                rows: (i - first) as u64,
+            });
+        }
+        self.spans = spans;
+        self.subset = Some(rows.into());
+        Ok(self)
+    }
+
+    /// Rows an epoch plans over: the dataset's, or the subset's.
+    pub fn rows(&self) -> u64 {
+        match &self.subset {
+            Some(s) => s.len() as u64,
+            None => self.ds.rows(),
+        }
+    }
+
     /// Samples this rank sees per epoch.
     pub fn samples_per_epoch(&self) -> u64 {
-        per_rank(self.ds.rows(), self.cfg.world)
+        per_rank(self.rows(), self.cfg.world)
     }
 
     /// Batches this rank sees per epoch.
@@ -256,19 +307,25 @@ impl Loader {
 
     /// The global row ids this rank reads in `epoch`, in order (no decoding).
     pub fn order(&self, epoch: u64) -> Vec<u64> {
-        epoch_order(&self.spans, &self.plan(), epoch)
-            .iter()
-            .map(|p| p.row)
-            .collect()
+        self.order_resumed(epoch, &[])
     }
 
     /// The global row ids this rank reads in `epoch` after `splits` (see
     /// [`crate::plan::resumed_order`]), in order.
     pub fn order_resumed(&self, epoch: u64, splits: &[Split]) -> Vec<u64> {
-        resumed_order(&self.spans, &self.plan(), epoch, splits)
-            .iter()
-            .map(|p| p.row)
-            .collect()
+        self.planned(epoch, splits).iter().map(|p| p.row).collect()
+    }
+
+    /// The planner's order (see [`crate::plan::resumed_order`]) with a subset's rows
+    /// mapped back to global row ids.
+    fn planned(&self, epoch: u64, splits: &[Split]) -> Vec<Planned> {
+        let mut order = resumed_order(&self.spans, &self.plan(), epoch, splits);
+        if let Some(subset) = &self.subset {
+            for p in &mut order {
+                p.row = subset[p.row as usize];
+            }
+        }
+        order
     }
 
     /// Starts streaming from `cursor` to the end of its epoch.
@@ -279,7 +336,7 @@ impl Loader {
     /// Starts streaming from `cursor` in an epoch that earlier world sizes began
     /// (`splits`, see [`crate::plan::resumed_order`]; empty: [`Loader::start`]).
     pub fn start_resumed(&self, cursor: Cursor, splits: &[Split]) -> Epoch {
-        let order = resumed_order(&self.spans, &self.plan(), cursor.epoch, splits);
+        let order = self.planned(cursor.epoch, splits);
         let b = self.cfg.batch;
         let start = (cursor.consumed as usize).min(order.len());
         let remaining = order.len() - start;

@@ -11,6 +11,8 @@ pub mod embed;
 #[cfg(feature = "opencv")]
 pub mod eval;
 pub mod export;
+#[cfg(feature = "opencv")]
+pub mod finetune;
 pub mod info;
 #[cfg(feature = "opencv")]
 pub mod preview;

@@ -89,7 +89,7 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
 }
 
 /// `--nproc-per-node N`: this command line, without the flag, as N local workers.
-fn launch(n: usize) -> Result<ExitCode> {
+pub fn launch(n: usize) -> Result<ExitCode> {
     if std::env::var("WORLD_SIZE").is_ok_and(|w| w.trim() != "1") {
         anyhow::bail!(
             "--nproc-per-node starts its own workers; this process is already one (WORLD_SIZE is set, e.g. by torchrun): drop the flag"

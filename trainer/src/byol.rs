@@ -165,13 +165,16 @@ pub use crate::config::OptimizerKind;
 ///   then scaled by `η‖w‖/‖g + wd·w‖` (unscaled when either norm is 0), then momentum:
 ///   `m ← μm + g'`, and the step `w ← w − lr·m`. Biases and normalisation parameters
 ///   (every 1-D tensor) are excluded from both weight decay and adaptation;
-/// - `Sgd`: the same without adaptation;
+/// - `Sgd`: the same without adaptation; with `nesterov`, the step is `g' + μm` after
+///   the momentum update (`torch.optim.SGD(nesterov=True)`);
 /// - `Adamw`: `torch.optim.AdamW` (1-D tensors get no weight decay).
 pub struct Optimizer {
     pub kind: OptimizerKind,
     pub momentum: f64,
     pub weight_decay: f64,
     pub trust: f64,
+    /// Nesterov momentum (SGD and LARS).
+    pub nesterov: bool,
     /// Momentum (AdamW: first-moment) buffers by variable name.
     pub buffers: HashMap<String, Tensor>,
     /// AdamW: second-moment buffers, β2, ε and the step count.
@@ -188,6 +191,7 @@ impl Optimizer {
             momentum,
             weight_decay,
             trust,
+            nesterov: false,
             buffers: HashMap::new(),
             second: HashMap::new(),
             beta2: 0.999,
@@ -268,7 +272,11 @@ impl Optimizer {
                         m
                     }
                 };
-                w -= m * lr;
+                if self.nesterov {
+                    w -= (u + m * self.momentum) * lr;
+                } else {
+                    w -= m * lr;
+                }
             }
         });
     }

@@ -14,6 +14,7 @@ use byol_pipeline::{Cursor, Dataset, Loader, LoaderConfig};
 
 use crate::byol::{channels_last, Network};
 use crate::config::TrainConfig;
+use crate::model::ResNet;
 use crate::run::{load_online, same_classes, TrainedOnline};
 
 /// Accuracies of one feature set.
@@ -140,7 +141,7 @@ pub fn centred_inputs(b: &byol_pipeline::loader::Batch, size: i64) -> Tensor {
 ///
 /// # Shapes
 /// `x`: `[N, 3, S, S]` uint8 → `[N, D]` float32 embeddings (CPU).
-pub fn features(net: &Network, x: &Tensor, cfg: &TrainConfig, device: Device) -> Tensor {
+pub fn features(encoder: &ResNet, x: &Tensor, cfg: &TrainConfig, device: Device) -> Tensor {
     let n = x.size()[0];
     let mut out = Vec::new();
     tch::no_grad(|| {
@@ -152,7 +153,7 @@ pub fn features(net: &Network, x: &Tensor, cfg: &TrainConfig, device: Device) ->
             if cfg.train.channels_last {
                 xb = channels_last(&xb);
             }
-            out.push(net.encoder.forward_t(&xb, false).to_device(Device::Cpu));
+            out.push(encoder.forward_t(&xb, false).to_device(Device::Cpu));
             i += len;
         }
     });
@@ -344,8 +345,8 @@ pub fn evaluate(
 
     stage(2, "BYOL features");
     let (ftr, fte) = (
-        features(&net, &xtr, &cfg, device),
-        features(&net, &xte, &cfg, device),
+        features(net.encoder(), &xtr, &cfg, device),
+        features(net.encoder(), &xte, &cfg, device),
     );
     stage(3, "BYOL probes");
     let byol = probe(&ftr, &ytr, &fte, &yte, classes);
@@ -357,8 +358,8 @@ pub fn evaluate(
         rnd.to_channels_last();
     }
     let (ftr, fte) = (
-        features(&rnd, &xtr, &cfg, device),
-        features(&rnd, &xte, &cfg, device),
+        features(&rnd.encoder, &xtr, &cfg, device),
+        features(&rnd.encoder, &xte, &cfg, device),
     );
     stage(5, "random-init probes");
     let random_init = probe(&ftr, &ytr, &fte, &yte, classes);

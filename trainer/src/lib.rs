@@ -14,10 +14,12 @@
 pub mod amp;
 pub mod bench;
 pub mod byol;
+pub mod classifier;
 pub mod config;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod finetune;
 pub mod model;
 pub mod plot;
 pub mod run;

@@ -90,6 +90,45 @@ impl Augmenter {
         )
     }
 
+    /// One normalised view per sample with only a random resized crop (inside each
+    /// sample's valid region, torchvision's `RandomResizedCrop.get_params`) and a
+    /// horizontal flip with probability `flip_p`: the augmentation of supervised
+    /// fine-tuning (BYOL paper, appendix C.2).
+    ///
+    /// # Shapes
+    /// `canvas`: `[B, 3, S, S]` uint8 → `[B, 3, size, size]` float view.
+    pub fn crop_flip(
+        &self,
+        canvas: &Tensor,
+        valid: &[(i32, i32)],
+        (scale, ratio, flip_p): ([f64; 2], [f64; 2], f64),
+        rng: &mut SplitMix64,
+    ) -> Tensor {
+        let mut img = canvas.to_kind(Kind::Float) / 255.0;
+        if self.cfg.interpolation == Interpolation::Bicubic {
+            img = replicate_beyond_valid(&img, valid);
+        }
+        let view = ViewConfig {
+            crop_scale: scale,
+            crop_ratio: ratio,
+            flip_p,
+            jitter_p: 0.0,
+            grayscale_p: 0.0,
+            blur_p: 0.0,
+            solarize_p: 0.0,
+            ..ViewConfig::default()
+        };
+        let p = draw_view(rng, &view, valid);
+        let x = resized_crop_flip(
+            &img,
+            &p.boxes,
+            &p.flips,
+            self.cfg.size,
+            self.cfg.interpolation,
+        );
+        normalize(&x, self.cfg.mean, self.cfg.std)
+    }
+
     /// Un-normalised uint8 views, for previews.
     pub fn to_uint8(&self, view: &Tensor) -> Tensor {
         let dev = view.device();

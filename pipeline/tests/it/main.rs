@@ -465,3 +465,62 @@ fn a_panicking_worker_is_an_error_not_a_hang() {
         other => panic!("expected a panic error, got {other:?}"),
     }
 }
+
+/// A loader restricted to a subset streams only the subset's rows, every one once per
+/// epoch (two ranks: disjoint halves), decodes nothing else, orders it from the seed, and
+/// resumes from a cursor like a whole-dataset loader.
+#[test]
+fn a_subset_loader_streams_and_decodes_only_its_rows_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = small_dataset(tmp.path(), 37, 10, 4);
+    let subset: Vec<u64> = vec![36, 1, 2, 5, 8, 13, 21, 22, 30, 2, 33];
+    let mut want: Vec<u64> = subset.clone();
+    want.sort_unstable();
+    want.dedup();
+    let sub = |c: LoaderConfig| loader(&ds, c).with_rows(subset.clone()).expect("subset");
+    let l = sub(cfg(3, 16));
+    assert_eq!(l.samples_per_epoch(), want.len() as u64);
+    let before = l.stats().images;
+    let epoch = rows_from(&l, Cursor::default());
+    assert_eq!(
+        l.stats().images - before,
+        want.len() as u64,
+        "decoded outside the subset"
+    );
+    let mut sorted = epoch.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, want);
+    assert_eq!(epoch, rows_from(&sub(cfg(3, 16)), Cursor::default()));
+    assert_ne!(
+        epoch,
+        rows_from(
+            &l,
+            Cursor {
+                epoch: 1,
+                consumed: 0
+            }
+        )
+    );
+    for c in [1u64, 3, 7] {
+        let cursor = Cursor {
+            epoch: 0,
+            consumed: c,
+        };
+        assert_eq!(rows_from(&l, cursor), epoch[c as usize..], "cursor {c}");
+    }
+    let mut halves = Vec::new();
+    for rank in 0..2 {
+        let l = sub(LoaderConfig {
+            rank,
+            world: 2,
+            ..cfg(1, 16)
+        });
+        halves.extend(rows_from(&l, Cursor::default()));
+    }
+    halves.sort_unstable();
+    halves.dedup();
+    assert_eq!(halves.len(), want.len() - want.len() % 2);
+    assert!(halves.iter().all(|r| want.contains(r)));
+    let beyond = loader(&ds, cfg(3, 16)).with_rows(vec![37]);
+    assert!(matches!(beyond, Err(PipelineError::Config(m)) if m.contains("37")));
+}

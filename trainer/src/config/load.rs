@@ -138,7 +138,65 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.check_model_and_optim()?;
         self.check_train()?;
-        self.check_data_and_augment()
+        self.check_data_and_augment()?;
+        self.check_finetune()
+    }
+
+    fn check_finetune(&self) -> Result<(), ConfigError> {
+        let Some(f) = &self.finetune else {
+            return Ok(());
+        };
+        check(f.batch >= 1, "finetune.batch", f.batch, "at least 1")?;
+        check(
+            f.epochs >= 1 || f.total_steps >= 1,
+            "finetune.epochs",
+            f.epochs,
+            "at least 1 (or finetune.total_steps > 0)",
+        )?;
+        check(
+            within(f.lr, 0.0, 1e6) && f.lr > 0.0,
+            "finetune.lr",
+            f.lr,
+            "a positive number",
+        )?;
+        check(
+            within(f.momentum, 0.0, 1.0) && f.momentum < 1.0,
+            "finetune.momentum",
+            f.momentum,
+            "a number in [0, 1)",
+        )?;
+        check(
+            !f.nesterov || f.momentum > 0.0,
+            "finetune.nesterov",
+            f.nesterov,
+            "false when finetune.momentum is 0 (Nesterov needs momentum)",
+        )?;
+        check(
+            within(f.weight_decay, 0.0, 1.0),
+            "finetune.weight_decay",
+            f.weight_decay,
+            "a number in [0, 1]",
+        )?;
+        let [lo, hi] = f.crop_scale;
+        check(
+            within(lo, 0.0, 1.0) && within(hi, 0.0, 1.0) && lo > 0.0 && lo <= hi,
+            "finetune.crop_scale",
+            format!("{:?}", f.crop_scale),
+            "[min, max] with 0 < min ≤ max ≤ 1",
+        )?;
+        let [lo, hi] = f.crop_ratio;
+        check(
+            lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi,
+            "finetune.crop_ratio",
+            format!("{:?}", f.crop_ratio),
+            "[min, max] with 0 < min ≤ max",
+        )?;
+        check(
+            within(f.flip_p, 0.0, 1.0),
+            "finetune.flip_p",
+            f.flip_p,
+            "a probability in [0, 1]",
+        )
     }
 
     fn check_model_and_optim(&self) -> Result<(), ConfigError> {

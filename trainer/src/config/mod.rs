@@ -290,10 +290,91 @@ pub struct TrainConfig {
     pub train: TrainSection,
     pub data: DataSection,
     pub augment: AugmentConfig,
+    /// A fine-tuned run's recipe and provenance (`byol finetune`); absent in a BYOL run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<FinetuneConfig>,
     /// What `auto` settings and `--time-budget` resolved to when the run last started
     /// (written by `byol train`; informative only: never compared on `--resume`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resolved: Option<Resolved>,
+}
+
+/// `finetune.init`: where the fine-tuned encoder starts.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FinetuneInit {
+    /// The pretrained run's online encoder.
+    #[default]
+    Byol,
+    /// A random encoder of the same shape, seeded with `train.seed`: the supervised
+    /// baseline on the same labels.
+    Random,
+}
+
+/// `[finetune]`: the semi-supervised recipe of the BYOL paper (appendix C.2, after
+/// SimCLR's protocol): cross-entropy on a new linear head, the whole network trained,
+/// SGD with Nesterov momentum 0.9, no weight decay or other regularisation, a cosine
+/// learning-rate decay without warm-up, random resized crop and horizontal flip only.
+/// The paper uses batch 1024 and sweeps the learning rate over {0.005, 0.01, 0.02,
+/// 0.05, 0.1} and the epochs over {30, 50} on a held-out split; the defaults are the
+/// middle of that sweep (`configs/finetune-imagenet.toml`). The provenance fields
+/// (`source_*`, `classes`, `labels`) are written by `byol finetune`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinetuneConfig {
+    pub init: FinetuneInit,
+    /// Train the head only (the encoder frozen, its BatchNorm in inference mode): linear
+    /// evaluation through the same loop.
+    pub linear: bool,
+    /// Global batch (split over ranks).
+    pub batch: usize,
+    pub epochs: u64,
+    /// The length in steps when non-zero (instead of `epochs`).
+    pub total_steps: u64,
+    /// Peak learning rate (not scaled with the batch), decayed by a cosine to 0.
+    pub lr: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    /// Random resized crop: area fraction U(min, max) and log-uniform aspect ratio.
+    pub crop_scale: [f64; 2],
+    pub crop_ratio: [f64; 2],
+    pub flip_p: f64,
+    /// The pretrained run and its checkpoint (its online encoder, or only its shape
+    /// with `init = "random"`).
+    pub source_run: String,
+    pub source_checkpoint: String,
+    pub source_step: u64,
+    /// The head's classes, in label order (the training shards' classes).
+    pub classes: Vec<String>,
+    /// How the labelled subset was chosen, and its size (rows).
+    pub subset: String,
+    pub labels: u64,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        FinetuneConfig {
+            init: FinetuneInit::Byol,
+            linear: false,
+            batch: 1024,
+            epochs: 30,
+            total_steps: 0,
+            lr: 0.02,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 0.0,
+            crop_scale: [0.08, 1.0],
+            crop_ratio: [3.0 / 4.0, 4.0 / 3.0],
+            flip_p: 0.5,
+            source_run: String::new(),
+            source_checkpoint: String::new(),
+            source_step: 0,
+            classes: Vec::new(),
+            subset: String::new(),
+            labels: 0,
+        }
+    }
 }
 
 /// The values a run's `auto` settings and time budget resolved to on its machine.

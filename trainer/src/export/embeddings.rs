@@ -1,5 +1,6 @@
-//! `byol embed`: every image of a shard folder through an exported encoder, into a
-//! Parquet file (row, key, label, embedding).
+//! `byol embed` and `byol predict`: every image of a shard folder through an exported
+//! model, into a Parquet file (row, key, label, then the embedding, or a classifier's
+//! top-k classes with their probabilities).
 
 use std::path::Path;
 
@@ -17,6 +18,9 @@ pub struct EmbedReport {
     pub out: String,
     pub rows: u64,
     pub dim: i64,
+    /// `byol predict`: classes ranked per image (absent for embeddings).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
     /// Rows of the dataset with no embedding (their image failed to decode), with keys.
     pub missing: u64,
     pub missing_keys: Vec<String>,
@@ -24,26 +28,38 @@ pub struct EmbedReport {
     pub images_per_s: f64,
 }
 
-/// Embeds every image of the shard folder `data` with the ONNX encoder `model` and writes
-/// `out` (Parquet: `row` UInt64, `key` Utf8, `label` Int32, `embedding`
-/// FixedSizeList<Float32, D>), through a temporary name.
+/// What a row holds besides `row`, `key` and `label`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// `embedding` FixedSizeList<Float32, D>.
+    Embeddings,
+    /// A classifier's `k` most probable classes (softmax of the logits), most probable
+    /// first: `predicted` Utf8 (the first's name), `top_classes` FixedSizeList<Utf8, k>,
+    /// `top_indices` FixedSizeList<Int32, k>, `top_probabilities`
+    /// FixedSizeList<Float32, k>.
+    TopK(usize),
+}
+
+/// Embeds every image of the shard folder `data` with the ONNX model `model` and writes
+/// `out` (Parquet: `row` UInt64, `key` Utf8, `label` Int32, then the columns of
+/// `output`), through a temporary name.
 ///
 /// # Shapes
-/// Writes one `D`-float embedding per decoded image.
+/// Writes one `D`-float embedding (or `k` classes) per decoded image.
 ///
 /// # Errors
-/// The model or the shards cannot be loaded, the model has no canvas and none is given, or the Parquet file cannot be written (it is then left unwritten).
+/// The model or the shards cannot be loaded, the model has no canvas and none is given,
+/// top-k of a model without `logits`, or the Parquet file cannot be written (it is then
+/// left unwritten).
 pub fn embed(
-    model: &Path,
-    data: &Path,
-    out: &Path,
+    (model, data, out): (&Path, &Path, &Path),
     decode: byol_pipeline::loader::DecodeFn,
-    batch: usize,
-    canvas: Option<usize>,
+    (batch, canvas): (usize, Option<usize>),
     ort_lib: Option<&Path>,
+    output: Output,
 ) -> Result<EmbedReport> {
     use arrow_array::{
-        builder::{FixedSizeListBuilder, Float32Builder},
+        builder::{FixedSizeListBuilder, Float32Builder, Int32Builder, StringBuilder},
         Array, ArrayRef, Int32Array, RecordBatch, StringArray, UInt64Array,
     };
     use arrow_schema::{DataType, Field, Schema};
@@ -51,6 +67,18 @@ pub fn embed(
 
     let t0 = std::time::Instant::now();
     let mut enc = OnnxEncoder::load(model, ort_lib, 0)?;
+    let top_k = match output {
+        Output::Embeddings => None,
+        Output::TopK(k) => {
+            let Some(classes) = enc.classes.as_ref() else {
+                crate::bail!(
+                    "{} is an encoder (no logits output); predictions need a classifier exported from a `byol finetune` run",
+                    model.display()
+                );
+            };
+            Some(k.clamp(1, classes.len().max(1)))
+        }
+    };
     let canvas = canvas.or(enc.canvas).with_context(|| {
         format!(
             "{} has no byol.canvas metadata; pass --canvas",
@@ -75,19 +103,46 @@ pub fn embed(
     let loader = byol_pipeline::Loader::new(ds, lc, decode)?;
     let dim = enc.dim as i32;
     let item = Arc::new(Field::new("item", DataType::Float32, false));
-    let schema = Arc::new(Schema::new(vec![
+    let int_item = Arc::new(Field::new("item", DataType::Int32, false));
+    let str_item = Arc::new(Field::new("item", DataType::Utf8, false));
+    let mut fields = vec![
         Field::new("row", DataType::UInt64, false),
         Field::new("key", DataType::Utf8, false),
         Field::new("label", DataType::Int32, false),
-        Field::new(
+    ];
+    match top_k {
+        None => fields.push(Field::new(
             "embedding",
             DataType::FixedSizeList(item.clone(), dim),
             false,
-        ),
-    ]));
+        )),
+        Some(k) => {
+            let k = k as i32;
+            fields.extend([
+                Field::new("predicted", DataType::Utf8, false),
+                Field::new(
+                    "top_classes",
+                    DataType::FixedSizeList(str_item.clone(), k),
+                    false,
+                ),
+                Field::new(
+                    "top_indices",
+                    DataType::FixedSizeList(int_item.clone(), k),
+                    false,
+                ),
+                Field::new(
+                    "top_probabilities",
+                    DataType::FixedSizeList(item.clone(), k),
+                    false,
+                ),
+            ]);
+        }
+    }
+    let schema = Arc::new(Schema::new(fields));
+    let class_names = enc.classes.clone().unwrap_or_default();
     let mut bar = byol_format::progress::Progress::new(
         byol_format::progress::Mode::detect(true),
-        "embed",
+        if top_k.is_some() { "predict" } else { "embed" },
         total,
         "images",
         0,
@@ -101,22 +156,14 @@ pub fn embed(
         for b in loader.start(byol_pipeline::Cursor::default()) {
             let b = b?;
             let x = crate::eval::centred_inputs(&b, enc.size).to_kind(Kind::Float) / 255.0;
-            let e = enc.embed(&x)?;
-            let values = Vec::<f32>::try_from(e.flatten(0, -1))?;
+            let (e, logits) = enc.run(&x)?;
             // A sample whose image failed to decode is a replacement (a copy of another
             // row, or a blank canvas): it gets no row; its own row is reported missing.
             let keep: Vec<usize> = (0..b.len())
                 .filter(|&i| !b.replaced_mask()[i])
                 .filter(|&i| !std::mem::replace(&mut seen[b.rows()[i] as usize], true))
                 .collect();
-            let mut list =
-                FixedSizeListBuilder::new(Float32Builder::new(), dim).with_field(item.clone());
-            for &i in &keep {
-                let d = dim as usize;
-                list.values().append_slice(&values[i * d..(i + 1) * d]);
-                list.append(true);
-            }
-            let cols: Vec<ArrayRef> = vec![
+            let mut cols: Vec<ArrayRef> = vec![
                 Arc::new(UInt64Array::from_iter_values(
                     keep.iter().map(|&i| b.rows()[i]),
                 )),
@@ -126,8 +173,49 @@ pub fn embed(
                 Arc::new(Int32Array::from_iter_values(
                     keep.iter().map(|&i| b.labels()[i] as i32),
                 )),
-                Arc::new(list.finish()),
             ];
+            match (top_k, logits) {
+                (Some(k), Some(logits)) => {
+                    let (p, idx) = logits.softmax(1, Kind::Float).topk(k as i64, 1, true, true);
+                    let p = Vec::<f32>::try_from(p.flatten(0, -1))?;
+                    let idx = Vec::<i64>::try_from(idx.flatten(0, -1))?;
+                    let k32 = k as i32;
+                    let mut names = FixedSizeListBuilder::new(StringBuilder::new(), k32)
+                        .with_field(str_item.clone());
+                    let mut ids = FixedSizeListBuilder::new(Int32Builder::new(), k32)
+                        .with_field(int_item.clone());
+                    let mut probs = FixedSizeListBuilder::new(Float32Builder::new(), k32)
+                        .with_field(item.clone());
+                    let name = |c: i64| class_names.get(c as usize).map_or("", String::as_str);
+                    for &i in &keep {
+                        for j in i * k..(i + 1) * k {
+                            names.values().append_value(name(idx[j]));
+                            ids.values().append_value(idx[j] as i32);
+                        }
+                        probs.values().append_slice(&p[i * k..(i + 1) * k]);
+                        names.append(true);
+                        ids.append(true);
+                        probs.append(true);
+                    }
+                    cols.push(Arc::new(StringArray::from_iter_values(
+                        keep.iter().map(|&i| name(idx[i * k])),
+                    )));
+                    cols.push(Arc::new(names.finish()));
+                    cols.push(Arc::new(ids.finish()));
+                    cols.push(Arc::new(probs.finish()));
+                }
+                _ => {
+                    let values = Vec::<f32>::try_from(e.flatten(0, -1))?;
+                    let mut list = FixedSizeListBuilder::new(Float32Builder::new(), dim)
+                        .with_field(item.clone());
+                    for &i in &keep {
+                        let d = dim as usize;
+                        list.values().append_slice(&values[i * d..(i + 1) * d]);
+                        list.append(true);
+                    }
+                    cols.push(Arc::new(list.finish()));
+                }
+            }
             debug_assert!(cols.iter().all(|c| c.len() == keep.len()));
             writer.write(&RecordBatch::try_new(schema.clone(), cols)?)?;
             written += keep.len() as u64;
@@ -148,12 +236,13 @@ pub fn embed(
         .collect();
     let secs = t0.elapsed().as_secs_f64();
     Ok(EmbedReport {
-        command: "embed".into(),
+        command: if top_k.is_some() { "predict" } else { "embed" }.into(),
         model: model.display().to_string(),
         data: data.display().to_string(),
         out: out.display().to_string(),
         rows: written,
         dim: enc.dim,
+        top_k,
         missing: missing_keys.len() as u64,
         missing_keys: missing_keys.into_iter().take(100).collect(),
         seconds: secs,

@@ -10,7 +10,6 @@ use tch::{Kind, Tensor};
 use super::proto::{
     attribute, graph, model, node, operator_set_id, string_entry, tensor, value_info, Pb,
 };
-use crate::byol::Network;
 use crate::config::{EncoderConfig, TrainConfig};
 
 fn attr_ints(name: &str, v: &[i64]) -> Pb {
@@ -105,21 +104,27 @@ pub struct ExportInfo {
     pub path: String,
     pub size: i64,
     pub dim: i64,
+    /// Outputs of the classifier's `logits` (absent for an encoder).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub classes: Option<i64>,
     pub convs: usize,
     pub bytes: u64,
 }
 
-/// Writes the online encoder of `net` (eval mode) as ONNX to `path` (atomically).
+/// Writes the encoder among `vs`'s variables (`encoder.*`, eval mode) as ONNX to `path`
+/// (atomically); with a linear head (`fc.*`: a fine-tuned classifier) the model has a
+/// second output `logits` `[N, K]` and the class names in its metadata
+/// (`byol.classes`, a JSON list).
 ///
 /// # Errors
 /// The network is not a ResNet encoder of the expected layout (a variable is missing), or the file cannot be written.
 pub fn export(
-    net: &Network,
+    vs: &tch::nn::VarStore,
     cfg: &TrainConfig,
     path: &Path,
     meta: &[(&str, String)],
 ) -> Result<ExportInfo> {
-    let vars: HashMap<String, Tensor> = net.vs.variables();
+    let vars: HashMap<String, Tensor> = vs.variables();
     let get = |k: &str| -> Result<Tensor> {
         vars.get(k)
             .map(|t| t.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu))
@@ -231,7 +236,22 @@ pub fn export(
         }
     }
     let x = g.node("GlobalAveragePool", &[&x], &[], None);
-    g.node("Flatten", &[&x], &[attr_int("axis", 1)], Some("embedding"));
+    let emb = g.node("Flatten", &[&x], &[attr_int("axis", 1)], Some("embedding"));
+    let classes = match (vars.get("fc.weight"), vars.get("fc.bias")) {
+        (Some(_), Some(_)) => {
+            let w = g.init("fc.weight", &get("fc.weight")?);
+            let b = g.init("fc.bias", &get("fc.bias")?);
+            // Gemm: logits = embedding · Wᵀ + b (transB = 1).
+            g.node(
+                "Gemm",
+                &[&emb, &w, &b],
+                &[attr_int("transB", 1)],
+                Some("logits"),
+            );
+            Some(get("fc.weight")?.size()[0])
+        }
+        _ => None,
+    };
 
     let mut entries: Vec<(&str, String)> = vec![
         ("byol.size", size.to_string()),
@@ -243,20 +263,26 @@ pub fn export(
         ),
     ];
     entries.extend(meta.iter().cloned());
-    let model = model_proto(&g, (size, dim), &entries);
+    let model = model_proto(&g, (size, dim, classes), &entries);
     byol_format::fs::write_atomic(path, &model.0)?;
     Ok(ExportInfo {
         path: path.display().to_string(),
         size,
         dim,
+        classes,
         convs,
         bytes: model.0.len() as u64,
     })
 }
 
 /// The `ModelProto` of graph `g` (IR 8, opset 17): input `pixels` `[N, 3, size, size]`,
-/// output `embedding` `[N, dim]`, and `entries` as its metadata.
-fn model_proto(g: &Graph, (size, dim): (i64, i64), entries: &[(&str, String)]) -> Pb {
+/// output `embedding` `[N, dim]` (and `logits` `[N, classes]` for a classifier), and
+/// `entries` as its metadata.
+fn model_proto(
+    g: &Graph,
+    (size, dim, classes): (i64, i64, Option<i64>),
+    entries: &[(&str, String)],
+) -> Pb {
     let mut gp = Pb::default();
     for n in &g.nodes {
         gp.msg(graph::NODE, n);
@@ -270,6 +296,9 @@ fn model_proto(g: &Graph, (size, dim): (i64, i64), entries: &[(&str, String)]) -
         &value_info("pixels", &[None, Some(3), Some(size), Some(size)]),
     );
     gp.msg(graph::OUTPUT, &value_info("embedding", &[None, Some(dim)]));
+    if let Some(k) = classes {
+        gp.msg(graph::OUTPUT, &value_info("logits", &[None, Some(k)]));
+    }
 
     let mut model = Pb::default();
     model.int(model::IR_VERSION, 8);

@@ -22,7 +22,7 @@ pub mod onnx_runtime;
 pub mod proto;
 pub mod torchvision;
 
-pub use embeddings::{embed, EmbedReport};
+pub use embeddings::{embed, EmbedReport, Output};
 pub use graph::{export, ExportInfo};
 pub use onnx_runtime::{export_run, ExportReport, OnnxEncoder, EXPORT_TOL};
 pub use torchvision::{export_torchvision, TorchvisionExport};

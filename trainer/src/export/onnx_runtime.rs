@@ -19,6 +19,9 @@ pub struct OnnxEncoder {
     pub dim: i64,
     /// `byol.canvas` from the model's metadata (decode canvas used in training).
     pub canvas: Option<usize>,
+    /// A classifier's class names (`byol.classes`), in the order of its `logits`
+    /// output; `None` for an encoder.
+    pub classes: Option<Vec<String>>,
 }
 
 impl OnnxEncoder {
@@ -59,16 +62,35 @@ impl OnnxEncoder {
                 path.display()
             );
         }
-        let canvas = session
-            .metadata()
-            .ok()
-            .and_then(|m| m.custom("byol.canvas"))
-            .and_then(|v| v.parse().ok());
+        let meta = |key: &str| session.metadata().ok().and_then(|m| m.custom(key));
+        let canvas = meta("byol.canvas").and_then(|v| v.parse().ok());
+        let classes = if session.outputs().iter().any(|o| o.name() == "logits") {
+            let k = shape(session.outputs(), "logits")?;
+            let names: Vec<String> = match meta("byol.classes") {
+                Some(v) => serde_json::from_str(&v).with_context(|| {
+                    format!("{}: byol.classes is not a JSON list", path.display())
+                })?,
+                None => (0..k.get(1).copied().unwrap_or(0))
+                    .map(|i| i.to_string())
+                    .collect(),
+            };
+            if k.len() != 2 || k[1] != names.len() as i64 {
+                bail!(
+                    "{}: logits {k:?} do not match the {} classes of its metadata",
+                    path.display(),
+                    names.len()
+                );
+            }
+            Some(names)
+        } else {
+            None
+        };
         Ok(OnnxEncoder {
             _env: env,
             size: ins[2],
             dim: outs[1],
             canvas,
+            classes,
             session,
         })
     }
@@ -81,6 +103,17 @@ impl OnnxEncoder {
     /// # Errors
     /// ONNX Runtime fails on the input.
     pub fn embed(&mut self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.run(x)?.0)
+    }
+
+    /// Embeddings and, for a classifier, logits of `x`.
+    ///
+    /// # Shapes
+    /// `x`: `[N, 3, S, S]` float in [0, 1] → (`[N, D]`, `[N, K]`) float32 (CPU).
+    ///
+    /// # Errors
+    /// ONNX Runtime fails on the input.
+    pub fn run(&mut self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         let x = x
             .to_kind(Kind::Float)
             .contiguous()
@@ -89,9 +122,16 @@ impl OnnxEncoder {
         let data = Vec::<f32>::try_from(x.flatten(0, -1))?;
         let input = ort::value::Tensor::from_array((shape.clone(), data))?;
         let out = self.session.run(ort::inputs!["pixels" => input])?;
-        let (s, v) = out["embedding"].try_extract_tensor::<f32>()?;
-        let dims: Vec<i64> = s.to_vec();
-        Ok(Tensor::from_slice(v).view(dims.as_slice()))
+        let get = |name: &str| -> Result<Tensor> {
+            let (s, v) = out[name].try_extract_tensor::<f32>()?;
+            let dims: Vec<i64> = s.to_vec();
+            Ok(Tensor::from_slice(v).view(dims.as_slice()))
+        };
+        let logits = match self.classes {
+            Some(_) => Some(get("logits")?),
+            None => None,
+        };
+        Ok((get("embedding")?, logits))
     }
 }
 
@@ -107,7 +147,7 @@ pub struct ExportReport {
     /// Images compared (`--check-data` images, or random ones).
     pub check_images: usize,
     pub check_source: String,
-    /// max |ONNX Runtime − libtorch| over all embedding values, and max |libtorch|.
+    /// max |ONNX Runtime − libtorch| over all embedding (and logit) values, and max |libtorch|.
     pub max_abs_diff: f64,
     pub max_abs_value: f64,
     /// Smallest cosine similarity between an ONNX Runtime embedding and libtorch's.
@@ -135,13 +175,16 @@ pub fn export_run(
     ort_lib: Option<&Path>,
 ) -> Result<ExportReport> {
     let size = t.cfg.augment.size;
-    let meta = [
+    let mut meta = vec![
         ("byol.run", run.display().to_string()),
         ("byol.checkpoint", t.checkpoint.display().to_string()),
         ("byol.step", t.step.to_string()),
     ];
+    if let Some(c) = t.classes() {
+        meta.push(("byol.classes", serde_json::to_string(c)?));
+    }
     byol_format::fs::write_atomic_with(out, |tmp| -> Result<ExportReport> {
-        let mut info = export(&t.net, &t.cfg, tmp, &meta)?;
+        let mut info = export(t.net.vs(), &t.cfg, tmp, &meta)?;
         let (x, source) = check.unwrap_or_else(|| {
             tch::manual_seed(0);
             (
@@ -151,13 +194,22 @@ pub fn export_run(
         });
         let n = x.size()[0] as usize;
         let t0 = std::time::Instant::now();
-        let reference = crate::eval::features(&t.net, &x, &t.cfg, t.device);
+        let mut reference = crate::eval::features(t.net.encoder(), &x, &t.cfg, t.device);
+        if let Some(c) = t.net.classifier() {
+            // The logits follow the embedding in the compared values.
+            let l = crate::finetune::logits(c, &x, &t.cfg, t.device);
+            reference = Tensor::cat(&[reference, l], 1);
+        }
         let torch_s = t0.elapsed().as_secs_f64();
         let mut enc = OnnxEncoder::load(tmp, ort_lib, 0)?;
         let t1 = std::time::Instant::now();
         let mut chunks = Vec::new();
         for c in x.split(256, 0) {
-            chunks.push(enc.embed(&(c.to_kind(Kind::Float) / 255.0))?);
+            let (e, l) = enc.run(&(c.to_kind(Kind::Float) / 255.0))?;
+            chunks.push(match l {
+                Some(l) => Tensor::cat(&[e, l], 1),
+                None => e,
+            });
         }
         let ort_s = t1.elapsed().as_secs_f64();
         let got = Tensor::cat(&chunks, 0);

@@ -5,8 +5,10 @@
 //! The names are the encoder's own without the `encoder.` prefix (they follow
 //! torchvision's layout already), BatchNorm running statistics included, and a
 //! `num_batches_tracked` (int64, the run's step) added for every BatchNorm, as
-//! torchvision's modules carry one. There is no `fc`: `load_state_dict(strict=False)`
+//! torchvision's modules carry one. A BYOL run has no `fc`: `load_state_dict(strict=False)`
 //! into `torchvision.models.resnet50()` reports only `fc.weight` and `fc.bias` missing.
+//! A fine-tuned run's head is `fc.weight`/`fc.bias`: the file loads with `strict=True`
+//! into `torchvision.models.resnet50(num_classes=K)`.
 
 use std::path::Path;
 
@@ -33,6 +35,9 @@ pub struct TorchvisionExport {
     /// Whether torchvision's stock model of `arch` takes every tensor with its shape
     /// (width 1, the ImageNet stem).
     pub loads_into_stock_model: bool,
+    /// A fine-tuned run's classes (`fc` has one output each, in this order).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<String>>,
     /// What differs from the stock model otherwise, one sentence per difference.
     pub differences: Vec<String>,
 }
@@ -41,14 +46,16 @@ pub struct TorchvisionExport {
 pub fn torchvision_state_dict(t: &TrainedOnline) -> Vec<(String, Tensor)> {
     let mut named: Vec<(String, Tensor)> = t
         .net
-        .vs
+        .vs()
         .variables()
         .into_iter()
         .filter_map(|(k, v)| {
-            k.strip_prefix("encoder.").map(|name| {
-                let v = v.detach().to_device(Device::Cpu).contiguous();
-                (name.to_string(), v)
-            })
+            let name = match k.strip_prefix("encoder.") {
+                Some(name) => name.to_string(),
+                None if k.starts_with("fc.") => k,
+                None => return None,
+            };
+            Some((name, v.detach().to_device(Device::Cpu).contiguous()))
         })
         .collect();
     let bns: Vec<String> = named
@@ -111,6 +118,7 @@ pub fn export_torchvision(run: &Path, t: &TrainedOnline, out: &Path) -> Result<T
         arch: format!("{:?}", t.cfg.model.encoder.arch).to_lowercase(),
         tensors: named.len(),
         loads_into_stock_model: differences.is_empty(),
+        classes: t.classes().map(<[String]>::to_vec),
         differences,
     })
 }

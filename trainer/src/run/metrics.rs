@@ -43,12 +43,39 @@ pub struct KnnRow {
     pub knn_top1: f64,
 }
 
+/// One metrics row of a fine-tuning run (`byol finetune`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinetuneMetrics {
+    pub step: u64,
+    pub epoch: u64,
+    /// Cross-entropy over the interval's last step.
+    pub loss: f64,
+    pub lr: f64,
+    pub images_per_s: f64,
+    pub stall: f64,
+    /// Top-1 accuracy on this interval's (augmented) training batches.
+    pub train_top1: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_share: Option<f64>,
+}
+
+/// The test-set row a fine-tuning run appends when it finishes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TestRow {
+    pub step: u64,
+    pub epoch: u64,
+    pub test_top1: f64,
+    pub test_top5: f64,
+}
+
 /// One row of `RUN/metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum MetricsRow {
     Knn(KnnRow),
+    Test(TestRow),
     Step(Metrics),
+    Finetune(FinetuneMetrics),
 }
 
 /// Reads `RUN/metrics.jsonl`.
@@ -104,13 +131,15 @@ pub fn trim_metrics(run: &Path, step: u64) -> Result<usize> {
 
 /// Redraws `RUN/curves.png` from `RUN/metrics.jsonl`: the BYOL loss (left panel), the
 /// online probe's and the kNN monitor's top-1 accuracy in % (right), against the step,
-/// titled with the run folder's name.
+/// titled with the run folder's name. A fine-tuning run's: the cross-entropy, and the
+/// top-1 on training batches and on the test set.
 ///
 /// # Errors
 /// Unreadable metrics, no font for the text, or I/O (see [`crate::plot::save_panels`]).
 pub fn draw_curves(run: &Path) -> Result<()> {
     use crate::plot::{save_panels, Panel, Series, SeriesLabelPosition, BLUE, GREEN, ORANGE};
     let (mut loss, mut probe, mut knn) = (Vec::new(), Vec::new(), Vec::new());
+    let mut finetune = false;
     for row in read_metrics(run)? {
         match row {
             MetricsRow::Step(m) => {
@@ -120,8 +149,27 @@ pub fn draw_curves(run: &Path) -> Result<()> {
                 }
             }
             MetricsRow::Knn(k) => knn.push((k.step as f64, 100.0 * k.knn_top1)),
+            MetricsRow::Finetune(m) => {
+                finetune = true;
+                loss.push((m.step as f64, m.loss));
+                probe.push((m.step as f64, 100.0 * m.train_top1));
+            }
+            MetricsRow::Test(t) => knn.push((t.step as f64, 100.0 * t.test_top1)),
         }
     }
+    let (loss_title, probe_name, knn_name) = if finetune {
+        (
+            "cross-entropy loss",
+            "training batches (augmented)",
+            "test set",
+        )
+    } else {
+        (
+            "BYOL loss",
+            "online linear probe (training batches)",
+            "kNN (k = 20), held-out",
+        )
+    };
     let name = std::fs::canonicalize(run)
         .unwrap_or_else(|_| run.to_path_buf())
         .file_name()
@@ -132,7 +180,7 @@ pub fn draw_curves(run: &Path) -> Result<()> {
         &format!("byol run {name}"),
         &[
             Panel {
-                title: "BYOL loss",
+                title: loss_title,
                 y_label: "loss",
                 y_range: None,
                 legend: SeriesLabelPosition::UpperRight,
@@ -149,12 +197,12 @@ pub fn draw_curves(run: &Path) -> Result<()> {
                 legend: SeriesLabelPosition::LowerRight,
                 series: &[
                     Series {
-                        name: "online linear probe (training batches)",
+                        name: probe_name,
                         color: ORANGE,
                         points: &probe,
                     },
                     Series {
-                        name: "kNN (k = 20), held-out",
+                        name: knn_name,
                         color: GREEN,
                         points: &knn,
                     },

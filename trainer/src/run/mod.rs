@@ -25,18 +25,20 @@ use tch::{Device, Tensor};
 use byol_pipeline::Cursor;
 
 use crate::byol::Network;
+use crate::classifier::Classifier;
 use crate::config::{TrainConfig, RESUMABLE_CHANGES};
 
 /// File names inside a checkpoint folder.
 const ONLINE: &str = "online.safetensors";
 const TARGET: &str = "target.safetensors";
-const OPTIMIZER: &str = "optimizer.safetensors";
+pub const OPTIMIZER: &str = "optimizer.safetensors";
 const PROBE: &str = "probe.safetensors";
 const STATE: &str = "state.json";
 
 mod metrics;
 pub use metrics::{
-    draw_curves, metrics_path, read_metrics, trim_metrics, KnnRow, Metrics, MetricsRow,
+    draw_curves, metrics_path, read_metrics, trim_metrics, FinetuneMetrics, KnnRow, Metrics,
+    MetricsRow, TestRow,
 };
 
 /// `RUN/config.toml`.
@@ -435,16 +437,57 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(byol_format::fs::write_atomic(path, bytes)?)
 }
 
-/// A run's online network loaded from one of its checkpoints, in eval-ready layout.
+/// The network a run folder trains: BYOL's online network, or a fine-tuned classifier.
+pub enum TrainedNet {
+    Byol(Network),
+    Classifier(Classifier),
+}
+
+impl TrainedNet {
+    /// Every variable (weights and BatchNorm statistics).
+    pub fn vs(&self) -> &tch::nn::VarStore {
+        match self {
+            TrainedNet::Byol(n) => &n.vs,
+            TrainedNet::Classifier(c) => &c.vs,
+        }
+    }
+
+    /// The encoder (`encoder.*`).
+    pub fn encoder(&self) -> &crate::model::ResNet {
+        match self {
+            TrainedNet::Byol(n) => &n.encoder,
+            TrainedNet::Classifier(c) => &c.encoder,
+        }
+    }
+
+    /// The classifier of a fine-tuned run.
+    pub fn classifier(&self) -> Option<&Classifier> {
+        match self {
+            TrainedNet::Byol(_) => None,
+            TrainedNet::Classifier(c) => Some(c),
+        }
+    }
+}
+
+/// A run's network loaded from one of its checkpoints, in eval-ready layout: the
+/// online network of a BYOL run, the classifier of a fine-tuned one.
 pub struct TrainedOnline {
     pub cfg: TrainConfig,
-    pub net: Network,
+    pub net: TrainedNet,
     pub checkpoint: PathBuf,
     pub step: u64,
     pub device: Device,
 }
 
-/// Loads the online network of `run` from `checkpoint` (default: the latest).
+impl TrainedOnline {
+    /// The classes of a fine-tuned run's head, in label order.
+    pub fn classes(&self) -> Option<&[String]> {
+        self.cfg.finetune.as_ref().map(|f| f.classes.as_slice())
+    }
+}
+
+/// Loads the network of `run` (BYOL's online network, or a fine-tuned classifier) from
+/// `checkpoint` (default: the latest).
 ///
 /// # Errors
 /// No `config.toml` (not a run folder), no checkpoint, or a checkpoint that does not fit the config.
@@ -462,18 +505,31 @@ pub fn load_online(run: &Path, checkpoint: Option<&Path>) -> Result<TrainedOnlin
     };
     let st = read_state(&ckpt)?;
     let device = crate::runtime::resolve_device(cfg.train.device, 0)?;
-    let mut net = Network::new(
-        device,
-        &cfg.model.encoder,
-        &cfg.model.projector,
-        Some(&cfg.model.predictor),
-    );
-    net.vs
-        .load(ckpt.join(ONLINE))
-        .with_context(|| format!("loading {}", ckpt.display()))?;
-    if cfg.train.channels_last {
-        net.to_channels_last();
-    }
+    let net = match &cfg.finetune {
+        Some(f) => {
+            let mut c = Classifier::new(device, &cfg.model.encoder, f.classes.len() as i64, 0);
+            c.load(&ckpt.join(crate::classifier::CLASSIFIER))?;
+            if cfg.train.channels_last {
+                c.to_channels_last();
+            }
+            TrainedNet::Classifier(c)
+        }
+        None => {
+            let mut net = Network::new(
+                device,
+                &cfg.model.encoder,
+                &cfg.model.projector,
+                Some(&cfg.model.predictor),
+            );
+            net.vs
+                .load(ckpt.join(ONLINE))
+                .with_context(|| format!("loading {}", ckpt.display()))?;
+            if cfg.train.channels_last {
+                net.to_channels_last();
+            }
+            TrainedNet::Byol(net)
+        }
+    };
     Ok(TrainedOnline {
         cfg,
         net,

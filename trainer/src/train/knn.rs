@@ -63,8 +63,8 @@ impl KnnSet {
     /// eval mode.
     fn top1(&self, online: &Network, cfg: &TrainConfig, device: Device) -> f64 {
         use crate::eval::{features, knn};
-        let fb = features(online, &self.bank.0, cfg, device);
-        let fq = features(online, &self.queries.0, cfg, device);
+        let fb = features(&online.encoder, &self.bank.0, cfg, device);
+        let fq = features(&online.encoder, &self.queries.0, cfg, device);
         knn(
             &fb,
             &self.bank.1,

@@ -1,0 +1,612 @@
+//! `byol finetune`: the BYOL paper's semi-supervised and transfer evaluations as a
+//! second training loop on the trainer's parts. A new linear head on the pretrained
+//! run's online encoder (or a random one of the same shape: the supervised baseline)
+//! is trained with cross-entropy on a labelled subset of the training shards, then
+//! tested on the test shards.
+//!
+//! | part | from |
+//! | --- | --- |
+//! | device, precision, threads, rank, world | [`Runtime`] |
+//! | global and per-rank batch | [`BatchPlan`] |
+//! | epochs, stop, metrics rows, checkpoints | [`StepLoop`] with [`FinetuneStep`] |
+//! | `--time-budget` | [`Budget::plan`] |
+//! | the run folder and its checkpoints | [`crate::run`] |
+//! | which labelled rows | [`subset`] |
+//!
+//! The fine-tuned run folder `FT` is a run folder like any other: `config.toml` (the
+//! pretrained run's config with a `[finetune]` section), `data.json`, `metrics.jsonl`,
+//! `curves.png`, `checkpoints/step-N/` (`classifier.safetensors`,
+//! `optimizer.safetensors`, `state.json`), plus `label_keys.txt` and `finetune.json`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use byol_dist::ProcessGroup;
+use byol_pipeline::augment::normalize;
+use byol_pipeline::loader::{Batch, DecodeFn};
+use byol_pipeline::{Dataset, Loader};
+
+use crate::bail;
+use crate::byol::{channels_last, Optimizer};
+use crate::config::{FinetuneConfig, FinetuneInit, TrainConfig};
+use crate::error::{Context, Result};
+use crate::run::{self, check_run_data, list_checkpoints, lock_run, run_config, write_atomic};
+use crate::train::step_loop::Step;
+use crate::train::{
+    BatchPlan, Budget, BudgetPlan, Cadence, LoopContext, Position, Runtime, StepLoop, StopSignal,
+    Trial,
+};
+
+pub mod step;
+pub mod subset;
+
+pub use crate::classifier::{topk_correct, Classifier, CLASSIFIER};
+pub use step::{finetune_step, FinetuneStep};
+pub use subset::{choose, LabelChoice, LabelSubset};
+
+/// What `byol finetune` is asked to do.
+#[derive(Debug, Clone)]
+pub struct FinetuneOptions {
+    /// The pretrained run (`--run`) and its checkpoint (default: the latest).
+    pub source: PathBuf,
+    pub checkpoint: Option<PathBuf>,
+    /// Training and test shards.
+    pub train: PathBuf,
+    pub test: PathBuf,
+    pub labels: LabelChoice,
+    /// The recipe (`--config FILE`'s `[finetune]`; default: the paper's), before
+    /// `init`, `linear` and `sets`.
+    pub recipe: FinetuneConfig,
+    pub init: FinetuneInit,
+    pub linear: bool,
+    /// `key=value` overrides of the fine-tuned run's config.
+    pub sets: Vec<String>,
+    pub resume: bool,
+    pub resume_auto: bool,
+    pub max_steps: Option<u64>,
+    pub progress: bool,
+    pub time_budget: Option<f64>,
+    pub stop: StopSignal,
+}
+
+/// `FT/finetune.json` and the `--json` summary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinetuneReport {
+    pub command: String,
+    pub run: String,
+    /// The pretrained run, checkpoint and step the encoder came from (its shape only
+    /// with `init` random).
+    pub source_run: String,
+    pub source_checkpoint: String,
+    pub source_step: u64,
+    /// `byol` or `random`, and whether only the head was trained.
+    pub init: String,
+    pub linear: bool,
+    pub train: String,
+    pub test: String,
+    pub classes: usize,
+    /// Labelled training rows used, fewest and most of one class, how they were chosen,
+    /// and the file listing them.
+    pub labels: u64,
+    pub labels_per_class: [u64; 2],
+    pub subset: String,
+    pub label_keys: String,
+    pub steps: u64,
+    pub total_steps: u64,
+    pub epochs: f64,
+    pub batch: usize,
+    /// Test accuracy of the fine-tuned network (absent when the run stopped early).
+    pub test_rows: u64,
+    pub test_top1: Option<f64>,
+    pub test_top5: Option<f64>,
+    pub images_per_s: f64,
+    pub data_stall: f64,
+    pub decode_failures: u64,
+    pub world_size: usize,
+    pub precision: String,
+    pub checkpoint: Option<String>,
+    pub stopped_by_signal: bool,
+    pub seconds: f64,
+    #[serde(skip)]
+    pub rank: usize,
+}
+
+impl FinetuneReport {
+    /// The one-line table row a command prints.
+    pub fn line(&self) -> String {
+        let pct = |v: Option<f64>| v.map_or("-".into(), |a| format!("{:.2} %", 100.0 * a));
+        format!(
+            "{} {} on {} labels ({} classes): test top-1 {}, top-5 {} ({} test images), {} steps, {:.0} images/s",
+            if self.linear { "linear" } else { "fine-tuned" },
+            if self.init == "random" { "random init" } else { "BYOL encoder" },
+            self.labels,
+            self.classes,
+            pct(self.test_top1),
+            pct(self.test_top5),
+            self.test_rows,
+            self.steps,
+            self.images_per_s
+        )
+    }
+}
+
+/// `FT/finetune.json`.
+pub fn report_path(run: &Path) -> PathBuf {
+    run.join("finetune.json")
+}
+
+/// Fine-tunes (or resumes fine-tuning) into run folder `out`.
+///
+/// # Errors
+/// A pretrained run without config or checkpoint; test shards whose classes differ
+/// from the training shards' (naming both lists); a subset smaller than one batch;
+/// `--resume` without a checkpoint; a config that differs on resume; a non-finite loss;
+/// I/O in the run folder.
+pub fn finetune(opts: &FinetuneOptions, out: &Path, decode: DecodeFn) -> Result<FinetuneReport> {
+    let t_start = Instant::now();
+    let latest = list_checkpoints(out).pop();
+    if opts.resume && latest.is_none() {
+        bail!(
+            "--resume: {} has no checkpoint to continue from (--resume auto starts a new run when there is none)",
+            out.display()
+        );
+    }
+    let resume = opts.resume || (opts.resume_auto && latest.is_some());
+    let train_ds =
+        Dataset::open(&opts.train).with_context(|| format!("opening {}", opts.train.display()))?;
+    let test_classes = Dataset::open(&opts.test)
+        .with_context(|| format!("opening {}", opts.test.display()))?
+        .manifest
+        .classes;
+    same_class_lists(
+        &opts.train,
+        &train_ds.manifest.classes,
+        &opts.test,
+        &test_classes,
+    )?;
+    let (keys, labels) = train_ds.keys_and_labels()?;
+    let choice = if resume {
+        LabelChoice::KeysFile(subset::keys_path(out))
+    } else {
+        opts.labels.clone()
+    };
+    let classes = train_ds.manifest.classes.len();
+    let mut cfg = if resume {
+        run_config(None, &opts.sets, out, true, opts.time_budget.is_some(), true)?
+    } else {
+        new_config(opts)?
+    };
+    let chosen = subset::choose(&keys, &labels, classes, &choice, cfg.train.seed)?;
+    if !resume {
+        if let Some(f) = cfg.finetune.as_mut() {
+            f.subset = chosen.description.clone();
+            f.labels = chosen.rows.len() as u64;
+        }
+        cfg = run_config(Some(cfg), &[], out, false, false, latest.is_some())?;
+    }
+    let rt = Runtime::from_env(&cfg.train)?;
+    let _lock = if rt.is_writer() {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let lock = lock_run(out)?;
+        if !resume {
+            subset::write_keys(out, &keys, &chosen.rows)?;
+        }
+        Some(lock)
+    } else {
+        None
+    };
+    let recipe = cfg.finetune.clone().context("not a fine-tuning config")?;
+    let plan = BatchPlan::new(recipe.batch, &rt)?;
+    if plan.world > 1 && opts.time_budget.is_some() {
+        bail!("--time-budget is for one process; give a distributed run its length with finetune.epochs or finetune.total_steps");
+    }
+    let group = rt.join(Duration::from_secs_f64(cfg.train.collective_timeout_s))?;
+    check_run_data(out, &opts.train, &train_ds.manifest, resume, rt.is_writer())?;
+    let loader =
+        Loader::new(train_ds, plan.loader_config(&cfg), decode)?.with_rows(chosen.rows.clone())?;
+    let spe = loader.batches_per_epoch();
+    if spe == 0 {
+        bail!(
+            "the labelled subset has {} rows per rank, fewer than one batch of {} per rank: lower finetune.batch (--set finetune.batch=N) or take more labels",
+            loader.samples_per_epoch(),
+            plan.per_rank
+        );
+    }
+    rt.announce_precision("finetune");
+    let budget = match opts.time_budget {
+        Some(seconds) => Some(plan_budget(
+            &cfg,
+            &rt,
+            (&loader, plan, seconds, t_start),
+            &opts.stop,
+        )?),
+        None => None,
+    };
+    record_config(&mut cfg, &rt, out, spe, budget.as_ref())?;
+    let recipe = cfg.finetune.clone().context("not a fine-tuning config")?;
+    let total = match recipe.total_steps {
+        0 => recipe.epochs * spe,
+        n => n,
+    };
+    let (net, opt, pos) = start(
+        &cfg,
+        &rt,
+        (group.as_ref(), plan),
+        latest.as_deref().filter(|_| resume),
+    )?;
+    let ctx = LoopContext {
+        run: out,
+        rt: &rt,
+        group: group.clone(),
+        batch: plan,
+        stop: opts.stop.clone(),
+        latest,
+        progress: opts.progress,
+        name: "finetune",
+    };
+    let cadence = Cadence {
+        total,
+        stop_at: opts.max_steps.unwrap_or(total).min(total),
+        log_every: cfg.train.log_every,
+        checkpoint_every: cfg.train.checkpoint_every,
+    };
+    let mut lp = StepLoop::new(ctx, pos, cadence, &loader)?;
+    let mut step = FinetuneStep::new(
+        out,
+        cfg.clone(),
+        (net, opt),
+        (rt.device, rt.precision.dtype, group),
+        total,
+    );
+    lp.run(&loader, &mut step)?;
+    let s = lp.finish(&loader, &mut step)?;
+    let mut report = FinetuneReport {
+        command: "finetune".into(),
+        run: out.display().to_string(),
+        source_run: recipe.source_run.clone(),
+        source_checkpoint: recipe.source_checkpoint.clone(),
+        source_step: recipe.source_step,
+        init: format!("{:?}", recipe.init).to_lowercase(),
+        linear: recipe.linear,
+        train: opts.train.display().to_string(),
+        test: opts.test.display().to_string(),
+        classes,
+        labels: chosen.rows.len() as u64,
+        labels_per_class: [
+            chosen.per_class.iter().copied().min().unwrap_or(0),
+            chosen.per_class.iter().copied().max().unwrap_or(0),
+        ],
+        subset: recipe.subset.clone(),
+        label_keys: subset::keys_path(out).display().to_string(),
+        steps: s.step,
+        total_steps: total,
+        epochs: s.step as f64 / spe as f64,
+        batch: plan.global,
+        test_rows: 0,
+        test_top1: None,
+        test_top5: None,
+        images_per_s: s.images as f64 / s.seconds,
+        data_stall: s.data_stall,
+        decode_failures: s.decode_failures,
+        world_size: s.world,
+        precision: rt.precision.name.into(),
+        checkpoint: s.checkpoint.clone(),
+        stopped_by_signal: s.stopped_by_signal,
+        seconds: 0.0,
+        rank: rt.rank(),
+    };
+    if rt.is_writer() && s.step == total && !s.stopped_by_signal {
+        let (top1, top5, n) = test_accuracy(&step.net, &cfg, &opts.test, decode, rt.device)?;
+        report.test_rows = n;
+        report.test_top1 = Some(top1);
+        report.test_top5 = Some(top5);
+        lp_append_test(out, s.step, s.epoch, top1, top5)?;
+        step.draw_curves();
+    }
+    report.seconds = t_start.elapsed().as_secs_f64();
+    if rt.is_writer() {
+        write_atomic(
+            &report_path(out),
+            serde_json::to_string_pretty(&report)?.as_bytes(),
+        )?;
+    }
+    Ok(report)
+}
+
+/// A new fine-tuned run's config: the pretrained run's (device, precision, data and
+/// augmentation settings, the encoder's shape), its `[finetune]` the recipe with
+/// `init`, `linear`, the provenance and the classes; then `--set`.
+fn new_config(opts: &FinetuneOptions) -> Result<TrainConfig> {
+    if opts.source.as_os_str().is_empty() {
+        bail!("--run is required for a new fine-tuning run: the pretrained run whose encoder is fine-tuned (or whose shape --init random takes)");
+    }
+    let path = run::config_path(&opts.source);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "--run {}: not a run folder (no config.toml)",
+            opts.source.display()
+        )
+    })?;
+    let mut cfg = TrainConfig::from_toml(&text, &[])
+        .with_context(|| format!("reading {}", path.display()))?;
+    if cfg.finetune.is_some() {
+        bail!(
+            "--run {} is a fine-tuned run; give the pretrained run it came from",
+            opts.source.display()
+        );
+    }
+    let ckpt = match &opts.checkpoint {
+        Some(c) => c.clone(),
+        None => list_checkpoints(&opts.source)
+            .pop()
+            .with_context(|| format!("--run {} has no checkpoint", opts.source.display()))?,
+    };
+    let st = run::read_state(&ckpt)?;
+    cfg.resolved = None;
+    let mut f = opts.recipe.clone();
+    f.init = opts.init;
+    f.linear = f.linear || opts.linear;
+    f.source_run = opts.source.display().to_string();
+    f.source_checkpoint = ckpt.display().to_string();
+    f.source_step = st.step;
+    f.classes = Dataset::open(&opts.train)
+        .map(|d| d.manifest.classes)
+        .unwrap_or_default();
+    cfg.finetune = Some(f);
+    let cfg = cfg.with_sets(&opts.sets).context("--set")?;
+    Ok(cfg)
+}
+
+/// The test shards must have the training shards' classes, in the same order.
+fn same_class_lists(a: &Path, ca: &[String], b: &Path, cb: &[String]) -> Result<()> {
+    if ca == cb {
+        return Ok(());
+    }
+    let show = |c: &[String]| {
+        let mut s = c
+            .iter()
+            .take(20)
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        if c.len() > 20 {
+            s.push_str(&format!(", … ({} in all)", c.len()));
+        }
+        format!("[{s}]")
+    };
+    bail!(
+        "the test shards' classes differ from the training shards': {} has {} and {} has {}; shard the test data with `byol-tools shard --classes-from {}`",
+        a.display(),
+        show(ca),
+        b.display(),
+        show(cb),
+        a.display()
+    )
+}
+
+/// Records the run's length (a budget's plan) and the resolved values, and writes
+/// `FT/config.toml` (rank 0).
+fn record_config(
+    cfg: &mut TrainConfig,
+    rt: &Runtime,
+    out: &Path,
+    spe: u64,
+    budget: Option<&BudgetPlan>,
+) -> Result<()> {
+    if let (Some(b), Some(f)) = (budget, cfg.finetune.as_mut()) {
+        f.total_steps = b.total_steps;
+        f.epochs = b.epochs;
+    }
+    let prev = cfg.resolved.take();
+    cfg.resolved = Some(crate::config::Resolved {
+        device: format!("{:?}", rt.device).to_lowercase(),
+        precision: rt.precision.name.into(),
+        precision_reason: rt.precision.reason.clone(),
+        cpu: rt.cpu.clone(),
+        steps_per_epoch: spe,
+        time_budget_s: budget
+            .map(|b| b.seconds)
+            .or(prev.as_ref().and_then(|p| p.time_budget_s)),
+        calibrated_images_per_s: budget
+            .map(|b| b.images_per_s)
+            .or(prev.as_ref().and_then(|p| p.calibrated_images_per_s)),
+        budget_reason: budget
+            .map(|b| b.reason.clone())
+            .or(prev.and_then(|p| p.budget_reason)),
+    });
+    if rt.is_writer() {
+        write_atomic(&run::config_path(out), cfg.to_toml().as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The classifier, optimizer and position: from checkpoint `resume_from`, or a new
+/// run's (the head fresh, the encoder the pretrained run's or random); then every rank
+/// takes rank 0's state.
+fn start(
+    cfg: &TrainConfig,
+    rt: &Runtime,
+    (group, plan): (Option<&Arc<ProcessGroup>>, BatchPlan),
+    resume_from: Option<&Path>,
+) -> Result<(Classifier, Optimizer, Position)> {
+    let f = cfg.finetune.as_ref().context("not a fine-tuning config")?;
+    let mut net = build_classifier(cfg, rt.device)?;
+    let mut opt = step::optimizer(f);
+    let pos = match resume_from {
+        Some(dir) => {
+            net.load(&dir.join(CLASSIFIER))?;
+            let o = dir.join(run::OPTIMIZER);
+            if o.exists() {
+                let named = Tensor::read_safetensors(&o)
+                    .with_context(|| format!("reading {}", o.display()))?;
+                opt.load_state(named, rt.device);
+            }
+            let st = run::read_state(dir)?;
+            Position::resumed(&st, plan.rank, plan.world)
+        }
+        None => {
+            if f.init == FinetuneInit::Byol {
+                let src = run::load_online(
+                    Path::new(&f.source_run),
+                    Some(Path::new(&f.source_checkpoint)),
+                )?;
+                net.init_encoder_from(src.net.vs())?;
+            }
+            Position::start(cfg.train.seed, plan.rank)
+        }
+    };
+    if f.linear {
+        net.freeze_encoder();
+    }
+    if let Some(g) = group.filter(|_| cfg.model.sync_bn.unwrap_or(true) && !f.linear) {
+        net.sync_batch_norm(g);
+    }
+    if let Some(g) = group {
+        let mut all: Vec<(String, Tensor)> = net.vs.variables().into_iter().collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut tensors: Vec<Tensor> = all.into_iter().map(|(_, t)| t).collect();
+        tensors.extend(opt.buffers_in_order());
+        g.broadcast_all(&tensors, 0)?;
+    }
+    Ok((net, opt, pos))
+}
+
+/// A classifier of the config's encoder and classes (random, seeded by `train.seed`), in
+/// the config's memory layout.
+///
+/// # Errors
+/// The config has no `[finetune]` section.
+pub fn build_classifier(cfg: &TrainConfig, device: Device) -> Result<Classifier> {
+    let f = cfg.finetune.as_ref().context("not a fine-tuning config")?;
+    let mut net = Classifier::new(
+        device,
+        &cfg.model.encoder,
+        f.classes.len() as i64,
+        cfg.train.seed,
+    );
+    if cfg.train.channels_last {
+        net.to_channels_last();
+    }
+    Ok(net)
+}
+
+/// Calibrates a throw-away classifier's steps and plans the run's length.
+fn plan_budget(
+    cfg: &TrainConfig,
+    rt: &Runtime,
+    (loader, plan, seconds, t_start): (&Loader, BatchPlan, f64, Instant),
+    stop: &StopSignal,
+) -> Result<BudgetPlan> {
+    let f = cfg.finetune.as_ref().context("not a fine-tuning config")?;
+    let mut net = build_classifier(cfg, rt.device)?;
+    if f.linear {
+        net.freeze_encoder();
+    }
+    let run = PathBuf::new();
+    let mut trial = FinetuneTrial {
+        step: FinetuneStep::new(
+            &run,
+            cfg.clone(),
+            (net, step::optimizer(f)),
+            (rt.device, rt.precision.dtype, None),
+            u64::MAX,
+        ),
+        pos: Position::start(cfg.train.seed ^ 0xCA11_B4A7_E000_0002, 0),
+    };
+    Budget {
+        seconds,
+        t_start,
+        loader,
+        images_per_step: plan.global,
+        monitor_every_epochs: 0,
+    }
+    .plan(stop, &mut trial)
+}
+
+/// The time-budget calibration's throw-away fine-tuning step.
+struct FinetuneTrial<'a> {
+    step: FinetuneStep<'a>,
+    pos: Position,
+}
+
+impl Trial for FinetuneTrial<'_> {
+    fn step(&mut self, b: &mut Batch) -> Result<()> {
+        self.step.step(b, &mut self.pos)?;
+        Ok(())
+    }
+
+    fn monitor(&mut self) -> Result<f64> {
+        Ok(0.0)
+    }
+}
+
+/// Appends the test row to `FT/metrics.jsonl`.
+fn lp_append_test(out: &Path, step: u64, epoch: u64, top1: f64, top5: f64) -> Result<()> {
+    use std::io::Write;
+    let path = run::metrics_path(out);
+    let row = run::TestRow {
+        step,
+        epoch,
+        test_top1: top1,
+        test_top5: top5,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "{}", serde_json::to_string(&row)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Top-1 and top-5 accuracy of `net` (inference mode) on the test shards: each image's
+/// centred square resized to the view size, as `byol eval` reads it. Returns (top-1,
+/// top-5, images).
+///
+/// # Errors
+/// The test shards cannot be read, or hold unlabeled rows.
+pub fn test_accuracy(
+    net: &Classifier,
+    cfg: &TrainConfig,
+    test: &Path,
+    decode: DecodeFn,
+    device: Device,
+) -> Result<(f64, f64, u64)> {
+    let (x, labels) =
+        crate::eval::load_inputs(test, cfg.data.canvas, cfg.augment.size, decode, None)?;
+    let logits = logits(net, &x, cfg, device);
+    let n = labels.size()[0];
+    let (c1, c5) = topk_correct(&logits, &labels);
+    Ok((c1 / n as f64, c5 / n as f64, n as u64))
+}
+
+/// The classifier's logits in inference mode, in chunks.
+///
+/// # Shapes
+/// `x`: `[N, 3, S, S]` uint8 → `[N, K]` float32 (CPU).
+pub fn logits(net: &Classifier, x: &Tensor, cfg: &TrainConfig, device: Device) -> Tensor {
+    let n = x.size()[0];
+    let mut out = Vec::new();
+    tch::no_grad(|| {
+        let mut i = 0;
+        while i < n {
+            let len = (n - i).min(512);
+            let xb = x.narrow(0, i, len).to_device(device).to_kind(Kind::Float) / 255.0;
+            let mut xb = normalize(&xb, cfg.augment.mean, cfg.augment.std);
+            if cfg.train.channels_last {
+                xb = channels_last(&xb);
+            }
+            out.push(
+                net.forward_t(&xb, false)
+                    .to_kind(Kind::Float)
+                    .to_device(Device::Cpu),
+            );
+            i += len;
+        }
+    });
+    Tensor::cat(&out, 0)
+}
