@@ -2,6 +2,7 @@
 
 use std::process::Command;
 
+mod finetune;
 mod step_loop;
 mod train;
 

@@ -38,7 +38,7 @@ size = 16
 "#;
 
 /// 128 generated 32×32 JPEGs in 4 classes, sharded.
-fn dataset(dir: &Path) -> PathBuf {
+pub fn dataset(dir: &Path) -> PathBuf {
     dataset_of(dir, "src", "ds", 128, 4)
 }
 
@@ -70,7 +70,7 @@ pub fn dataset_of(dir: &Path, src_name: &str, out_name: &str, n: usize, classes:
     out
 }
 
-fn train(dir: &Path, data: &Path, run: &str, extra: &[&str]) -> Output {
+pub fn train(dir: &Path, data: &Path, run: &str, extra: &[&str]) -> Output {
     let mut args = vec!["train", "--data", data.to_str().unwrap(), "--out"];
     let run = dir.join(run);
     args.push(run.to_str().unwrap());
@@ -83,7 +83,7 @@ fn train(dir: &Path, data: &Path, run: &str, extra: &[&str]) -> Output {
     Command::new(BIN).args(&args).output().unwrap()
 }
 
-fn summary(o: &Output) -> Value {
+pub fn summary(o: &Output) -> Value {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&o.stdout).unwrap()
 }
@@ -518,7 +518,7 @@ fn summary_text(o: &Output) -> Vec<u8> {
 
 /// The first `n` Fashion-MNIST images of `prefix` (`train` or `t10k`) written as raw IDX
 /// files and sharded.
-fn fmnist_subset(dir: &Path, prefix: &str, n: usize) -> PathBuf {
+pub fn fmnist_subset(dir: &Path, prefix: &str, n: usize) -> PathBuf {
     use byol_tools::idx::read_idx_u8;
     let root = Path::new("/usr/share/datasets/fashion-mnist");
     let imgs = read_idx_u8(&root.join(format!("{prefix}-images-idx3-ubyte.gz"))).unwrap();

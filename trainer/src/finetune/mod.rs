@@ -176,7 +176,14 @@ pub fn finetune(opts: &FinetuneOptions, out: &Path, decode: DecodeFn) -> Result<
     };
     let classes = train_ds.manifest.classes.len();
     let mut cfg = if resume {
-        run_config(None, &opts.sets, out, true, opts.time_budget.is_some(), true)?
+        run_config(
+            None,
+            &opts.sets,
+            out,
+            true,
+            opts.time_budget.is_some(),
+            true,
+        )?
     } else {
         new_config(opts)?
     };

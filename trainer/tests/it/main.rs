@@ -2,6 +2,7 @@
 
 mod cuda;
 mod distributed;
+mod finetune;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -348,7 +349,7 @@ fn resnet50_onnx_export_matches_libtorch() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("r50.onnx");
-    let info = export(&net, &cfg, &path, &[]).unwrap();
+    let info = export(&net.vs, &cfg, &path, &[]).unwrap();
     assert_eq!((info.dim, info.size, info.convs), (256, 64, 53));
     let pixels = Tensor::rand([4, 3, 64, 64], (Kind::Float, Device::Cpu));
     let mean = Tensor::from_slice(&cfg.augment.mean.map(|v| v as f32)).view([1, 3, 1, 1]);
