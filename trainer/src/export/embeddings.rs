@@ -188,9 +188,9 @@ pub fn embed(
                         .with_field(item.clone());
                     let name = |c: i64| class_names.get(c as usize).map_or("", String::as_str);
                     for &i in &keep {
-                        for j in i * k..(i + 1) * k {
-                            names.values().append_value(name(idx[j]));
-                            ids.values().append_value(idx[j] as i32);
+                        for &c in &idx[i * k..(i + 1) * k] {
+                            names.values().append_value(name(c));
+                            ids.values().append_value(c as i32);
                         }
                         probs.values().append_slice(&p[i * k..(i + 1) * k]);
                         names.append(true);

@@ -439,8 +439,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// The network a run folder trains: BYOL's online network, or a fine-tuned classifier.
 pub enum TrainedNet {
-    Byol(Network),
-    Classifier(Classifier),
+    Byol(Box<Network>),
+    Classifier(Box<Classifier>),
 }
 
 impl TrainedNet {
@@ -512,7 +512,7 @@ pub fn load_online(run: &Path, checkpoint: Option<&Path>) -> Result<TrainedOnlin
             if cfg.train.channels_last {
                 c.to_channels_last();
             }
-            TrainedNet::Classifier(c)
+            TrainedNet::Classifier(Box::new(c))
         }
         None => {
             let mut net = Network::new(
@@ -527,7 +527,7 @@ pub fn load_online(run: &Path, checkpoint: Option<&Path>) -> Result<TrainedOnlin
             if cfg.train.channels_last {
                 net.to_channels_last();
             }
-            TrainedNet::Byol(net)
+            TrainedNet::Byol(Box::new(net))
         }
     };
     Ok(TrainedOnline {

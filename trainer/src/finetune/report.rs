@@ -1,0 +1,129 @@
+//! What a fine-tuning run reports: `FT/finetune.json`, and the test accuracy of the
+//! classifier it measures.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use byol_pipeline::augment::normalize;
+use byol_pipeline::loader::DecodeFn;
+
+use crate::byol::channels_last;
+use crate::classifier::{topk_correct, Classifier};
+use crate::config::TrainConfig;
+use crate::error::Result;
+
+/// `FT/finetune.json` and the `--json` summary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinetuneReport {
+    pub command: String,
+    pub run: String,
+    /// The pretrained run, checkpoint and step the encoder came from (its shape only
+    /// with `init` random).
+    pub source_run: String,
+    pub source_checkpoint: String,
+    pub source_step: u64,
+    /// `byol` or `random`, and whether only the head was trained.
+    pub init: String,
+    pub linear: bool,
+    pub train: String,
+    pub test: String,
+    pub classes: usize,
+    /// Labelled training rows used, fewest and most of one class, how they were chosen,
+    /// and the file listing them.
+    pub labels: u64,
+    pub labels_per_class: [u64; 2],
+    pub subset: String,
+    pub label_keys: String,
+    pub steps: u64,
+    pub total_steps: u64,
+    pub epochs: f64,
+    pub batch: usize,
+    /// Test accuracy of the fine-tuned network (absent when the run stopped early).
+    pub test_rows: u64,
+    pub test_top1: Option<f64>,
+    pub test_top5: Option<f64>,
+    pub images_per_s: f64,
+    pub data_stall: f64,
+    pub decode_failures: u64,
+    pub world_size: usize,
+    pub precision: String,
+    pub checkpoint: Option<String>,
+    pub stopped_by_signal: bool,
+    pub seconds: f64,
+    #[serde(skip)]
+    pub rank: usize,
+}
+
+impl FinetuneReport {
+    /// The one-line table row a command prints.
+    pub fn line(&self) -> String {
+        let pct = |v: Option<f64>| v.map_or("-".into(), |a| format!("{:.2} %", 100.0 * a));
+        format!(
+            "{} {} on {} labels ({} classes): test top-1 {}, top-5 {} ({} test images), {} steps, {:.0} images/s",
+            if self.linear { "linear" } else { "fine-tuned" },
+            if self.init == "random" { "random init" } else { "BYOL encoder" },
+            self.labels,
+            self.classes,
+            pct(self.test_top1),
+            pct(self.test_top5),
+            self.test_rows,
+            self.steps,
+            self.images_per_s
+        )
+    }
+}
+
+/// `FT/finetune.json`.
+pub fn report_path(run: &Path) -> PathBuf {
+    run.join("finetune.json")
+}
+
+/// Top-1 and top-5 accuracy of `net` (inference mode) on the test shards: each image's
+/// centred square resized to the view size, as `byol eval` reads it. Returns (top-1,
+/// top-5, images).
+///
+/// # Errors
+/// The test shards cannot be read, or hold unlabeled rows.
+pub fn test_accuracy(
+    net: &Classifier,
+    cfg: &TrainConfig,
+    test: &Path,
+    decode: DecodeFn,
+    device: Device,
+) -> Result<(f64, f64, u64)> {
+    let (x, labels) =
+        crate::eval::load_inputs(test, cfg.data.canvas, cfg.augment.size, decode, None)?;
+    let logits = logits(net, &x, cfg, device);
+    let n = labels.size()[0];
+    let (c1, c5) = topk_correct(&logits, &labels);
+    Ok((c1 / n as f64, c5 / n as f64, n as u64))
+}
+
+/// The classifier's logits in inference mode, in chunks.
+///
+/// # Shapes
+/// `x`: `[N, 3, S, S]` uint8 → `[N, K]` float32 (CPU).
+pub fn logits(net: &Classifier, x: &Tensor, cfg: &TrainConfig, device: Device) -> Tensor {
+    let n = x.size()[0];
+    let mut out = Vec::new();
+    tch::no_grad(|| {
+        let mut i = 0;
+        while i < n {
+            let len = (n - i).min(512);
+            let xb = x.narrow(0, i, len).to_device(device).to_kind(Kind::Float) / 255.0;
+            let mut xb = normalize(&xb, cfg.augment.mean, cfg.augment.std);
+            if cfg.train.channels_last {
+                xb = channels_last(&xb);
+            }
+            out.push(
+                net.forward_t(&xb, false)
+                    .to_kind(Kind::Float)
+                    .to_device(Device::Cpu),
+            );
+            i += len;
+        }
+    });
+    Tensor::cat(&out, 0)
+}
