@@ -46,17 +46,9 @@ impl Network {
         }
     }
 
-    /// Stores every 4-D weight in channels-last layout (NHWC strides, NCHW shape);
-    /// libtorch's convolutions then run in that layout when the input has it too.
+    /// Stores every 4-D weight in channels-last layout (see [`vs_to_channels_last`]).
     pub fn to_channels_last(&mut self) {
-        tch::no_grad(|| {
-            for (_, mut t) in self.vs.variables() {
-                if t.dim() == 4 {
-                    let cl = channels_last(&t);
-                    t.set_data(&cl);
-                }
-            }
-        });
+        vs_to_channels_last(&self.vs);
     }
 
     /// Writes every variable (contiguous copies) to a safetensors file.
@@ -75,6 +67,45 @@ impl Network {
         let p = self.predictor.as_ref().map(|m| m.forward_t(&z, train));
         (y, z, p)
     }
+}
+
+/// Stores every 4-D weight of `vs` in channels-last layout (NHWC strides, NCHW shape);
+/// libtorch's convolutions then run in that layout when the input has it too.
+pub fn vs_to_channels_last(vs: &nn::VarStore) {
+    tch::no_grad(|| {
+        for (_, mut t) in vs.variables() {
+            if t.dim() == 4 {
+                let cl = channels_last(&t);
+                t.set_data(&cl);
+            }
+        }
+    });
+}
+
+/// `loss.backward()`, then the gradients of `vs` averaged over `group`'s ranks (name
+/// order). A failure inside the backward pass of a distributed step is SyncBatchNorm's
+/// all-reduce, and is reported as that collective's error.
+///
+/// # Errors
+/// The backward pass or the gradient average failed.
+pub fn backward_synced(
+    loss: &Tensor,
+    vs: &nn::VarStore,
+    group: Option<&byol_dist::ProcessGroup>,
+) -> Result<(), crate::error::Error> {
+    zero_grad(vs);
+    if let Err(e) = loss.f_backward() {
+        return Err(match group {
+            Some(g) => g
+                .collective_error("backward (SyncBatchNorm all_reduce)", e.to_string())
+                .into(),
+            None => e.into(),
+        });
+    }
+    if let Some(g) = group {
+        g.average_gradients(&named_gradients(vs))?;
+    }
+    Ok(())
 }
 
 /// Every variable of `vs` as a contiguous copy, sorted by name (tch's safetensors
@@ -412,19 +443,7 @@ pub fn train_step_synced(
         let loss = byol_loss(&f(p1), &f(p2), &f(zt1), &f(zt2));
         (loss, f(z1), f(y1.detach()))
     });
-    zero_grad(&online.vs);
-    if let Err(e) = loss.f_backward() {
-        return Err(match group {
-            // SyncBatchNorm's backward all-reduce failed.
-            Some(g) => g
-                .collective_error("backward (SyncBatchNorm all_reduce)", e.to_string())
-                .into(),
-            None => e.into(),
-        });
-    }
-    if let Some(g) = group {
-        g.average_gradients(&named_gradients(&online.vs))?;
-    }
+    backward_synced(&loss, &online.vs, group)?;
     opt.step(&online.vs, s.lr);
     ema_update(&target.vs, &online.vs, s.tau);
     Ok((loss, z1, y1))

@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 use byol_dist::ProcessGroup;
 
-use crate::byol::{channels_last, named_contiguous};
+use crate::byol::named_contiguous;
 use crate::config::EncoderConfig;
 use crate::error::{Context, Result};
 use crate::model::ResNet;
@@ -68,14 +68,7 @@ impl Classifier {
 
     /// Stores every 4-D weight in channels-last layout (see `Network::to_channels_last`).
     pub fn to_channels_last(&mut self) {
-        tch::no_grad(|| {
-            for (_, mut t) in self.vs.variables() {
-                if t.dim() == 4 {
-                    let cl = channels_last(&t);
-                    t.set_data(&cl);
-                }
-            }
-        });
+        crate::byol::vs_to_channels_last(&self.vs);
     }
 
     /// Freezes the encoder (`--linear`): only `fc.*` keeps `requires_grad`.

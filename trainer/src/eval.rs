@@ -34,6 +34,11 @@ pub struct EvalReport {
     pub run: String,
     pub checkpoint: String,
     pub step: u64,
+    /// The labelled shards the probes trained on (every row) and were tested on.
+    #[serde(default)]
+    pub train: String,
+    #[serde(default)]
+    pub test: String,
     pub train_rows: i64,
     pub test_rows: i64,
     pub byol: ProbeResult,
@@ -142,6 +147,20 @@ pub fn centred_inputs(b: &byol_pipeline::loader::Batch, size: i64) -> Tensor {
 /// # Shapes
 /// `x`: `[N, 3, S, S]` uint8 → `[N, D]` float32 embeddings (CPU).
 pub fn features(encoder: &ResNet, x: &Tensor, cfg: &TrainConfig, device: Device) -> Tensor {
+    inference(x, cfg, device, |xb| encoder.forward_t(xb, false))
+}
+
+/// `f` (a network in inference mode) over `x` in chunks of 512 images, each normalised
+/// as in training and in the config's memory layout, without gradients.
+///
+/// # Shapes
+/// `x`: `[N, 3, S, S]` uint8 → `[N, …]` float32 (CPU), the rows of `f`'s outputs.
+pub fn inference(
+    x: &Tensor,
+    cfg: &TrainConfig,
+    device: Device,
+    f: impl Fn(&Tensor) -> Tensor,
+) -> Tensor {
     let n = x.size()[0];
     let mut out = Vec::new();
     tch::no_grad(|| {
@@ -153,7 +172,7 @@ pub fn features(encoder: &ResNet, x: &Tensor, cfg: &TrainConfig, device: Device)
             if cfg.train.channels_last {
                 xb = channels_last(&xb);
             }
-            out.push(encoder.forward_t(&xb, false).to_device(Device::Cpu));
+            out.push(f(&xb).to_kind(Kind::Float).to_device(Device::Cpu));
             i += len;
         }
     });
@@ -372,6 +391,8 @@ pub fn evaluate(
         run: run.display().to_string(),
         checkpoint: ckpt.display().to_string(),
         step,
+        train: train.display().to_string(),
+        test: test.display().to_string(),
         train_rows: ytr.size()[0],
         test_rows: yte.size()[0],
         byol,

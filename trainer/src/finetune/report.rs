@@ -4,12 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
-use byol_pipeline::augment::normalize;
 use byol_pipeline::loader::DecodeFn;
 
-use crate::byol::channels_last;
 use crate::classifier::{topk_correct, Classifier};
 use crate::config::TrainConfig;
 use crate::error::Result;
@@ -106,24 +104,5 @@ pub fn test_accuracy(
 /// # Shapes
 /// `x`: `[N, 3, S, S]` uint8 → `[N, K]` float32 (CPU).
 pub fn logits(net: &Classifier, x: &Tensor, cfg: &TrainConfig, device: Device) -> Tensor {
-    let n = x.size()[0];
-    let mut out = Vec::new();
-    tch::no_grad(|| {
-        let mut i = 0;
-        while i < n {
-            let len = (n - i).min(512);
-            let xb = x.narrow(0, i, len).to_device(device).to_kind(Kind::Float) / 255.0;
-            let mut xb = normalize(&xb, cfg.augment.mean, cfg.augment.std);
-            if cfg.train.channels_last {
-                xb = channels_last(&xb);
-            }
-            out.push(
-                net.forward_t(&xb, false)
-                    .to_kind(Kind::Float)
-                    .to_device(Device::Cpu),
-            );
-            i += len;
-        }
-    });
-    Tensor::cat(&out, 0)
+    crate::eval::inference(x, cfg, device, |xb| net.forward_t(xb, false))
 }

@@ -11,13 +11,12 @@ use byol_dist::ProcessGroup;
 use byol_pipeline::augment::Augmenter;
 use byol_pipeline::loader::Batch;
 
-use crate::byol::{channels_last, lr_at, named_gradients, zero_grad, Optimizer, OptimizerKind};
+use crate::byol::{backward_synced, channels_last, lr_at, Optimizer, OptimizerKind};
 use crate::classifier::{Classifier, CLASSIFIER};
 use crate::config::{FinetuneConfig, TrainConfig};
 use crate::error::{Context, Result};
-use crate::run::{
-    draw_curves, write_checkpoint, write_state, CheckpointState, FinetuneMetrics, RankState,
-};
+use crate::run::{draw_curves, write_checkpoint, write_state, FinetuneMetrics, RankState};
+use crate::train::batch::train_labels;
 use crate::train::position::Position;
 use crate::train::step_loop::{Interval, Step, StepOutput};
 
@@ -60,18 +59,7 @@ pub fn finetune_step(
                 / valid;
         (loss, logits)
     });
-    zero_grad(&net.vs);
-    if let Err(e) = loss.f_backward() {
-        return Err(match group {
-            Some(g) => g
-                .collective_error("backward (SyncBatchNorm all_reduce)", e.to_string())
-                .into(),
-            None => e.into(),
-        });
-    }
-    if let Some(g) = group {
-        g.average_gradients(&named_gradients(&net.vs))?;
-    }
+    backward_synced(&loss, &net.vs, group)?;
     opt.step(&net.vs, lr);
     Ok((loss, logits.detach()))
 }
@@ -131,14 +119,7 @@ impl Step for FinetuneStep<'_> {
         if self.cfg.train.channels_last {
             x = channels_last(&x);
         }
-        // A replacement sample (its image failed to decode) is not trained on.
-        let labels: Vec<i64> = b
-            .labels()
-            .iter()
-            .zip(b.replaced_mask())
-            .map(|(&l, &r)| if r || l < 0 { -100 } else { l })
-            .collect();
-        let labels = Tensor::from_slice(&labels).to_device(self.device);
+        let labels = Tensor::from_slice(&train_labels(b)).to_device(self.device);
         let (loss, logits) = finetune_step(
             &self.net,
             &mut self.opt,
@@ -182,16 +163,7 @@ impl Step for FinetuneStep<'_> {
     }
 
     fn save(&mut self, pos: &Position, world: usize, ranks: Vec<RankState>) -> Result<PathBuf> {
-        let st = CheckpointState {
-            step: pos.step,
-            cursor: pos.cursor,
-            aug_rng: pos.rng.state(),
-            last_loss: pos.last_loss,
-            config: self.cfg.clone(),
-            world,
-            ranks,
-            splits: pos.splits.clone(),
-        };
+        let st = pos.checkpoint_state(&self.cfg, world, ranks);
         let (net, opt) = (&self.net, &self.opt);
         write_checkpoint(self.run, pos.step, self.cfg.train.keep, |tmp| {
             net.save(&tmp.join(CLASSIFIER))?;

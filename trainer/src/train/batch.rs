@@ -69,6 +69,16 @@ impl BatchPlan {
     }
 }
 
+/// The labels of a batch for a cross-entropy: a replacement sample (its image failed to
+/// decode) and an unlabeled one get the ignore index -100, so they teach nothing.
+pub fn train_labels(b: &byol_pipeline::loader::Batch) -> Vec<i64> {
+    b.labels()
+        .iter()
+        .zip(b.replaced_mask())
+        .map(|(&l, &r)| if r || l < 0 { -100 } else { l })
+        .collect()
+}
+
 /// The training data of a run.
 pub struct TrainData {
     pub loader: Loader,

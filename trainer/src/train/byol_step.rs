@@ -14,9 +14,7 @@ use super::step_loop::{Interval, Reporter, Step, StepOutput};
 use crate::byol::{lr_at, tau_at};
 use crate::config::TrainConfig;
 use crate::error::Result;
-use crate::run::{
-    draw_curves, save_checkpoint, CheckpointParts, CheckpointState, KnnRow, Metrics, RankState,
-};
+use crate::run::{draw_curves, save_checkpoint, CheckpointParts, KnnRow, Metrics, RankState};
 
 /// A BYOL run's step, schedules and monitors.
 pub struct ByolStep<'a> {
@@ -171,16 +169,7 @@ impl Step for ByolStep<'_> {
     }
 
     fn save(&mut self, pos: &Position, world: usize, ranks: Vec<RankState>) -> Result<PathBuf> {
-        let st = CheckpointState {
-            step: pos.step,
-            cursor: pos.cursor,
-            aug_rng: pos.rng.state(),
-            last_loss: pos.last_loss,
-            config: self.cfg.clone(),
-            world,
-            ranks,
-            splits: pos.splits.clone(),
-        };
+        let st = pos.checkpoint_state(&self.cfg, world, ranks);
         let l = &self.learner;
         let parts = CheckpointParts {
             online: &l.online,

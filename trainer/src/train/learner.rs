@@ -226,14 +226,7 @@ impl Learner {
             group,
         )?;
         let device = self.device;
-        // A replacement sample (its image failed to decode) teaches the probe nothing:
-        // its label becomes cross-entropy's ignore index (-100), never a prediction.
-        let labels: Vec<i64> = b
-            .labels()
-            .iter()
-            .zip(b.replaced_mask())
-            .map(|(&l, &r)| if r || l < 0 { -100 } else { l })
-            .collect();
+        let labels = super::batch::train_labels(b);
         let any_label = labels.iter().any(|&l| l >= 0);
         // Every rank steps the probe (its gradient average is a collective), labelled
         // batch or not.

@@ -49,6 +49,26 @@ impl Position {
         }
     }
 
+    /// The `state.json` of a checkpoint at this position, with the run's `config` and
+    /// every rank's place (`world`, `ranks`: see [`Position::gather`]).
+    pub fn checkpoint_state(
+        &self,
+        config: &crate::config::TrainConfig,
+        world: usize,
+        ranks: Vec<RankState>,
+    ) -> CheckpointState {
+        CheckpointState {
+            step: self.step,
+            cursor: self.cursor,
+            aug_rng: self.rng.state(),
+            last_loss: self.last_loss,
+            config: config.clone(),
+            world,
+            ranks,
+            splits: self.splits.clone(),
+        }
+    }
+
     /// Moves to the start of the next epoch.
     pub fn next_epoch(&mut self) {
         self.cursor = Cursor {
