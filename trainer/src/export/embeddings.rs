@@ -3,9 +3,14 @@
 //! top-k classes with their probabilities).
 
 use std::path::Path;
+use std::sync::Arc;
+
+use arrow_array::builder::{FixedSizeListBuilder, Float32Builder, Int32Builder, StringBuilder};
+use arrow_array::{Array, ArrayRef, Int32Array, RecordBatch, StringArray, UInt64Array};
+use arrow_schema::{DataType, Field, Schema};
+use tch::{Kind, Tensor};
 
 use crate::error::{Context, Result};
-use tch::Kind;
 
 use super::onnx_runtime::OnnxEncoder;
 
@@ -58,13 +63,6 @@ pub fn embed(
     ort_lib: Option<&Path>,
     output: Output,
 ) -> Result<EmbedReport> {
-    use arrow_array::{
-        builder::{FixedSizeListBuilder, Float32Builder, Int32Builder, StringBuilder},
-        Array, ArrayRef, Int32Array, RecordBatch, StringArray, UInt64Array,
-    };
-    use arrow_schema::{DataType, Field, Schema};
-    use std::sync::Arc;
-
     let t0 = std::time::Instant::now();
     let mut enc = OnnxEncoder::load(model, ort_lib, 0)?;
     let top_k = match output {
@@ -87,11 +85,7 @@ pub fn embed(
     })?;
     let ds = byol_pipeline::Dataset::open(data)
         .with_context(|| format!("opening {}", data.display()))?;
-    let mut keys: Vec<String> = Vec::with_capacity(ds.rows() as usize);
-    for i in 0..ds.groups().len() {
-        let g = ds.load_group(i)?;
-        keys.extend((0..g.keys.len()).map(|r| g.keys.value(r).to_string()));
-    }
+    let (keys, _) = ds.keys_and_labels()?;
     let total = ds.rows();
     let lc = byol_pipeline::LoaderConfig {
         batch,
@@ -101,45 +95,12 @@ pub fn embed(
         ..byol_pipeline::LoaderConfig::default()
     };
     let loader = byol_pipeline::Loader::new(ds, lc, decode)?;
-    let dim = enc.dim as i32;
-    let item = Arc::new(Field::new("item", DataType::Float32, false));
-    let int_item = Arc::new(Field::new("item", DataType::Int32, false));
-    let str_item = Arc::new(Field::new("item", DataType::Utf8, false));
-    let mut fields = vec![
-        Field::new("row", DataType::UInt64, false),
-        Field::new("key", DataType::Utf8, false),
-        Field::new("label", DataType::Int32, false),
-    ];
-    match top_k {
-        None => fields.push(Field::new(
-            "embedding",
-            DataType::FixedSizeList(item.clone(), dim),
-            false,
-        )),
-        Some(k) => {
-            let k = k as i32;
-            fields.extend([
-                Field::new("predicted", DataType::Utf8, false),
-                Field::new(
-                    "top_classes",
-                    DataType::FixedSizeList(str_item.clone(), k),
-                    false,
-                ),
-                Field::new(
-                    "top_indices",
-                    DataType::FixedSizeList(int_item.clone(), k),
-                    false,
-                ),
-                Field::new(
-                    "top_probabilities",
-                    DataType::FixedSizeList(item.clone(), k),
-                    false,
-                ),
-            ]);
-        }
-    }
-    let schema = Arc::new(Schema::new(fields));
-    let class_names = enc.classes.clone().unwrap_or_default();
+    let columns = Columns {
+        top_k,
+        dim: enc.dim as i32,
+        classes: enc.classes.clone().unwrap_or_default(),
+    };
+    let schema = Arc::new(Schema::new(columns.fields()));
     let mut bar = byol_format::progress::Progress::new(
         byol_format::progress::Mode::detect(true),
         if top_k.is_some() { "predict" } else { "embed" },
@@ -174,48 +135,7 @@ pub fn embed(
                     keep.iter().map(|&i| b.labels()[i] as i32),
                 )),
             ];
-            match (top_k, logits) {
-                (Some(k), Some(logits)) => {
-                    let (p, idx) = logits.softmax(1, Kind::Float).topk(k as i64, 1, true, true);
-                    let p = Vec::<f32>::try_from(p.flatten(0, -1))?;
-                    let idx = Vec::<i64>::try_from(idx.flatten(0, -1))?;
-                    let k32 = k as i32;
-                    let mut names = FixedSizeListBuilder::new(StringBuilder::new(), k32)
-                        .with_field(str_item.clone());
-                    let mut ids = FixedSizeListBuilder::new(Int32Builder::new(), k32)
-                        .with_field(int_item.clone());
-                    let mut probs = FixedSizeListBuilder::new(Float32Builder::new(), k32)
-                        .with_field(item.clone());
-                    let name = |c: i64| class_names.get(c as usize).map_or("", String::as_str);
-                    for &i in &keep {
-                        for &c in &idx[i * k..(i + 1) * k] {
-                            names.values().append_value(name(c));
-                            ids.values().append_value(c as i32);
-                        }
-                        probs.values().append_slice(&p[i * k..(i + 1) * k]);
-                        names.append(true);
-                        ids.append(true);
-                        probs.append(true);
-                    }
-                    cols.push(Arc::new(StringArray::from_iter_values(
-                        keep.iter().map(|&i| name(idx[i * k])),
-                    )));
-                    cols.push(Arc::new(names.finish()));
-                    cols.push(Arc::new(ids.finish()));
-                    cols.push(Arc::new(probs.finish()));
-                }
-                _ => {
-                    let values = Vec::<f32>::try_from(e.flatten(0, -1))?;
-                    let mut list = FixedSizeListBuilder::new(Float32Builder::new(), dim)
-                        .with_field(item.clone());
-                    for &i in &keep {
-                        let d = dim as usize;
-                        list.values().append_slice(&values[i * d..(i + 1) * d]);
-                        list.append(true);
-                    }
-                    cols.push(Arc::new(list.finish()));
-                }
-            }
+            cols.extend(columns.results(&e, logits.as_ref(), &keep)?);
             debug_assert!(cols.iter().all(|c| c.len() == keep.len()));
             writer.write(&RecordBatch::try_new(schema.clone(), cols)?)?;
             written += keep.len() as u64;
@@ -248,4 +168,88 @@ pub fn embed(
         seconds: secs,
         images_per_s: written as f64 / secs.max(1e-9),
     })
+}
+
+/// The columns after `row`, `key` and `label` (see [`Output`]).
+struct Columns {
+    top_k: Option<usize>,
+    dim: i32,
+    classes: Vec<String>,
+}
+
+/// A list item field of `ty`.
+fn item(ty: DataType) -> Arc<Field> {
+    Arc::new(Field::new("item", ty, false))
+}
+
+impl Columns {
+    fn fields(&self) -> Vec<Field> {
+        let mut fields = vec![
+            Field::new("row", DataType::UInt64, false),
+            Field::new("key", DataType::Utf8, false),
+            Field::new("label", DataType::Int32, false),
+        ];
+        let list = |name: &str, ty: DataType, n: i32| {
+            Field::new(name, DataType::FixedSizeList(item(ty), n), false)
+        };
+        match self.top_k {
+            None => fields.push(list("embedding", DataType::Float32, self.dim)),
+            Some(k) => fields.extend([
+                Field::new("predicted", DataType::Utf8, false),
+                list("top_classes", DataType::Utf8, k as i32),
+                list("top_indices", DataType::Int32, k as i32),
+                list("top_probabilities", DataType::Float32, k as i32),
+            ]),
+        }
+        fields
+    }
+
+    /// The rows `keep` of a batch's embeddings `e` (`[N, D]`) or, for top-k, its
+    /// `logits` (`[N, K]`).
+    fn results(
+        &self,
+        e: &Tensor,
+        logits: Option<&Tensor>,
+        keep: &[usize],
+    ) -> Result<Vec<ArrayRef>> {
+        let (Some(k), Some(logits)) = (self.top_k, logits) else {
+            let values = Vec::<f32>::try_from(e.flatten(0, -1))?;
+            let d = self.dim as usize;
+            let mut list = FixedSizeListBuilder::new(Float32Builder::new(), self.dim)
+                .with_field(item(DataType::Float32));
+            for &i in keep {
+                list.values().append_slice(&values[i * d..(i + 1) * d]);
+                list.append(true);
+            }
+            return Ok(vec![Arc::new(list.finish())]);
+        };
+        let (p, idx) = logits.softmax(1, Kind::Float).topk(k as i64, 1, true, true);
+        let p = Vec::<f32>::try_from(p.flatten(0, -1))?;
+        let idx = Vec::<i64>::try_from(idx.flatten(0, -1))?;
+        let k32 = k as i32;
+        let mut names =
+            FixedSizeListBuilder::new(StringBuilder::new(), k32).with_field(item(DataType::Utf8));
+        let mut ids =
+            FixedSizeListBuilder::new(Int32Builder::new(), k32).with_field(item(DataType::Int32));
+        let mut probs = FixedSizeListBuilder::new(Float32Builder::new(), k32)
+            .with_field(item(DataType::Float32));
+        let name = |c: i64| self.classes.get(c as usize).map_or("", String::as_str);
+        for &i in keep {
+            for &c in &idx[i * k..(i + 1) * k] {
+                names.values().append_value(name(c));
+                ids.values().append_value(c as i32);
+            }
+            probs.values().append_slice(&p[i * k..(i + 1) * k]);
+            names.append(true);
+            ids.append(true);
+            probs.append(true);
+        }
+        let predicted = StringArray::from_iter_values(keep.iter().map(|&i| name(idx[i * k])));
+        Ok(vec![
+            Arc::new(predicted),
+            Arc::new(names.finish()),
+            Arc::new(ids.finish()),
+            Arc::new(probs.finish()),
+        ])
+    }
 }

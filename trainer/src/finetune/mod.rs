@@ -82,53 +82,14 @@ pub struct FinetuneOptions {
 /// I/O in the run folder.
 pub fn finetune(opts: &FinetuneOptions, out: &Path, decode: DecodeFn) -> Result<FinetuneReport> {
     let t_start = Instant::now();
-    let latest = list_checkpoints(out).pop();
-    if opts.resume && latest.is_none() {
-        bail!(
-            "--resume: {} has no checkpoint to continue from (--resume auto starts a new run when there is none)",
-            out.display()
-        );
-    }
-    let resume = opts.resume || (opts.resume_auto && latest.is_some());
-    let train_ds =
-        Dataset::open(&opts.train).with_context(|| format!("opening {}", opts.train.display()))?;
-    let test_classes = Dataset::open(&opts.test)
-        .with_context(|| format!("opening {}", opts.test.display()))?
-        .manifest
-        .classes;
-    same_class_lists(
-        &opts.train,
-        &train_ds.manifest.classes,
-        &opts.test,
-        &test_classes,
-    )?;
-    let (keys, labels) = train_ds.keys_and_labels()?;
-    let choice = if resume {
-        LabelChoice::KeysFile(subset::keys_path(out))
-    } else {
-        opts.labels.clone()
-    };
-    let classes = train_ds.manifest.classes.len();
-    let mut cfg = if resume {
-        run_config(
-            None,
-            &opts.sets,
-            out,
-            true,
-            opts.time_budget.is_some(),
-            true,
-        )?
-    } else {
-        new_config(opts)?
-    };
-    let chosen = subset::choose(&keys, &labels, classes, &choice, cfg.train.seed)?;
-    if !resume {
-        if let Some(f) = cfg.finetune.as_mut() {
-            f.subset = chosen.description.clone();
-            f.labels = chosen.rows.len() as u64;
-        }
-        cfg = run_config(Some(cfg), &[], out, false, false, latest.is_some())?;
-    }
+    let Prepared {
+        resume,
+        latest,
+        train_ds,
+        mut cfg,
+        keys,
+        chosen,
+    } = prepare(opts, out)?;
     let rt = Runtime::from_env(&cfg.train)?;
     let _lock = if rt.is_writer() {
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -147,16 +108,8 @@ pub fn finetune(opts: &FinetuneOptions, out: &Path, decode: DecodeFn) -> Result<
     }
     let group = rt.join(Duration::from_secs_f64(cfg.train.collective_timeout_s))?;
     check_run_data(out, &opts.train, &train_ds.manifest, resume, rt.is_writer())?;
-    let loader =
-        Loader::new(train_ds, plan.loader_config(&cfg), decode)?.with_rows(chosen.rows.clone())?;
+    let loader = subset_loader(train_ds, &cfg, plan, &chosen, decode)?;
     let spe = loader.batches_per_epoch();
-    if spe == 0 {
-        bail!(
-            "the labelled subset has {} rows per rank, fewer than one batch of {} per rank: lower finetune.batch (--set finetune.batch=N) or take more labels",
-            loader.samples_per_epoch(),
-            plan.per_rank
-        );
-    }
     rt.announce_precision("finetune");
     let budget = match opts.time_budget {
         Some(seconds) => Some(plan_budget(
@@ -205,57 +158,120 @@ pub fn finetune(opts: &FinetuneOptions, out: &Path, decode: DecodeFn) -> Result<
     );
     lp.run(&loader, &mut step)?;
     let s = lp.finish(&loader, &mut step)?;
-    let mut report = FinetuneReport {
-        command: "finetune".into(),
-        run: out.display().to_string(),
-        source_run: recipe.source_run.clone(),
-        source_checkpoint: recipe.source_checkpoint.clone(),
-        source_step: recipe.source_step,
-        init: format!("{:?}", recipe.init).to_lowercase(),
-        linear: recipe.linear,
-        train: opts.train.display().to_string(),
-        test: opts.test.display().to_string(),
-        classes,
-        labels: chosen.rows.len() as u64,
-        labels_per_class: [
-            chosen.per_class.iter().copied().min().unwrap_or(0),
-            chosen.per_class.iter().copied().max().unwrap_or(0),
-        ],
-        subset: recipe.subset.clone(),
-        label_keys: subset::keys_path(out).display().to_string(),
-        steps: s.step,
-        total_steps: total,
-        epochs: s.step as f64 / spe as f64,
-        batch: plan.global,
-        test_rows: 0,
-        test_top1: None,
-        test_top5: None,
-        images_per_s: s.images as f64 / s.seconds,
-        data_stall: s.data_stall,
-        decode_failures: s.decode_failures,
-        world_size: s.world,
-        precision: rt.precision.name.into(),
-        checkpoint: s.checkpoint.clone(),
-        stopped_by_signal: s.stopped_by_signal,
-        seconds: 0.0,
-        rank: rt.rank(),
-    };
-    if rt.is_writer() && s.step == total && !s.stopped_by_signal {
-        let (top1, top5, n) = test_accuracy(&step.net, &cfg, &opts.test, decode, rt.device)?;
-        report.test_rows = n;
-        report.test_top1 = Some(top1);
-        report.test_top5 = Some(top5);
-        lp_append_test(out, s.step, s.epoch, top1, top5)?;
-        step.draw_curves();
-    }
-    report.seconds = t_start.elapsed().as_secs_f64();
+    let mut report = FinetuneReport::new(out, opts, (&recipe, &chosen), (&s, spe), &rt);
     if rt.is_writer() {
+        if s.step == total && !s.stopped_by_signal {
+            test_run(&mut report, &step, (&opts.test, s.epoch), decode, rt.device)?;
+        }
+        report.seconds = t_start.elapsed().as_secs_f64();
         write_atomic(
             &report_path(out),
             serde_json::to_string_pretty(&report)?.as_bytes(),
         )?;
     }
     Ok(report)
+}
+
+/// The finished run's test accuracy: into the report, a last metrics row and the curves.
+fn test_run(
+    report: &mut FinetuneReport,
+    step: &FinetuneStep<'_>,
+    (test, epoch): (&Path, u64),
+    decode: DecodeFn,
+    device: Device,
+) -> Result<()> {
+    let (top1, top5, n) = test_accuracy(&step.net, &step.cfg, test, decode, device)?;
+    report.test_rows = n;
+    report.test_top1 = Some(top1);
+    report.test_top5 = Some(top5);
+    append_test_row(step.run, report.steps, epoch, top1, top5)?;
+    step.draw_curves();
+    Ok(())
+}
+
+/// What a fine-tuning run starts from: whether it resumes (and from which checkpoint),
+/// the training shards, the run's config, every row's key and the chosen subset.
+struct Prepared {
+    resume: bool,
+    latest: Option<PathBuf>,
+    train_ds: Dataset,
+    cfg: TrainConfig,
+    keys: Vec<String>,
+    chosen: LabelSubset,
+}
+
+/// `--resume` decided (refused without a checkpoint), the test shards' classes checked
+/// against the training shards', the config (FT's on resume, else the pretrained run's
+/// with the recipe) and the labelled subset (FT's keys file on resume).
+fn prepare(opts: &FinetuneOptions, out: &Path) -> Result<Prepared> {
+    let latest = list_checkpoints(out).pop();
+    if opts.resume && latest.is_none() {
+        bail!(
+            "--resume: {} has no checkpoint to continue from (--resume auto starts a new run when there is none)",
+            out.display()
+        );
+    }
+    let resume = opts.resume || (opts.resume_auto && latest.is_some());
+    let train_ds =
+        Dataset::open(&opts.train).with_context(|| format!("opening {}", opts.train.display()))?;
+    let test_classes = Dataset::open(&opts.test)
+        .with_context(|| format!("opening {}", opts.test.display()))?
+        .manifest
+        .classes;
+    same_class_lists(
+        &opts.train,
+        &train_ds.manifest.classes,
+        &opts.test,
+        &test_classes,
+    )?;
+    let (keys, labels) = train_ds.keys_and_labels()?;
+    let classes = train_ds.manifest.classes.len();
+    let (mut cfg, choice) = if resume {
+        let budgeted = opts.time_budget.is_some();
+        let cfg = run_config(None, &opts.sets, out, true, budgeted, true)?;
+        (cfg, LabelChoice::KeysFile(subset::keys_path(out)))
+    } else {
+        (new_config(opts)?, opts.labels.clone())
+    };
+    let chosen = subset::choose(&keys, &labels, classes, &choice, cfg.train.seed)?;
+    if !resume {
+        if let Some(f) = cfg.finetune.as_mut() {
+            f.subset = chosen.description.clone();
+            f.labels = chosen.rows.len() as u64;
+        }
+        cfg = run_config(Some(cfg), &[], out, false, false, latest.is_some())?;
+    }
+    Ok(Prepared {
+        resume,
+        latest,
+        train_ds,
+        cfg,
+        keys,
+        chosen,
+    })
+}
+
+/// This rank's loader over the subset's rows.
+///
+/// # Errors
+/// Fewer rows per rank than one batch.
+fn subset_loader(
+    ds: Dataset,
+    cfg: &TrainConfig,
+    plan: BatchPlan,
+    chosen: &LabelSubset,
+    decode: DecodeFn,
+) -> Result<Loader> {
+    let loader =
+        Loader::new(ds, plan.loader_config(cfg), decode)?.with_rows(chosen.rows.clone())?;
+    if loader.batches_per_epoch() == 0 {
+        bail!(
+            "the labelled subset has {} rows per rank, fewer than one batch of {} per rank: lower finetune.batch (--set finetune.batch=N) or take more labels",
+            loader.samples_per_epoch(),
+            plan.per_rank
+        );
+    }
+    Ok(loader)
 }
 
 /// A new fine-tuned run's config: the pretrained run's (device, precision, data and
@@ -464,6 +480,7 @@ fn plan_budget(
         loader,
         images_per_step: plan.global,
         monitor_every_epochs: 0,
+        command: "finetune",
     }
     .plan(stop, &mut trial)
 }
@@ -486,7 +503,7 @@ impl Trial for FinetuneTrial<'_> {
 }
 
 /// Appends the test row to `FT/metrics.jsonl`.
-fn lp_append_test(out: &Path, step: u64, epoch: u64, top1: f64, top5: f64) -> Result<()> {
+fn append_test_row(out: &Path, step: u64, epoch: u64, top1: f64, top5: f64) -> Result<()> {
     use std::io::Write;
     let path = run::metrics_path(out);
     let row = run::TestRow {

@@ -9,8 +9,9 @@ use tch::{Device, Tensor};
 use byol_pipeline::loader::DecodeFn;
 
 use crate::classifier::{topk_correct, Classifier};
-use crate::config::TrainConfig;
+use crate::config::{FinetuneConfig, TrainConfig};
 use crate::error::Result;
+use crate::train::{LoopSummary, Runtime};
 
 /// `FT/finetune.json` and the `--json` summary.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,6 +71,53 @@ impl FinetuneReport {
             self.steps,
             self.images_per_s
         )
+    }
+}
+
+impl FinetuneReport {
+    /// The report of a finished (or stopped) loop, before the test.
+    pub fn new(
+        out: &Path,
+        opts: &super::FinetuneOptions,
+        (recipe, chosen): (&FinetuneConfig, &super::LabelSubset),
+        (s, spe): (&LoopSummary, u64),
+        rt: &Runtime,
+    ) -> FinetuneReport {
+        FinetuneReport {
+            command: "finetune".into(),
+            run: out.display().to_string(),
+            source_run: recipe.source_run.clone(),
+            source_checkpoint: recipe.source_checkpoint.clone(),
+            source_step: recipe.source_step,
+            init: format!("{:?}", recipe.init).to_lowercase(),
+            linear: recipe.linear,
+            train: opts.train.display().to_string(),
+            test: opts.test.display().to_string(),
+            classes: recipe.classes.len(),
+            labels: chosen.rows.len() as u64,
+            labels_per_class: [
+                chosen.per_class.iter().copied().min().unwrap_or(0),
+                chosen.per_class.iter().copied().max().unwrap_or(0),
+            ],
+            subset: recipe.subset.clone(),
+            label_keys: super::subset::keys_path(out).display().to_string(),
+            steps: s.step,
+            total_steps: s.total,
+            epochs: s.step as f64 / spe.max(1) as f64,
+            batch: recipe.batch,
+            test_rows: 0,
+            test_top1: None,
+            test_top5: None,
+            images_per_s: s.images as f64 / s.seconds,
+            data_stall: s.data_stall,
+            decode_failures: s.decode_failures,
+            world_size: s.world,
+            precision: rt.precision.name.into(),
+            checkpoint: s.checkpoint.clone(),
+            stopped_by_signal: s.stopped_by_signal,
+            seconds: 0.0,
+            rank: rt.rank(),
+        }
     }
 }
 

@@ -146,6 +146,8 @@ pub struct Budget<'a> {
     pub images_per_step: usize,
     /// Epochs between monitor runs (0: no monitor).
     pub monitor_every_epochs: u64,
+    /// The command on the plan's line (`train`, `finetune`).
+    pub command: &'static str,
 }
 
 impl Budget<'_> {
@@ -180,7 +182,7 @@ impl Budget<'_> {
             100.0 * BUDGET_RESERVE,
             n as f64 / spe as f64
         );
-        eprintln!("byol train: time budget: {reason}");
+        eprintln!("byol {}: time budget: {reason}", self.command);
         Ok(BudgetPlan {
             seconds: budget,
             total_steps: n,

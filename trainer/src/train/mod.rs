@@ -215,6 +215,7 @@ pub fn train(
                 loader: &loader,
                 images_per_step: plan.global,
                 monitor_every_epochs: 0,
+                command: "train",
             },
             (labelled, knn.as_ref(), &mut monitor),
             &opts.stop,
