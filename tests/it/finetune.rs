@@ -309,3 +309,37 @@ fn a_finetuned_classifier_exports_loads_strictly_into_torchvision_and_predicts()
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no logits"));
 }
+
+/// `byol finetune --nproc-per-node 2`: two data-parallel ranks (Gloo, SyncBatchNorm)
+/// fine-tune on the same subset for the same steps, rank 0 writes the run folder (one
+/// metrics row per step) and reports the test accuracy. (Each rank takes its own part
+/// of an epoch and its own augmentation generator, so the losses are not one process's;
+/// the step's equivalence over ranks is tested for BYOL's step on the same c10d code.)
+#[test]
+fn two_ranks_finetune_like_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = dataset(dir);
+    let test = dataset_of(dir, "src_test", "test", 32, 4);
+    summary(&train(dir, &data, "pre", &["--max-steps", "2"]));
+    let args = [&["--labels-per-class", "8"][..], &SMALL].concat();
+    let one = summary(&finetune(dir, "pre", &data, &test, "one", &args));
+    let two = summary(&finetune(
+        dir,
+        "pre",
+        &data,
+        &test,
+        "two",
+        &[&args[..], &["--nproc-per-node", "2"]].concat(),
+    ));
+    assert_eq!(two["world_size"], 2);
+    assert_eq!(two["steps"], one["steps"]);
+    assert!(two["test_top1"].as_f64().is_some(), "{two}");
+    let (a, b) = (losses(&dir.join("one")), losses(&dir.join("two")));
+    assert_eq!(a.len(), b.len(), "one row per step, written once");
+    assert!(b.iter().all(|(_, l)| l.is_finite()));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("one/label_keys.txt")).unwrap(),
+        std::fs::read_to_string(dir.join("two/label_keys.txt")).unwrap()
+    );
+}
