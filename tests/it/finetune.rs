@@ -316,7 +316,7 @@ fn a_finetuned_classifier_exports_loads_strictly_into_torchvision_and_predicts()
 /// of an epoch and its own augmentation generator, so the losses are not one process's;
 /// the step's equivalence over ranks is tested for BYOL's step on the same c10d code.)
 #[test]
-fn two_ranks_finetune_like_one_process() {
+fn two_ranks_finetune_the_same_subset_and_rank_0_writes_once() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let data = dataset(dir);
