@@ -231,7 +231,10 @@ fn prepare(opts: &FinetuneOptions, out: &Path) -> Result<Prepared> {
         let cfg = run_config(None, &opts.sets, out, true, budgeted, true)?;
         (cfg, LabelChoice::KeysFile(subset::keys_path(out)))
     } else {
-        (new_config(opts)?, opts.labels.clone())
+        (
+            new_config(opts, &train_ds.manifest.classes)?,
+            opts.labels.clone(),
+        )
     };
     let chosen = subset::choose(&keys, &labels, classes, &choice, cfg.train.seed)?;
     if !resume {
@@ -277,7 +280,7 @@ fn subset_loader(
 /// A new fine-tuned run's config: the pretrained run's (device, precision, data and
 /// augmentation settings, the encoder's shape), its `[finetune]` the recipe with
 /// `init`, `linear`, the provenance and the classes; then `--set`.
-fn new_config(opts: &FinetuneOptions) -> Result<TrainConfig> {
+fn new_config(opts: &FinetuneOptions, classes: &[String]) -> Result<TrainConfig> {
     if opts.source.as_os_str().is_empty() {
         bail!("--run is required for a new fine-tuning run: the pretrained run whose encoder is fine-tuned (or whose shape --init random takes)");
     }
@@ -310,9 +313,7 @@ fn new_config(opts: &FinetuneOptions) -> Result<TrainConfig> {
     f.source_run = opts.source.display().to_string();
     f.source_checkpoint = ckpt.display().to_string();
     f.source_step = st.step;
-    f.classes = Dataset::open(&opts.train)
-        .map(|d| d.manifest.classes)
-        .unwrap_or_default();
+    f.classes = classes.to_vec();
     cfg.finetune = Some(f);
     let cfg = cfg.with_sets(&opts.sets).context("--set")?;
     Ok(cfg)
