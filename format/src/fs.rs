@@ -106,18 +106,8 @@ pub fn write_atomic_with<T, E: From<FileError>>(
     path: &Path,
     write: impl FnOnce(&Path) -> Result<T, E>,
 ) -> Result<T, E> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    if let Some(d) = dir.filter(|d| !d.is_dir()) {
-        return Err(FileError {
-            op: "writing",
-            path: path.to_path_buf(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("no folder {}", d.display()),
-            ),
-        }
-        .into());
-    }
+    let resolved = resolve_output(path).map_err(E::from)?;
+    let path = resolved.as_path();
     let tmp = temp_path(path);
     remove_any(&tmp);
     match write(&tmp) {
@@ -145,6 +135,152 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
             .and_then(|mut f| f.write_all(bytes))
             .map_err(FileError::at("writing", tmp))
     })
+}
+
+/// Opens an append-only file of lines (`RUN/metrics.jsonl`) for appending, repaired
+/// first: a last line without its newline (a write cut short by a crash or a full disk)
+/// is cut off, so the next line does not run into it. Returns the file and the number of
+/// bytes cut (0 when the file was whole or absent; the caller says it once).
+///
+/// # Errors
+/// [`FileError`] naming the file that cannot be opened, read or truncated.
+pub fn open_append_lines(path: &Path) -> Result<(File, u64), FileError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(FileError::at("opening", path))?;
+    let len = f.metadata().map_err(FileError::at("reading", path))?.len();
+    if len == 0 {
+        return Ok((f, 0));
+    }
+    // Look back in growing windows for the last newline.
+    let mut window = 4096u64;
+    let keep = loop {
+        let from = len.saturating_sub(window);
+        let mut tail = Vec::with_capacity((len - from) as usize);
+        f.seek(SeekFrom::Start(from))
+            .and_then(|_| Read::by_ref(&mut f).take(len - from).read_to_end(&mut tail))
+            .map_err(FileError::at("reading", path))?;
+        if tail.last() == Some(&b'\n') {
+            break len;
+        }
+        if let Some(i) = tail.iter().rposition(|&b| b == b'\n') {
+            break from + i as u64 + 1;
+        }
+        if from == 0 {
+            break 0;
+        }
+        window *= 4;
+    };
+    if keep < len {
+        f.set_len(keep)
+            .and_then(|_| f.sync_all())
+            .map_err(FileError::at("truncating", path))?;
+    }
+    Ok((f, len - keep))
+}
+
+/// An output path resolved for writing: absolute, through the existing folders' real
+/// names (`.`/`..`/symbolic links resolved), with a file name — so that the temporary
+/// name ([`temp_path`]) of any name a user may give (`out.onnx`, `./x/`, `../y`) is a
+/// sibling of the output, and collisions with inputs are seen through links.
+///
+/// # Errors
+/// [`FileError`] when the path names no file (`/`, `..`) or its folder does not exist.
+pub fn resolve_output(path: &Path) -> Result<PathBuf, FileError> {
+    let err = |why: &str| FileError {
+        op: "writing",
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_string()),
+    };
+    if let Ok(p) = std::fs::canonicalize(path) {
+        if p.parent().is_none() {
+            return Err(err("names no file or folder to write"));
+        }
+        return Ok(p);
+    }
+    let name = match path.file_name() {
+        Some(n) if path.components().next_back() != Some(std::path::Component::ParentDir) => n,
+        _ => return Err(err("names no file or folder to write")),
+    };
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let dir = std::fs::canonicalize(dir.unwrap_or(Path::new("."))).map_err(|e| FileError {
+        op: "writing",
+        path: path.to_path_buf(),
+        source: std::io::Error::new(
+            e.kind(),
+            format!("no folder {}", dir.unwrap_or(Path::new(".")).display()),
+        ),
+    })?;
+    Ok(dir.join(name))
+}
+
+/// A path resolved for comparison: the real path of what exists, else the real path of
+/// its nearest existing ancestor joined with the rest.
+fn real(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(r) = std::fs::canonicalize(cur) {
+            return rest.iter().rev().fold(r, |p: PathBuf, n| p.join(n));
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                cur = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
+/// An output that would overwrite, or be written inside, one of a command's inputs (or
+/// hold one inside the folder it replaces).
+#[derive(Debug, thiserror::Error)]
+#[error("{out_flag} {} {why} {in_flag} {}: give {out_flag} another path", out.display(), input.display())]
+pub struct Collision {
+    pub out_flag: String,
+    pub out: PathBuf,
+    pub in_flag: String,
+    pub input: PathBuf,
+    pub why: &'static str,
+}
+
+/// Refuses outputs that collide with inputs, before any work: an output that is an
+/// input (the same file or folder, also through a link), lies inside an input folder,
+/// or is a folder that holds an input. Each pair is `(flag, path)` as the user gave it,
+/// for the message; absent inputs are compared by name.
+///
+/// # Errors
+/// [`Collision`] naming the first output and input that collide.
+pub fn check_outputs(outputs: &[(&str, &Path)], inputs: &[(&str, &Path)]) -> Result<(), Collision> {
+    for (of, o) in outputs {
+        let ro = real(o);
+        for (inf, i) in inputs {
+            let ri = real(i);
+            let why = if ro == ri {
+                "is the same path as"
+            } else if ro.starts_with(&ri) {
+                "lies inside"
+            } else if ri.starts_with(&ro) {
+                "is a folder that holds"
+            } else {
+                continue;
+            };
+            return Err(Collision {
+                out_flag: of.to_string(),
+                out: o.to_path_buf(),
+                in_flag: inf.to_string(),
+                input: i.to_path_buf(),
+                why,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn remove_any(p: &Path) {
@@ -208,5 +344,76 @@ mod tests {
         }
         assert_eq!(std::fs::read_to_string(p.join("x")).unwrap(), "2");
         assert!(!temp_path(&p).exists());
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_before_appending() {
+        use std::io::Write;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("metrics.jsonl");
+        std::fs::write(&p, "{\"step\":1}\n{\"step\":2}\n{\"st").unwrap();
+        let (mut f, cut) = open_append_lines(&p).unwrap();
+        assert_eq!(cut, 4);
+        writeln!(f, "{{\"step\":3}}").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "{\"step\":1}\n{\"step\":2}\n{\"step\":3}\n"
+        );
+        let (_, cut) = open_append_lines(&p).unwrap();
+        assert_eq!(cut, 0);
+        // A file that is one long fragment (longer than the first window).
+        std::fs::write(&p, "x".repeat(10_000)).unwrap();
+        assert_eq!(open_append_lines(&p).unwrap().1, 10_000);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn outputs_over_inputs_are_refused_naming_both() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("0.parquet"), b"x").unwrap();
+        let model = d.path().join("m.onnx");
+        std::fs::write(&model, b"x").unwrap();
+        std::os::unix::fs::symlink(&model, d.path().join("link.onnx")).unwrap();
+        let ins = [("--model", model.as_path()), ("--data", data.as_path())];
+        let refused = |out: &Path| {
+            check_outputs(&[("--out", out)], &ins)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(refused(&model).contains("is the same path as --model"));
+        assert!(refused(&d.path().join("link.onnx")).contains("--model"));
+        assert!(refused(&data.join("0.parquet")).contains("lies inside --data"));
+        assert!(refused(&data.join("new/e.parquet")).contains("lies inside --data"));
+        assert!(refused(d.path()).contains("holds"));
+        let dotted = data.join("../m.onnx");
+        assert!(refused(&dotted).contains("--model"), "{}", refused(&dotted));
+        check_outputs(&[("--out", &d.path().join("e.parquet"))], &ins).unwrap();
+    }
+
+    #[test]
+    fn every_output_name_resolves_to_a_sibling_temporary() {
+        let d = tempfile::tempdir().unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        let sub = d.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let real_dir = std::fs::canonicalize(d.path()).unwrap();
+        assert_eq!(
+            resolve_output(&sub.join("../e.bin")).unwrap(),
+            real_dir.join("e.bin")
+        );
+        assert_eq!(
+            resolve_output(&sub.join("x/")).unwrap(),
+            real_dir.join("sub/x")
+        );
+        assert!(resolve_output(&sub.join("no/x"))
+            .unwrap_err()
+            .to_string()
+            .contains("no/x"));
+        assert_eq!(resolve_output(&sub).unwrap(), real_dir.join("sub"));
+        assert!(resolve_output(Path::new("/")).is_err());
+        assert!(resolve_output(&sub.join("..")).is_ok());
+        assert!(resolve_output(Path::new("e.bin")).unwrap().starts_with(cwd));
     }
 }

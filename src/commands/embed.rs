@@ -46,6 +46,10 @@ pub fn run(a: EmbedArgs, predict: bool) -> Result<ExitCode> {
             Output::TopK(_) => "predictions.parquet",
         })
     });
+    byol_format::fs::check_outputs(
+        &[("--out", &out)],
+        &[("--model", &a.model), ("--data", &a.data)],
+    )?;
     let r = byol_trainer::export::embed(
         (&a.model, &a.data, &out),
         byol_pipeline::opencv_decoder(),

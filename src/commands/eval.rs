@@ -25,6 +25,11 @@ pub struct EvalArgs {
 /// # Errors
 /// See [`byol_trainer::eval::evaluate`].
 pub fn run(a: EvalArgs) -> Result<ExitCode> {
+    let report = a.run.join("eval.json");
+    byol_format::fs::check_outputs(
+        &[("--run", &report)],
+        &[("--train", &a.train), ("--test", &a.test)],
+    )?;
     let r = byol_trainer::eval::evaluate(
         &a.run,
         &a.train,

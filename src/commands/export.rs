@@ -44,6 +44,13 @@ pub struct ExportArgs {
 /// # Errors
 /// See [`byol_trainer::export::export_run`].
 pub fn run(a: ExportArgs) -> Result<ExitCode> {
+    let mut inputs = vec![("--run", a.run.as_path())];
+    inputs.extend(a.checkpoint.as_deref().map(|c| ("--checkpoint", c)));
+    #[cfg(feature = "opencv")]
+    inputs.extend(a.check_data.as_deref().map(|d| ("--check-data", d)));
+    if let Some(out) = &a.out {
+        byol_format::fs::check_outputs(&[("--out", out)], &inputs)?;
+    }
     let t = byol_trainer::run::load_online(&a.run, a.checkpoint.as_deref())?;
     if a.format == Format::Torchvision {
         let out = a

@@ -95,6 +95,11 @@ pub fn run(a: FinetuneArgs) -> Result<ExitCode> {
     if let Some(n) = a.nproc_per_node {
         return super::train::launch(n);
     }
+    let mut inputs = vec![("--train", a.train.as_path()), ("--test", a.test.as_path())];
+    inputs.extend(a.run.as_deref().map(|r| ("--run", r)));
+    inputs.extend(a.checkpoint.as_deref().map(|c| ("--checkpoint", c)));
+    inputs.extend(a.label_keys.as_deref().map(|k| ("--label-keys", k)));
+    byol_format::fs::check_outputs(&[("--out", &a.out)], &inputs)?;
     let stop = install_signal_handlers().context("installing signal handlers")?;
     let labels = match (a.label_fraction, a.labels_per_class, a.label_keys) {
         (Some(f), _, _) => LabelChoice::Fraction(f),

@@ -33,6 +33,7 @@ pub fn run(a: PreviewArgs) -> Result<ExitCode> {
         size: a.size,
         ..Default::default()
     };
+    byol_format::fs::check_outputs(&[("--out", &a.out)], &[("--data", &a.data)])?;
     preview(&a.data, &a.out, a.n, a.seed, a.canvas, cfg)?;
     out(&format!(
         "wrote {} ({} rows: canvas, view 1, view 2)\n",

@@ -49,6 +49,9 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     if let Some(n) = a.nproc_per_node {
         return launch(n);
     }
+    let mut inputs = vec![("--data", a.data.as_path())];
+    inputs.extend(a.val.as_deref().map(|v| ("--val", v)));
+    byol_format::fs::check_outputs(&[("--out", &a.out)], &inputs)?;
     let stop = install_signal_handlers().context("installing signal handlers")?;
     let resume = a.resume.as_deref() == Some("yes");
     let resume_auto = a.resume.as_deref() == Some("auto");

@@ -3,6 +3,7 @@
 use std::process::Command;
 
 mod finetune;
+mod mishaps;
 mod step_loop;
 mod train;
 

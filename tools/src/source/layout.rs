@@ -180,6 +180,8 @@ pub enum ResolveError {
     FlatNeedsLabels,
     #[error("--layout idx needs --images FILE")]
     IdxNeedsImages,
+    #[error(transparent)]
+    Collision(#[from] byol_format::fs::Collision),
 }
 
 impl Layout {
@@ -214,6 +216,16 @@ impl Layout {
     /// layout needs missing.
     pub fn resolve(args: &SourceArgs) -> Result<Resolved, ResolveError> {
         let srcs = expand_globs(&args.src)?;
+        let mut inputs: Vec<(&str, &Path)> = srcs.iter().map(|p| ("--src", p.as_path())).collect();
+        for (flag, p) in [
+            ("--labels", &args.labels),
+            ("--images", &args.images),
+            ("--synsets", &args.synsets),
+            ("--classes-from", &args.classes_from),
+        ] {
+            inputs.extend(p.as_deref().map(|p| (flag, p)));
+        }
+        byol_format::fs::check_outputs(&[("--out", &args.out)], &inputs)?;
         if let Some(d) = srcs.iter().find(|p| p.join(MANIFEST).is_file()) {
             return Err(ResolveError::AlreadySharded(d.clone()));
         }

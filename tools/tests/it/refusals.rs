@@ -211,3 +211,42 @@ os.makedirs(os.path.join(out, "noshards"))
         "holds no WebDataset shards",
     );
 }
+
+#[test]
+fn an_output_inside_or_over_an_input_is_refused_naming_both() {
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir_all(photos.join("cat")).unwrap();
+    let labels = tmp.path().join("labels.csv");
+    std::fs::write(&labels, "key,class\n").unwrap();
+    let err = assert_refused(
+        &[
+            "shard",
+            "--src",
+            s(&photos),
+            "--out",
+            s(&photos.join("shards")),
+        ],
+        "lies inside --src",
+    );
+    assert!(err.contains("photos"), "{err}");
+    assert_refused(
+        &["shard", "--src", s(&photos), "--out", s(tmp.path())],
+        "is a folder that holds --src",
+    );
+    assert_refused(
+        &[
+            "shard",
+            "--layout",
+            "flat",
+            "--src",
+            s(&photos),
+            "--labels",
+            s(&labels),
+            "--out",
+            s(&labels),
+        ],
+        "is the same path as --labels",
+    );
+    assert_eq!(std::fs::read_to_string(&labels).unwrap(), "key,class\n");
+}

@@ -368,8 +368,9 @@ impl TrainConfig {
         toml::to_string(self).unwrap_or_default()
     }
 
-    /// Dotted keys whose values differ between two configs.
-    pub fn differences(&self, other: &TrainConfig) -> Vec<String> {
+    /// The dotted keys whose values differ between two configs (`resolved.*` excluded:
+    /// values byol derives, not settings), each with both values.
+    pub fn differences(&self, other: &TrainConfig) -> Vec<ConfigDifference> {
         fn flat(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
             match v {
                 serde_json::Value::Object(m) => {
@@ -388,12 +389,45 @@ impl TrainConfig {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         flat("", &serde_json::to_value(self).unwrap_or_default(), &mut a);
         flat("", &serde_json::to_value(other).unwrap_or_default(), &mut b);
-        let bm: std::collections::HashMap<_, _> = b.into_iter().collect();
-        a.into_iter()
+        let mut bm: std::collections::BTreeMap<_, _> = b.into_iter().collect();
+        let absent = serde_json::Value::Null;
+        let mut out: Vec<ConfigDifference> = a
+            .into_iter()
             .filter(|(k, _)| !k.starts_with("resolved."))
-            .filter(|(k, v)| bm.get(k) != Some(v))
-            .map(|(k, _)| k)
-            .collect()
+            .filter_map(|(k, v)| {
+                let w = bm.remove(&k).unwrap_or(absent.clone());
+                (w != v).then(|| ConfigDifference {
+                    key: k,
+                    old: v.to_string(),
+                    new: w.to_string(),
+                })
+            })
+            .collect();
+        out.extend(
+            bm.into_iter()
+                .filter(|(k, _)| !k.starts_with("resolved."))
+                .map(|(k, w)| ConfigDifference {
+                    key: k,
+                    old: absent.to_string(),
+                    new: w.to_string(),
+                }),
+        );
+        out
+    }
+}
+
+/// One key whose value differs between two configs ([`TrainConfig::differences`]): the
+/// values as JSON (`null`: the key is absent from that config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigDifference {
+    pub key: String,
+    pub old: String,
+    pub new: String,
+}
+
+impl std::fmt::Display for ConfigDifference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} → {}", self.key, self.old, self.new)
     }
 }
 

@@ -419,4 +419,4 @@ pub const RESUMABLE_CHANGES: &[&str] = &[
 ];
 
 mod load;
-pub use load::ConfigError;
+pub use load::{ConfigDifference, ConfigError};

@@ -205,12 +205,6 @@ struct Prepared {
 /// with the recipe) and the labelled subset (FT's keys file on resume).
 fn prepare(opts: &FinetuneOptions, out: &Path) -> Result<Prepared> {
     let latest = list_checkpoints(out).pop();
-    if opts.resume && latest.is_none() {
-        bail!(
-            "--resume: {} has no checkpoint to continue from (--resume auto starts a new run when there is none)",
-            out.display()
-        );
-    }
     let resume = opts.resume || (opts.resume_auto && latest.is_some());
     let train_ds =
         Dataset::open(&opts.train).with_context(|| format!("opening {}", opts.train.display()))?;
@@ -228,7 +222,7 @@ fn prepare(opts: &FinetuneOptions, out: &Path) -> Result<Prepared> {
     let classes = train_ds.manifest.classes.len();
     let (mut cfg, choice) = if resume {
         let budgeted = opts.time_budget.is_some();
-        let cfg = run_config(None, &opts.sets, out, true, budgeted, true)?;
+        let cfg = run_config(None, &opts.sets, out, true, budgeted, latest.as_deref())?;
         (cfg, LabelChoice::KeysFile(subset::keys_path(out)))
     } else {
         (
@@ -242,7 +236,7 @@ fn prepare(opts: &FinetuneOptions, out: &Path) -> Result<Prepared> {
             f.subset = chosen.description.clone();
             f.labels = chosen.rows.len() as u64;
         }
-        cfg = run_config(Some(cfg), &[], out, false, false, latest.is_some())?;
+        cfg = run_config(Some(cfg), &[], out, false, false, latest.as_deref())?;
     }
     Ok(Prepared {
         resume,
@@ -505,19 +499,11 @@ impl Trial for FinetuneTrial<'_> {
 
 /// Appends the test row to `FT/metrics.jsonl`.
 fn append_test_row(out: &Path, step: u64, epoch: u64, top1: f64, top5: f64) -> Result<()> {
-    use std::io::Write;
-    let path = run::metrics_path(out);
     let row = run::TestRow {
         step,
         epoch,
         test_top1: top1,
         test_top5: top5,
     };
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    writeln!(f, "{}", serde_json::to_string(&row)?)
-        .with_context(|| format!("writing {}", path.display()))
+    run::open_metrics(out, None, "byol finetune")?.append(&row)
 }

@@ -96,6 +96,62 @@ pub fn read_metrics(run: &Path) -> Result<Vec<MetricsRow>> {
         .collect()
 }
 
+/// `RUN/metrics.jsonl` opened for appending rows ([`open_metrics`]).
+pub struct MetricsFile {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl MetricsFile {
+    /// Appends one row as one JSON line, in one write (a crash leaves the whole line or a
+    /// fragment that the next [`open_metrics`] cuts off).
+    ///
+    /// # Errors
+    /// The write failed, naming the file.
+    pub fn append(&mut self, row: &impl Serialize) -> Result<()> {
+        use std::io::Write;
+        let mut line = serde_json::to_vec(row)?;
+        line.push(b'\n');
+        self.file
+            .write_all(&line)
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+/// Opens `RUN/metrics.jsonl` for appending: a torn last line (a write cut by a crash or a
+/// full disk) is cut off first, and with `keep_through = Some(step)` the rows after
+/// `step` are dropped ([`trim_metrics`]); each repair is said once on stderr, prefixed
+/// with `who` (`byol train`).
+///
+/// # Errors
+/// The file cannot be read, repaired or opened.
+pub fn open_metrics(run: &Path, keep_through: Option<u64>, who: &str) -> Result<MetricsFile> {
+    let path = metrics_path(run);
+    let (file, cut) = byol_format::fs::open_append_lines(&path)?;
+    if cut > 0 {
+        eprintln!(
+            "{who}: cut an incomplete last line ({cut} bytes) from {}: a write an earlier attempt did not finish",
+            path.display()
+        );
+    }
+    if let Some(step) = keep_through {
+        let dropped = trim_metrics(run, step)?;
+        if dropped > 0 {
+            eprintln!(
+                "{who}: dropped {dropped} row(s) of {} after step {step}, written by an attempt that ended before its next checkpoint",
+                path.display()
+            );
+        }
+    }
+    // trim_metrics may have replaced the file: append to the one now at the path.
+    drop(file);
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok(MetricsFile { file, path })
+}
+
 /// Drops the rows of `RUN/metrics.jsonl` after `step`: rows an earlier attempt wrote
 /// after its last checkpoint, which a resume from that checkpoint (or a new run, `step`
 /// 0) trains again. Returns how many were dropped (the file is rewritten atomically).

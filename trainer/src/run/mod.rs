@@ -37,8 +37,8 @@ const STATE: &str = "state.json";
 
 mod metrics;
 pub use metrics::{
-    draw_curves, metrics_path, read_metrics, trim_metrics, FinetuneMetrics, KnnRow, Metrics,
-    MetricsRow, TestRow,
+    draw_curves, metrics_path, open_metrics, read_metrics, trim_metrics, FinetuneMetrics, KnnRow,
+    Metrics, MetricsFile, MetricsRow, TestRow,
 };
 
 /// `RUN/config.toml`.
@@ -236,22 +236,33 @@ pub fn read_state(dir: &Path) -> Result<CheckpointState> {
 /// The run's config: the given one for a new run (refused when the folder already holds
 /// checkpoints); on `--resume` the saved one (with `sets` applied when no config is
 /// given), or the given one, when it differs from the saved one only in
-/// [`RESUMABLE_CHANGES`]. `RUN/config.toml` is read once, here.
+/// [`RESUMABLE_CHANGES`]. The result is also compared with the config the checkpoint
+/// `latest` was written with, so that a `RUN/config.toml` edited by hand between runs
+/// cannot change the run's length or schedules behind its back. `RUN/config.toml` is
+/// read once, here.
 ///
 /// # Errors
-/// `--resume` without a saved config, with a config that differs in other keys, or with
-/// `--time-budget` (`budgeted`); a new run without a config, or into a folder that
-/// already holds checkpoints.
+/// `--resume` without a checkpoint (`latest` is `None`: only `--resume auto` starts a
+/// run) or without a saved config; a config that differs from the saved one or from the
+/// checkpoint's outside [`RESUMABLE_CHANGES`] (naming each key and both values);
+/// `--resume` with `--time-budget` (`budgeted`); a new run without a config, or into a
+/// folder that already holds checkpoints.
 pub fn run_config(
     config: Option<TrainConfig>,
     sets: &[String],
     run: &Path,
     resume: bool,
     budgeted: bool,
-    has_checkpoints: bool,
+    latest: Option<&Path>,
 ) -> Result<TrainConfig> {
     let cfg_path = config_path(run);
     if resume {
+        let Some(latest) = latest else {
+            bail!(
+                "--resume: {} holds no checkpoint to continue from (checkpoints/step-*/state.json); use --resume auto to start the run when there is none, or start it again without --resume",
+                run.display()
+            );
+        };
         if budgeted {
             bail!(
                 "--time-budget chooses the length of a new run; a resumed run keeps the steps its config.toml holds (train.total_steps); drop --time-budget"
@@ -267,15 +278,22 @@ pub fn run_config(
                 .with_sets(sets)
                 .with_context(|| format!("{}", cfg_path.display()))?,
         };
-        let diff: Vec<String> = saved
-            .differences(&c)
-            .into_iter()
-            .filter(|k| !RESUMABLE_CHANGES.contains(&k.as_str()))
-            .collect();
-        if !diff.is_empty() {
+        let changed = fixed_differences(&saved, &c);
+        if !changed.is_empty() {
             bail!(
                 "--resume: the config differs from the run's in {} (only {} may change); start a new run for other settings",
-                diff.join(", "),
+                changed.join(", "),
+                RESUMABLE_CHANGES.join(", ")
+            );
+        }
+        let written_with = read_state(latest)?.config;
+        let edited = fixed_differences(&written_with, &c);
+        if !edited.is_empty() {
+            bail!(
+                "--resume: {} differs from the config checkpoint {} was written with in {} (only {} may change); put the old values back, or start a new run for other settings",
+                cfg_path.display(),
+                latest.display(),
+                edited.join(", "),
                 RESUMABLE_CHANGES.join(", ")
             );
         }
@@ -285,13 +303,23 @@ pub fn run_config(
     let Some(c) = config else {
         bail!("--config is required for a new run")
     };
-    if has_checkpoints {
+    if latest.is_some() {
         bail!(
             "{} already holds checkpoints; use --resume to continue it, or another --out",
             run.display()
         );
     }
     Ok(c)
+}
+
+/// The differences between `old` and `new` outside [`RESUMABLE_CHANGES`], as
+/// `key old → new`.
+fn fixed_differences(old: &TrainConfig, new: &TrainConfig) -> Vec<String> {
+    old.differences(new)
+        .into_iter()
+        .filter(|d| !RESUMABLE_CHANGES.contains(&d.key.as_str()))
+        .map(|d| d.to_string())
+        .collect()
 }
 
 /// The advisory lock that one `byol train` holds on its run folder (`RUN/.lock`, flock:

@@ -177,7 +177,7 @@ pub fn train(
         run,
         opts.resume,
         opts.time_budget.is_some(),
-        latest.is_some(),
+        latest.as_deref(),
     )?;
     let rt = Runtime::from_env(&cfg.train)?;
     let _lock = take_run_folder(&rt, run, &opts, latest.as_deref())?;

@@ -7,7 +7,6 @@
 //! The loop owns position, stop, checkpoint cadence and reporting; a step owns only its
 //! model and loss.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,7 +23,7 @@ use super::position::Position;
 use super::runtime::Runtime;
 use super::signals::StopSignal;
 use crate::bail;
-use crate::error::{Context, Result};
+use crate::error::Result;
 use crate::run::{self, RankState};
 
 /// A step's values on this rank, before the ranks agree.
@@ -54,8 +53,7 @@ pub struct Interval {
 /// Where a loop writes what it reports: `RUN/metrics.jsonl` (rank 0) and the progress
 /// display.
 pub struct Reporter {
-    metrics: Option<std::fs::File>,
-    path: PathBuf,
+    metrics: Option<run::MetricsFile>,
     pub bar: Progress,
 }
 
@@ -65,11 +63,10 @@ impl Reporter {
     /// # Errors
     /// The write failed, naming the file.
     pub fn append(&mut self, row: &impl serde::Serialize) -> Result<()> {
-        let Some(f) = self.metrics.as_mut() else {
-            return Ok(());
-        };
-        let line = serde_json::to_string(row)?;
-        writeln!(f, "{line}").with_context(|| format!("writing {}", self.path.display()))
+        match self.metrics.as_mut() {
+            Some(f) => f.append(row),
+            None => Ok(()),
+        }
     }
 
     /// Whether this process writes (rank 0).
@@ -225,23 +222,12 @@ impl<'a> StepLoop<'a> {
                 ctx.name, cadence.stop_at, cadence.total
             );
         }
-        let path = run::metrics_path(ctx.run);
         let metrics = if writer {
-            let dropped = run::trim_metrics(ctx.run, step)?;
-            if dropped > 0 {
-                eprintln!(
-                    "byol {}: dropped {dropped} row(s) of {} after step {step}, written by an attempt that ended before its next checkpoint",
-                    ctx.name,
-                    path.display()
-                );
-            }
-            Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .with_context(|| format!("opening {}", path.display()))?,
-            )
+            Some(run::open_metrics(
+                ctx.run,
+                Some(step),
+                &format!("byol {}", ctx.name),
+            )?)
         } else {
             None
         };
@@ -266,7 +252,7 @@ impl<'a> StepLoop<'a> {
             run: ctx.run,
             pos,
             cadence,
-            out: Reporter { metrics, path, bar },
+            out: Reporter { metrics, bar },
             group: ctx.group,
             device: ctx.rt.device,
             batch: ctx.batch,

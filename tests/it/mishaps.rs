@@ -1,0 +1,214 @@
+//! Users' mishaps with run folders and outputs, each named after the fault it guards
+//! against: outputs over inputs, torn and edited run files, resumes without a checkpoint.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use super::train::{dataset, summary, train};
+use super::BIN;
+
+fn byol(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+fn refused(o: &Output) -> String {
+    assert!(!o.status.success(), "exit 0; expected a refusal");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn an_output_named_as_an_input_is_refused_and_the_input_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let data = d.join("data");
+    std::fs::create_dir(&data).unwrap();
+    let shard = data.join("shard-00000.parquet");
+    std::fs::write(&shard, b"the dataset").unwrap();
+    let model = d.join("encoder.onnx");
+    std::fs::write(&model, b"the encoder").unwrap();
+    let run = d.join("run");
+    std::fs::create_dir(&run).unwrap();
+
+    for (args, flags) in [
+        (
+            vec![
+                "embed",
+                "--model",
+                s(&model),
+                "--data",
+                s(&data),
+                "--out",
+                s(&model),
+            ],
+            ("--out", "--model"),
+        ),
+        (
+            vec![
+                "embed",
+                "--model",
+                s(&model),
+                "--data",
+                s(&data),
+                "--out",
+                s(&shard),
+            ],
+            ("--out", "--data"),
+        ),
+        (
+            vec![
+                "predict",
+                "--model",
+                s(&model),
+                "--data",
+                s(&data),
+                "--out",
+                s(d),
+            ],
+            ("--out", "is a folder that holds"),
+        ),
+        (
+            vec![
+                "export",
+                "--run",
+                s(&run),
+                "--out",
+                &format!("{}/x.onnx", s(&run)),
+            ],
+            ("--out", "--run"),
+        ),
+        (
+            vec!["train", "--data", s(&data), "--out", s(&data)],
+            ("--out", "--data"),
+        ),
+        (
+            vec!["preview", "--data", s(&data), "--out", s(&shard)],
+            ("--out", "--data"),
+        ),
+        (
+            vec![
+                "finetune",
+                "--run",
+                s(&run),
+                "--train",
+                s(&data),
+                "--test",
+                s(&data),
+                "--out",
+                &format!("{}/ft", s(&run)),
+            ],
+            ("--out", "--run"),
+        ),
+    ] {
+        let e = refused(&byol(&args));
+        assert!(e.contains(flags.0) && e.contains(flags.1), "{args:?}: {e}");
+    }
+    // Through a link and a `..` too.
+    std::os::unix::fs::symlink(&model, d.join("link.onnx")).unwrap();
+    let dotted = format!("{}/../encoder.onnx", s(&data));
+    for out in [s(&d.join("link.onnx")), dotted.as_str()] {
+        let e = refused(&byol(&[
+            "embed",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--out",
+            out,
+        ]));
+        assert!(e.contains("--model"), "{e}");
+    }
+    assert_eq!(std::fs::read(&model).unwrap(), b"the encoder");
+    assert_eq!(std::fs::read(&shard).unwrap(), b"the dataset");
+}
+
+fn steps(run: &Path) -> Vec<u64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"));
+            v["step"].as_u64().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn a_torn_last_metrics_line_is_cut_on_resume() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    summary(&train(tmp.path(), &data, "r", &["--max-steps", "4"]));
+    let run = tmp.path().join("r");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(run.join("metrics.jsonl"))
+        .unwrap();
+    write!(f, "{{\"step\":5,\"epoch\":0,\"lo").unwrap();
+    drop(f);
+    let o = train(tmp.path(), &data, "r", &["--resume", "--max-steps", "6"]);
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    summary(&o);
+    assert!(e.contains("incomplete last line"), "{e}");
+    assert_eq!(steps(&run), vec![1, 2, 3, 4, 5, 6]);
+}
+
+#[test]
+fn a_run_config_edited_between_runs_is_refused_on_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    summary(&train(tmp.path(), &data, "e", &["--max-steps", "2"]));
+    let cfg = tmp.path().join("e/config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("epochs = 3"), "{text}");
+    std::fs::write(&cfg, text.replace("epochs = 3", "epochs = 4")).unwrap();
+    let e = refused(&train(tmp.path(), &data, "e", &["--resume"]));
+    assert!(e.contains("train.epochs 3 → 4"), "{e}");
+    assert!(e.contains("step-000000002"), "{e}");
+    // Put back, the run continues; a resumable key may still change by hand.
+    std::fs::write(&cfg, text.replace("log_every = 1", "log_every = 2")).unwrap();
+    summary(&train(
+        tmp.path(),
+        &data,
+        "e",
+        &["--resume", "--max-steps", "4"],
+    ));
+}
+
+#[test]
+fn resume_without_a_checkpoint_is_refused_and_keeps_the_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    summary(&train(tmp.path(), &data, "n", &["--max-steps", "2"]));
+    let run = tmp.path().join("n");
+    std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
+    let before = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    let e = refused(&train(tmp.path(), &data, "n", &["--resume"]));
+    assert!(
+        e.contains("holds no checkpoint") && e.contains("--resume auto"),
+        "{e}"
+    );
+    assert!(e.contains(s(&run)), "{e}");
+    assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), before);
+    // --resume auto starts it again.
+    let cfg = tmp.path().join("tiny.toml");
+    let o = byol(&[
+        "train",
+        "--resume",
+        "auto",
+        "--config",
+        s(&cfg),
+        "--data",
+        s(&data),
+        "--out",
+        s(&run),
+        "--max-steps",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(summary(&o)["steps"], 1);
+}
