@@ -140,7 +140,7 @@ fn finetuning_resumes_exactly_and_the_baseline_uses_the_same_labels() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("has no checkpoint") && err.contains("none"),
+        err.contains("holds no checkpoint") && err.contains("none"),
         "{err}"
     );
 }
