@@ -111,6 +111,10 @@ pub struct ProcessGroup {
     backend: Backend,
     timeout: Duration,
     step: AtomicU64,
+    /// How many [`ProcessGroup::after_rank0_work`] marks this rank has passed.
+    solo: AtomicU64,
+    /// Nanoseconds spent in [`ProcessGroup::after_rank0_work`] waiting for rank 0.
+    solo_wait_ns: AtomicU64,
     /// A diagnosis thread may be using the group (see [`ProcessGroup::peers`]).
     diagnosing: std::sync::atomic::AtomicBool,
 }
@@ -233,7 +237,8 @@ impl ProcessGroup {
     /// the address of this host's name. `timeout` bounds the rendezvous and every collective.
     ///
     /// # Errors
-    /// [`DistError::Rendezvous`]: the store is unreachable within `timeout`, the port is
+    /// [`DistError::Rendezvous`]: the store is unreachable or silent within `timeout`
+    /// (plus [`JOIN_GRACE`]; on every rank, naming the address and port), the port is
     /// taken, or this build lacks the backend (NCCL).
     pub fn new(env: &DistEnv, backend: Backend, timeout: Duration) -> Result<ProcessGroup> {
         let host = cstring(&env.master_addr);
@@ -250,45 +255,113 @@ impl ProcessGroup {
             ""
         };
         let (iface, ghost) = (cstring(&iface), cstring(ghost));
-        let mut err: *mut c_char = ptr::null_mut();
-        // SAFETY: valid C strings for the call's duration; err is an out-pointer.
-        let raw = unsafe {
-            ffi::byol_c10d_new_group(
-                host.as_ptr(),
-                c_int::from(env.master_port),
-                env.rank as c_int,
-                env.world as c_int,
-                c_int::from(env.rank == 0 && !env.agent_store),
-                prefix.as_ptr(),
-                timeout.as_millis() as i64,
-                match backend {
-                    Backend::Gloo => 0,
-                    Backend::Nccl => 1,
-                },
-                iface.as_ptr(),
-                ghost.as_ptr(),
-                &mut err,
-            )
+        let (port, rank, world) = (c_int::from(env.master_port), env.rank, env.world);
+        let hosts = c_int::from(env.rank == 0 && !env.agent_store);
+        let which = match backend {
+            Backend::Gloo => 0,
+            Backend::Nccl => 1,
         };
-        match NonNull::new(raw) {
-            Some(raw) => Ok(ProcessGroup {
-                raw,
+        let rendezvous_error = |message: String| DistError::Rendezvous {
+            rank: env.rank,
+            world: env.world,
+            backend: backend.name(),
+            addr: env.master_addr.clone(),
+            port: env.master_port,
+            message,
+        };
+        // The join runs on its own thread with a deadline: a port where another program
+        // listens without answering keeps c10d's client waiting past its own timeout.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut err: *mut c_char = ptr::null_mut();
+            // SAFETY: valid C strings owned by this thread for the call's duration; err
+            // is an out-pointer.
+            let raw = unsafe {
+                ffi::byol_c10d_new_group(
+                    host.as_ptr(),
+                    port,
+                    rank as c_int,
+                    world as c_int,
+                    hosts,
+                    prefix.as_ptr(),
+                    timeout.as_millis() as i64,
+                    which,
+                    iface.as_ptr(),
+                    ghost.as_ptr(),
+                    &mut err,
+                )
+            };
+            let answer = match NonNull::new(raw) {
+                Some(raw) => Ok(RawGroup(raw.as_ptr())),
+                // SAFETY: set by the failed call.
+                None => Err(unsafe { ffi::take_message(err) }),
+            };
+            if let Err(std::sync::mpsc::SendError(Ok(late))) = tx.send(answer) {
+                // Joined after the deadline, when nobody waits for the group any more.
+                // SAFETY: created by byol_c10d_new_group, freed once.
+                unsafe { ffi::byol_c10d_free_group(late.0) };
+            }
+        });
+        match rx.recv_timeout(timeout + JOIN_GRACE) {
+            Ok(Ok(raw)) => Ok(ProcessGroup {
+                raw: NonNull::new(raw.0).expect("checked non-null"),
                 env: env.clone(),
                 backend,
                 timeout,
                 step: AtomicU64::new(0),
+                solo: AtomicU64::new(0),
+                solo_wait_ns: AtomicU64::new(0),
                 diagnosing: std::sync::atomic::AtomicBool::new(false),
             }),
-            None => Err(DistError::Rendezvous {
-                rank: env.rank,
-                world: env.world,
-                backend: backend.name(),
-                addr: env.master_addr.clone(),
-                port: env.master_port,
-                // SAFETY: set by the failed call.
-                message: unsafe { ffi::take_message(err) },
-            }),
+            Ok(Err(message)) => Err(rendezvous_error(message)),
+            Err(_) => Err(rendezvous_error(format!(
+                "no rendezvous within {:.0} s (the collective timeout): nothing there answers as a TCPStore; check MASTER_ADDR and MASTER_PORT (another program may be listening on that port) and that rank 0 is running",
+                (timeout + JOIN_GRACE).as_secs_f64()
+            ))),
         }
+    }
+
+    /// Marks the end of work that rank 0 does alone (writing a checkpoint, the kNN
+    /// monitor, evaluation) for the other ranks, which wait for it here on the TCPStore
+    /// (polled every 20 ms) instead of in their next collective: however long the work
+    /// takes, it never counts against the collective timeout. Every rank calls it at the
+    /// same point, in the same order (`what` names the work in errors); a barrier follows
+    /// the wait, so that rank 0 (which may host the store) does not end before the others
+    /// have seen the mark.
+    ///
+    /// # Errors
+    /// [`DistError::Collective`] when the store becomes unreachable while waiting (rank 0
+    /// ended, failing in its work, or its host went away).
+    pub fn after_rank0_work(&self, what: &str) -> Result<()> {
+        let key = format!("solo/{}", self.solo.fetch_add(1, Ordering::Relaxed));
+        let failed = |message: String| DistError::Collective {
+            op: "waiting for rank 0",
+            rank: self.env.rank,
+            world: self.env.world,
+            message: format!("{what}: {message}"),
+            peers: String::new(),
+        };
+        let t = std::time::Instant::now();
+        if self.env.rank == 0 {
+            self.store_set(&key, "done").map_err(failed)?;
+        }
+        loop {
+            match store_try_get(self.raw.as_ptr(), &key) {
+                Ok(Some(_)) => break,
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => {
+                    return Err(failed(format!(
+                        "the TCPStore at {}:{} stopped answering after {:.0} s ({e}): rank 0 ended or its host went away",
+                        self.env.master_addr,
+                        self.env.master_port,
+                        t.elapsed().as_secs_f64()
+                    )))
+                }
+            }
+        }
+        self.comm_wait(t.elapsed());
+        // Every rank has seen the mark (rank 0, hosting the store, may not end before).
+        self.barrier()
     }
 
     pub fn rank(&self) -> usize {
@@ -312,10 +385,18 @@ impl ProcessGroup {
     }
 
     /// Seconds this process has spent waiting for collectives to complete (the transfer,
-    /// and waiting for slower ranks), SyncBatchNorm's included.
+    /// and waiting for slower ranks), SyncBatchNorm's included, and for rank 0's work
+    /// ([`ProcessGroup::after_rank0_work`]).
     pub fn comm_seconds(&self) -> f64 {
         // SAFETY: reads an atomic of a live group.
-        unsafe { ffi::byol_c10d_wait_seconds(self.raw.as_ptr()) }
+        let collectives = unsafe { ffi::byol_c10d_wait_seconds(self.raw.as_ptr()) };
+        collectives + self.solo_wait_ns.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    /// Counts a wait for rank 0 ([`ProcessGroup::after_rank0_work`]) as communication.
+    fn comm_wait(&self, d: Duration) {
+        self.solo_wait_ns
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Records this rank's step in the store (`progress/RANK`), so that a failed
@@ -598,6 +679,11 @@ impl ProcessGroup {
 /// How long a rank whose collective failed waits for the surviving ranks to say so in the
 /// store, before naming the silent ones.
 pub const PEER_GRACE: Duration = Duration::from_millis(1500);
+
+/// How long, beyond the collective timeout, joining a group may take before a rank gives
+/// up ([`ProcessGroup::new`]): c10d's own rendezvous fails within the timeout; this bounds
+/// the cases it does not (a port where another program listens without answering).
+pub const JOIN_GRACE: Duration = Duration::from_secs(2);
 
 /// How long, beyond [`PEER_GRACE`], the store may take to answer that diagnosis.
 pub const PEER_DEADLINE: Duration = Duration::from_secs(5);

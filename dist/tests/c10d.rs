@@ -297,3 +297,62 @@ fn a_frozen_store_host_does_not_hang_the_others() {
     eprintln!("{e}");
     std::process::exit(1);
 }
+
+/// Rank 0 works alone (a checkpoint, the kNN monitor) for longer than the collective
+/// timeout: the other waits for it on the store and the next collective succeeds.
+#[test]
+fn rank0_work_longer_than_the_collective_timeout_does_not_fail_the_others() {
+    let Some(pg) = worker(2, 2) else {
+        let outs = run_ranks(
+            "rank0_work_longer_than_the_collective_timeout_does_not_fail_the_others",
+            2,
+        );
+        assert_all_passed(&outs);
+        return;
+    };
+    pg.barrier().unwrap();
+    if pg.rank() == 0 {
+        std::thread::sleep(Duration::from_secs(5)); // 2.5 × the timeout
+    }
+    let t0 = std::time::Instant::now();
+    pg.after_rank0_work("the test's work").unwrap();
+    if pg.rank() == 1 {
+        assert!(t0.elapsed() > Duration::from_secs(3));
+        assert!(pg.comm_seconds() > 3.0, "the wait counts as communication");
+    }
+    let t = Tensor::ones([4], (Kind::Float, Device::Cpu));
+    pg.all_reduce_sum(&[&t]).unwrap();
+    assert_eq!(t.double_value(&[0]), 2.0);
+    std::process::exit(0);
+}
+
+/// MASTER_PORT names a port where another program listens without answering: a rank
+/// that is a client of the store fails within the timeout, naming the address and port
+/// (c10d's client alone waits far longer).
+#[test]
+fn a_rank_joining_a_silent_port_fails_within_the_timeout() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming() {
+            held.push(c); // accepted, never answered
+        }
+    });
+    let env = DistEnv {
+        rank: 1,
+        world: 2,
+        local_rank: 1,
+        local_world: 2,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+        agent_store: false,
+        restart_count: 0,
+    };
+    let t0 = std::time::Instant::now();
+    let e = ProcessGroup::new(&env, Backend::Gloo, Duration::from_secs(3)).unwrap_err();
+    let took = t0.elapsed().as_secs_f64();
+    let msg = e.to_string();
+    assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
+    assert!(took < 3.0 + 2.0 + 3.0, "took {took:.1} s: {msg}");
+}

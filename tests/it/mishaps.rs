@@ -212,3 +212,54 @@ fn resume_without_a_checkpoint_is_refused_and_keeps_the_metrics() {
     ]);
     assert_eq!(summary(&o)["steps"], 1);
 }
+
+/// Two ranks, the kNN monitor (rank 0 alone) on a held-out set, a collective timeout
+/// shorter than the monitor: the other rank waits for it on the store, the run finishes.
+#[test]
+fn a_rank0_knn_monitor_longer_than_the_collective_timeout_does_not_kill_the_run() {
+    use super::train::fmnist_subset;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fmnist_subset(tmp.path(), "train", 1024);
+    let val = fmnist_subset(tmp.path(), "t10k", 10_000);
+    let cfg = tmp.path().join("tiny.toml");
+    std::fs::write(&cfg, super::train::TINY).unwrap();
+    let run = tmp.path().join("k");
+    let timeout = 1.0;
+    let o = byol(&[
+        "train",
+        "--nproc-per-node",
+        "2",
+        "--config",
+        s(&cfg),
+        "--data",
+        s(&data),
+        "--val",
+        s(&val),
+        "--out",
+        s(&run),
+        "--set",
+        "train.epochs=1",
+        "--set",
+        &format!("train.collective_timeout_s={timeout}"),
+        "--set",
+        "train.knn_every_epochs=1",
+        "--set",
+        "train.knn_bank=1024",
+        "--set",
+        "train.knn_queries=10000",
+        "--set",
+        "train.checkpoint_every=1000",
+        "--json",
+    ]);
+    let out = summary(&o);
+    // The premise: rank 0's monitor outlasted the timeout.
+    let monitor = out["monitor_seconds"].as_f64().unwrap();
+    assert!(monitor > timeout, "the monitor took {monitor:.1} s: {out}");
+    assert_eq!(out["world_size"], 2);
+    let knn_rows = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("knn_top1"))
+        .count();
+    assert!(knn_rows >= 1);
+}

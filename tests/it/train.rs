@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::BIN;
 
-const TINY: &str = r#"
+pub const TINY: &str = r#"
 [model.encoder]
 arch = "resnet18"
 cifar_stem = true

@@ -3,7 +3,6 @@
 //! ends, and checkpoints of both networks, optimizer and probe.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use byol_pipeline::loader::Batch;
 
@@ -96,23 +95,14 @@ impl<'a> ByolStep<'a> {
     }
 
     /// Runs the kNN monitor and appends its row; returns its accuracy. Rank 0 only: the
-    /// others go on to the next step's collectives and wait for it (bounded by
-    /// `train.knn_bank`/`knn_queries`, well inside the collective timeout).
+    /// others wait for it on the store, outside the collective timeout (the step loop's
+    /// `after_rank0_work`).
     fn knn_row(&mut self, out: &mut Reporter, step: u64, epoch: u64) -> Result<Option<f64>> {
         let Some(src) = self.knn.as_ref().filter(|_| out.is_writer()) else {
             return Ok(None);
         };
-        let t = Instant::now();
         let l = &self.learner;
         let acc = self.monitor.top1(&l.online, &self.cfg, src, l.device())?;
-        if let Some(g) = &l.group {
-            let (took, limit) = (t.elapsed().as_secs_f64(), g.timeout().as_secs_f64());
-            if took > 0.5 * limit {
-                eprintln!(
-                    "byol: WARNING: the kNN monitor took {took:.0} s on rank 0 while the other ranks waited; that is over half of train.collective_timeout_s ({limit:.0} s): raise the timeout or lower train.knn_bank / knn_queries"
-                );
-            }
-        }
         self.last_knn_step = step;
         out.append(&KnnRow {
             step,

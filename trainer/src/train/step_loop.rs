@@ -391,7 +391,16 @@ impl<'a> StepLoop<'a> {
         } else {
             run::checkpoint_path(self.run, self.pos.step)
         });
-        Ok(())
+        self.after_rank0_work("the checkpoint")
+    }
+
+    /// Distributed: the end of work rank 0 did alone; the other ranks wait for it on the
+    /// store, outside the collective timeout ([`ProcessGroup::after_rank0_work`]).
+    fn after_rank0_work(&self, what: &str) -> Result<()> {
+        match &self.group {
+            Some(g) => Ok(g.after_rank0_work(what)?),
+            None => Ok(()),
+        }
     }
 
     /// At an epoch's end: the cursor moves to the next epoch, the step's hook runs, the
@@ -402,6 +411,7 @@ impl<'a> StepLoop<'a> {
         if self.out.is_writer() {
             task.draw_curves();
         }
+        self.after_rank0_work("the end-of-epoch monitor and curves")?;
         self.checkpoint(task)
     }
 
@@ -418,6 +428,7 @@ impl<'a> StepLoop<'a> {
         if self.out.is_writer() {
             task.draw_curves();
         }
+        self.after_rank0_work("the last monitor and curves")?;
         let have = self.last_ckpt.as_ref() == Some(&run::checkpoint_path(self.run, self.pos.step));
         if !have && self.pos.step > 0 && trained {
             self.checkpoint(task)?;
