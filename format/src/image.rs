@@ -79,9 +79,15 @@ pub fn max_pixels() -> u64 {
 /// The EXIF orientation (1–8; 1 when there is none) of an image in any container the
 /// `kamadak-exif` crate reads (JPEG — whichever APP1 segment holds the Exif block —
 /// TIFF, PNG `eXIf`, WebP, HEIF): the value PIL's `ImageOps.exif_transpose` applies.
+///
+/// Read leniently, as PIL does: a broken entry or pointer (a dangling GPS or IFD1
+/// offset, an odd next-IFD value) costs that entry, not the block, so an intact
+/// orientation is still applied; a value outside 1–8 leaves the image as stored.
 pub fn exif_orientation(bytes: &[u8]) -> u16 {
     exif::Reader::new()
+        .continue_on_error(true)
         .read_from_container(&mut std::io::Cursor::new(bytes))
+        .or_else(|e| e.distill_partial_result(|_ignored| {}))
         .ok()
         .and_then(|e| {
             e.get_field(exif::Tag::Orientation, exif::In::PRIMARY)

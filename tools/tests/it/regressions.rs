@@ -48,6 +48,32 @@ fn exif_orientation_after_an_xmp_segment_is_applied() {
     }
 }
 
+/// An Exif block with one bad pointer (a dangling GPS IFD or IFD1 offset, an odd
+/// next-IFD value) was dropped whole, so a photo whose orientation tag is intact was
+/// stored sideways. Now each of these, the mirrored orientations and an invalid value
+/// are stored as PIL's `exif_transpose` shows them.
+#[test]
+fn an_exif_block_with_one_bad_pointer_keeps_its_orientation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pil = bad_input(&["exif-broken", s(tmp.path())]);
+    let src = tmp.path().join("flat");
+    let out = tmp.path().join("ds");
+    ok_json(&["shard", "--src", s(&src), "--out", s(&out), "--json"]);
+    let r = bad_input(&["check-exif", s(&src), s(&out)]);
+    let cases = pil.as_object().unwrap();
+    assert_eq!(cases.len(), 8);
+    for (key, orientation) in cases {
+        let v = &r[key];
+        // Orientations 5–8 swap height and width; 9 is invalid (stored as is).
+        let turned = (5..=8).contains(&orientation.as_u64().unwrap());
+        let want = if turned { [40, 64] } else { [64, 40] };
+        assert_eq!(v["expected"], serde_json::json!(want), "{key}: {v}");
+        assert_eq!(v["stored"], v["expected"], "{key}: {v}");
+        let d = v["mean_diff"].as_f64().unwrap();
+        assert!(d < 8.0, "{key}: mean difference {d} to PIL's exif_transpose");
+    }
+}
+
 fn six_jpegs(dir: &Path, names: &[&str]) {
     std::fs::create_dir_all(dir).unwrap();
     let code = r#"
