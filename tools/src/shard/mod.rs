@@ -181,6 +181,10 @@ pub(crate) enum SkipReason {
     NullImage,
     #[error("internal error (panic) while decoding")]
     Panic,
+    /// A source file whose data cannot be read at all (a Parquet row group): the command
+    /// stops naming it rather than skip all its rows.
+    #[error("{0}")]
+    SourceFile(String),
     #[error(transparent)]
     Image(#[from] ImageError),
 }
@@ -212,7 +216,7 @@ fn process(source: &Source, idx: usize, opts: &PrepareOptions) -> Result<Prepare
             };
             let bytes = images
                 .image(*file, *group, *row)
-                .map_err(|e| SkipReason::Unreadable(std::io::Error::other(e)))?
+                .map_err(SkipReason::SourceFile)?
                 .ok_or(SkipReason::NullImage)?;
             Ok(prepare(&bytes, opts)?)
         }

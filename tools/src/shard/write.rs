@@ -65,6 +65,12 @@ impl Writer<'_> {
                 let item = &self.source.items[self.order[next]];
                 match r {
                     Ok(p) => self.store(&mut cur, item, p, next)?,
+                    Err(SkipReason::SourceFile(why)) => {
+                        return Err(ShardError::Refused(format!(
+                            "{why} (row {} of the source): the file cannot be read, so none of its rows would be stored; fix or remove it",
+                            item.key
+                        )))
+                    }
                     Err(reason) => {
                         tracing::warn!(key = %item.key, %reason, "skipped");
                         cur.skipped.push(Skipped {

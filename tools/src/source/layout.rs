@@ -164,7 +164,7 @@ pub enum ResolveError {
     EmptyClassName(String),
     #[error("--class-names {names:?}: {name:?} is given twice")]
     ClassNameTwice { names: String, name: String },
-    #[error("--class-names names IDX, WebDataset and Parquet labels; other layouts take class names from folders or --labels")]
+    #[error("--class-names names IDX, WebDataset and Parquet labels; other layouts take class names from folders or --labels (WebDataset shards not recognised as such: add --layout webdataset)")]
     ClassNamesUnread,
     #[error("--labels is read by --layout flat (a folder or a tar of images) and idx only")]
     LabelsUnread,
@@ -204,7 +204,9 @@ impl Layout {
 
     /// Decides what to scan from the `shard` command's options: `--src` globs expanded
     /// (sorted), byol datasets refused as sources, the layout inferred when not given
-    /// (flat for tar archives with `--labels`, tar for tar archives, parquet for
+    /// (flat for tar archives with `--labels`, webdataset for tar archives — or a folder
+    /// of them — whose first archive pairs an image with a `.cls`/`.json` member of the
+    /// same key, tar for other tar archives, parquet for
     /// `.parquet` files or folders of them, else imagefolder), and options the layout
     /// does not read refused. A gzip-compressed archive will be decompressed beside
     /// `out`, the output folder.
@@ -296,15 +298,34 @@ impl Layout {
     }
 }
 
-/// The layout of sources given without `--layout`.
+/// The layout of sources given without `--layout` (see [`Layout::resolve`]).
 fn infer(srcs: &[PathBuf], args: &SourceArgs) -> LayoutKind {
     let archives = !srcs.is_empty() && srcs.iter().all(|p| p.is_file() && tar_name(p).is_some());
     match (archives, &args.labels) {
         (true, Some(_)) => LayoutKind::Flat,
+        (true, None) if super::webdataset::looks_like_webdataset(&srcs[0]) => {
+            LayoutKind::WebDataset
+        }
         (true, None) => LayoutKind::Tar,
+        (false, None) if folder_of_webdataset_shards(srcs) => LayoutKind::WebDataset,
         (false, _) if is_parquet_source(srcs) => LayoutKind::Parquet,
         (false, _) => LayoutKind::ImageFolder,
     }
+}
+
+/// One folder whose first tar archive (by name) holds WebDataset samples.
+fn folder_of_webdataset_shards(srcs: &[PathBuf]) -> bool {
+    let [dir] = srcs else { return false };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    let mut tars: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && tar_name(p).is_some())
+        .collect();
+    tars.sort();
+    tars.first()
+        .is_some_and(|t| super::webdataset::looks_like_webdataset(t))
 }
 
 /// `--class-names` split at commas (names trimmed), for a layout that reads them.

@@ -413,6 +413,41 @@ fn files_and_folders(
     Ok(out)
 }
 
+/// Names of files from one or several sources that stay unique: each path relative to
+/// the files' common folder (the file name alone when they share one folder), `/`
+/// between components. Keys of multi-file sources start with it, so two folders that
+/// both hold `0000.parquet` or `shard-000.tar` give different keys.
+pub(crate) fn relative_names(files: &[PathBuf]) -> Vec<String> {
+    let abs: Vec<PathBuf> = files
+        .iter()
+        .map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone()))
+        .collect();
+    let mut root: Option<PathBuf> = None;
+    for f in &abs {
+        let parent = f.parent().map(Path::to_path_buf).unwrap_or_default();
+        root = Some(match root {
+            None => parent,
+            Some(r) => r
+                .components()
+                .zip(parent.components())
+                .take_while(|(a, b)| a == b)
+                .map(|(a, _)| a)
+                .collect(),
+        });
+    }
+    let root = root.unwrap_or_default();
+    abs.iter()
+        .map(|f| {
+            f.strip_prefix(&root)
+                .unwrap_or(f)
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/")
+        })
+        .collect()
+}
+
 /// A CRC over (key, label, size) of every item plus the classes, the IDX pixels and the
 /// Parquet files' lengths: equal for the same source listing, used to refuse resuming
 /// onto a different source.

@@ -38,7 +38,7 @@ pub const CACHED_GROUPS: usize = 2 * WINDOW;
 /// Why a Parquet source cannot be read (the file named): the shard reader's errors.
 pub use crate::read::ReadError as ParquetSourceError;
 
-/// One row of a scan: its key (`FILE/ROW`, the row's index in its file), label (-1:
+/// One row of a scan: its key (`FILE/ROW`: the file relative to the files' common folder, the row's index in it), label (-1:
 /// none, null, or negative as Hugging Face test splits mark unknown labels), and where it
 /// is.
 #[derive(Debug, Clone)]
@@ -267,17 +267,15 @@ pub fn scan(srcs: &[PathBuf], opts: &ScanOptions) -> Result<Source, SourceError>
 /// column, or a `label` column that is not integer.
 pub fn scan_files(files: &[PathBuf]) -> Result<ParquetScan, ParquetSourceError> {
     let mut out = ParquetScan::default();
-    for (fi, path) in files.iter().enumerate() {
+    let names = super::relative_names(files);
+    for (fi, (path, name)) in files.iter().zip(&names).enumerate() {
         let b = builder(path)?;
         let schema = b.schema().clone();
         let cols = columns(path, &schema)?;
         if out.class_names.is_none() {
             out.class_names = cols.names.clone();
         }
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        readable_codecs(path, b.metadata())?;
         let groups: Vec<usize> = b
             .metadata()
             .row_groups()
@@ -323,6 +321,29 @@ pub fn scan_files(files: &[PathBuf]) -> Result<ParquetScan, ParquetSourceError> 
         }
     }
     Ok(out)
+}
+
+/// Refuses a file with a column chunk in a codec this build cannot decompress (LZO:
+/// arrow-rs has none), naming the file, column and codec. Snappy, gzip, LZ4 (both
+/// kinds), zstd and Brotli are read.
+fn readable_codecs(
+    path: &Path,
+    meta: &parquet::file::metadata::ParquetMetaData,
+) -> Result<(), ParquetSourceError> {
+    for g in meta.row_groups() {
+        for c in g.columns() {
+            if matches!(c.compression(), parquet::basic::Compression::LZO) {
+                return Err(ParquetSourceError::Schema {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "column `{}` is compressed with LZO, which no Parquet reader in Rust decompresses; rewrite the file with zstd or snappy (e.g. pyarrow.parquet.write_table(t, f, compression=\"zstd\"))",
+                        c.column_path()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// An integer column as i64 values (null: -1).

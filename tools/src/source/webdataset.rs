@@ -1,5 +1,6 @@
 //! The `webdataset` layout: WebDataset shards (`.tar` files, or folders of them), read
-//! in place; samples grouped by key, `KEY.jpg|png|…` the image, `KEY.cls` the label.
+//! in place; samples grouped by key, `KEY.jpg|png|…` the image, `KEY.cls` the label;
+//! [`looks_like_webdataset`] recognises shards given without `--layout`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,12 +16,13 @@ use super::{
 use crate::keys::tar_name;
 
 /// Scans the shards: the files given and the tar archives of the folders given (sorted
-/// by name). One row per sample key with an image member; its label is the integer in
-/// `KEY.cls`, the class names `--class-names` (index = label) or the numbers `0..=max`.
-/// Without any `.cls` every sample is unlabeled; with some, a sample without one, or
-/// with text that is not a label (or a label beyond `--class-names`), is skipped with
-/// the reason. A key seen again in a later shard replaces the earlier sample (skipped
-/// with the reason).
+/// by name). One row per sample with an image member, keyed `SHARD/KEY` (the shard
+/// relative to the shards' common folder, so the same key in two shards — a restarted
+/// writer — gives two rows); its label is the integer in `KEY.cls`, the class names
+/// `--class-names` (index = label) or the numbers `0..=max`. A sample without `.cls` is
+/// stored unlabeled; one whose `.cls` is not a label (or beyond `--class-names`) is
+/// skipped with the reason, as is an empty image member and a second image of the same
+/// sample in one shard; every skipped entry names its shard and member.
 ///
 /// # Errors
 /// A missing source, a folder without shards, an unreadable or truncated shard; a class
@@ -35,23 +37,36 @@ pub fn scan(srcs: &[PathBuf], opts: &ScanOptions) -> Result<Source, SourceError>
     for a in &archives {
         read_from.open(a, opts)?;
     }
+    let names = super::relative_names(&archives);
     let mut notes = ScanNotes::default();
-    // sample key → (archive, member)
+    // SHARD/KEY → (archive, member)
     let mut samples: BTreeMap<String, (usize, TarMember)> = BTreeMap::new();
     let mut labels: BTreeMap<String, String> = BTreeMap::new();
-    for (ai, (a, path)) in archives.iter().zip(&read_from.paths).enumerate() {
-        let (t, l) = scan_shard(path, a)?;
+    for (ai, ((a, path), shard)) in archives
+        .iter()
+        .zip(&read_from.paths)
+        .zip(&names)
+        .enumerate()
+    {
+        let (mut t, l) = scan_shard(path, a)?;
+        for x in &mut t.notes.skipped {
+            x.key = format!("{shard}/{}", x.key);
+        }
         notes.absorb(t.notes);
-        labels.extend(l);
+        labels.extend(l.into_iter().map(|(k, v)| (format!("{shard}/{k}"), v)));
         for m in t.members {
-            let key = webdataset_key(&m.key).to_string();
+            if m.size == 0 {
+                notes.skipped.push(Skipped {
+                    key: format!("{shard}/{}", m.key),
+                    reason: "an empty image member (0 bytes)".into(),
+                });
+                continue;
+            }
+            let key = format!("{shard}/{}", webdataset_key(&m.key));
             if let Some((_, old)) = samples.insert(key.clone(), (ai, m)) {
                 notes.skipped.push(Skipped {
-                    key: key.clone(),
-                    reason: format!(
-                        "{} replaced by a later image of the same sample (member or shard)",
-                        old.key
-                    ),
+                    key: format!("{shard}/{}", old.key),
+                    reason: "a second image of the same sample in this shard; the later member is stored".into(),
                 });
             }
         }
@@ -89,18 +104,15 @@ pub fn scan(srcs: &[PathBuf], opts: &ScanOptions) -> Result<Source, SourceError>
     ))
 }
 
-/// The label of sample `key` from the `.cls` texts (-1 when no sample has one), or why
-/// the sample is skipped.
+/// The label of sample `key` from the `.cls` texts (-1, unlabeled, when it has none), or
+/// why the sample is skipped.
 fn label_of(
     key: &str,
     labels: &BTreeMap<String, String>,
     opts: &ScanOptions,
 ) -> Result<i32, String> {
-    if labels.is_empty() {
-        return Ok(-1);
-    }
     let Some(text) = labels.get(key) else {
-        return Err("no .cls label".into());
+        return Ok(-1);
     };
     let names = opts.class_names.as_ref();
     match text.parse::<i32>() {
@@ -113,4 +125,38 @@ fn label_of(
             ".cls holds {text:?}, not a label (an integer >= 0)"
         )),
     }
+}
+
+/// Whether the tar archive at `path` holds WebDataset samples: among its first 256
+/// members, an image member with a `.cls` or `.json` member of the same sample key
+/// beside it. Compressed archives and unreadable files answer `false` (they are then
+/// read as plain tars, whose errors name them).
+pub fn looks_like_webdataset(path: &std::path::Path) -> bool {
+    use std::collections::BTreeSet;
+    if !matches!(tar_name(path), Some(crate::keys::TarName::Plain)) {
+        return false;
+    }
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut ar = tar::Archive::new(std::io::BufReader::new(f));
+    let Ok(entries) = ar.entries() else {
+        return false;
+    };
+    let (mut images, mut sidecars) = (BTreeSet::new(), BTreeSet::new());
+    for e in entries.take(256) {
+        let Ok(e) = e else { break };
+        let Ok(p) = e.path() else { continue };
+        let name = p.to_string_lossy().into_owned();
+        let key = webdataset_key(&name).to_string();
+        match p.extension().and_then(|x| x.to_str()) {
+            Some("cls" | "json") => sidecars.insert(key),
+            _ if crate::keys::has_image_extension(&p) => images.insert(key),
+            _ => false,
+        };
+        if images.intersection(&sidecars).next().is_some() {
+            return true;
+        }
+    }
+    false
 }

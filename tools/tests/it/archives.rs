@@ -146,9 +146,9 @@ with tarfile.open(os.path.join(out, "flat.tar"), "w") as tf:
 }
 
 /// WebDataset shards (a folder of `.tar`s, samples `KEY.jpg` + `KEY.cls` + `KEY.json`)
-/// give one row per sample under its key, labelled from `.cls` with `--class-names`,
-/// with the same bytes as the folder; a sample without `.cls` or with a `.cls` that is
-/// not a label is skipped with the reason.
+/// give one row per sample under `SHARD/KEY`, labelled from `.cls` with `--class-names`,
+/// with the same bytes as the folder; a sample without `.cls` is stored unlabeled, one
+/// with a `.cls` that is not a label is skipped with the reason.
 #[test]
 fn webdataset_shards_give_one_labelled_row_per_sample() {
     let tmp = tempfile::tempdir().unwrap();
@@ -201,9 +201,19 @@ for shard in range(2):
     let m = json_of(&ds);
     assert_eq!(m["classes"], serde_json::json!(["a", "b", "c"]));
     let rows = rows_of(&ds);
-    assert_eq!(rows.len(), 24);
-    assert!(rows.iter().all(|(k, _, _)| k.starts_with("sample")));
-    let mut got: Vec<(i64, String)> = rows.into_iter().map(|(_, l, h)| (l, h)).collect();
+    assert_eq!(rows.len(), 25);
+    assert!(rows
+        .iter()
+        .all(|(k, _, _)| k.starts_with("train-000000.tar/sample")
+            || k.starts_with("train-000001.tar/sample")
+            || k == "train-000001.tar/nolabel"));
+    let unlabeled: Vec<&String> = rows.iter().filter(|r| r.1 < 0).map(|r| &r.0).collect();
+    assert_eq!(unlabeled, ["train-000001.tar/nolabel"]);
+    let mut got: Vec<(i64, String)> = rows
+        .into_iter()
+        .filter(|r| r.1 >= 0)
+        .map(|(_, l, h)| (l, h))
+        .collect();
     let mut want: Vec<(i64, String)> = rows_of(&folder)
         .into_iter()
         .map(|(_, l, h)| (l, h))
@@ -212,14 +222,84 @@ for shard in range(2):
     want.sort();
     assert_eq!(got, want);
     let skipped = m["skipped"].to_string();
+    assert!(!skipped.contains("nolabel"), "{skipped}");
     assert!(
-        skipped.contains("nolabel") && skipped.contains("no .cls label"),
+        skipped.contains("train-000001.tar/badlabel") && skipped.contains("not a label"),
         "{skipped}"
     );
-    assert!(
-        skipped.contains("badlabel") && skipped.contains("not a label"),
-        "{skipped}"
-    );
+}
+
+/// WebDataset shards lost samples: the same keys in two shards (a restarted writer) kept
+/// only one shard's, a sample without `.cls` was dropped, an empty image member was not
+/// listed with its shard and name, and shards given without `--layout webdataset` were
+/// read as plain tars (their keys' folders becoming classes). Now every sample is
+/// stored under `SHARD/KEY`, unlabeled when it has no `.cls`, the empty member is
+/// listed, and the shards are recognised — a folder of them or one `.tar`.
+#[test]
+fn webdataset_shards_that_lost_samples_keep_every_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let src = t.join("src");
+    byol_tools::bench::write_synthetic_folder(&src, 4, (32, 40), 90, 1).unwrap();
+    let make = r#"
+import io, os, sys, tarfile
+src, out = sys.argv[1], sys.argv[2]
+os.makedirs(os.path.join(out, "shards"))
+c = sorted(os.listdir(src))[0]
+imgs = [open(os.path.join(src, c, f), "rb").read() for f in sorted(os.listdir(os.path.join(src, c)))]
+def add(tf, name, data):
+    ti = tarfile.TarInfo(name); ti.size = len(data); tf.addfile(ti, io.BytesIO(data))
+for shard in range(2):  # the same keys in both: a writer restarted from 0
+    with tarfile.open(os.path.join(out, "shards", f"part-{shard}.tar"), "w") as tf:
+        for i, b in enumerate(imgs[:3]):
+            add(tf, f"dir/{i:06d}.jpg", b)
+            add(tf, f"dir/{i:06d}.cls", f"{i % 2}".encode())
+        add(tf, "dir/unlabeled.jpg", imgs[3])
+        if shard == 1:
+            add(tf, "dir/empty.jpg", b"")
+            add(tf, "dir/empty.cls", b"0")
+"#;
+    let o = Command::new(python())
+        .args(["-c", make, s(&src), s(t)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let shards = t.join("shards");
+    for (name, srcs, rows) in [
+        ("folder", vec![s(&shards)], 8),
+        ("one", vec![s(&shards.join("part-1.tar"))], 4),
+    ] {
+        let ds = t.join(format!("{name}-ds"));
+        let mut args = vec![
+            "shard",
+            "--out",
+            s(&ds),
+            "--class-names",
+            "even,odd",
+            "--json",
+        ];
+        for src in srcs {
+            args.extend(["--src", src]);
+        }
+        let r = ok_json(&args);
+        assert_eq!(r["rows"].as_u64(), Some(rows), "{name}: {r}");
+        let m = json_of(&ds);
+        assert_eq!(m["classes"], serde_json::json!(["even", "odd"]), "{name}");
+        let keys: Vec<(String, i64)> = rows_of(&ds).into_iter().map(|(k, l, _)| (k, l)).collect();
+        assert!(
+            keys.contains(&("part-1.tar/dir/000000".to_string(), 0))
+                && keys.contains(&("part-1.tar/dir/unlabeled".to_string(), -1)),
+            "{name}: {keys:?}"
+        );
+        let skipped = m["skipped"].to_string();
+        assert!(
+            skipped.contains("part-1.tar/dir/empty.jpg") && skipped.contains("empty image member"),
+            "{name}: {skipped}"
+        );
+    }
+    let both = rows_of(&t.join("folder-ds"));
+    assert!(both.iter().any(|r| r.0 == "part-0.tar/dir/000001"));
+    assert!(both.iter().any(|r| r.0 == "part-1.tar/dir/000001"));
 }
 
 /// A gzip-compressed tar, several archives (`--src` twice, or a glob) and a flat tar

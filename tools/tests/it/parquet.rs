@@ -156,3 +156,82 @@ pq.write_table(bad, os.path.join(out, "bad.parquet"))
         );
     }
 }
+
+/// Parquet files in every codec in common use (polars writes zstd by default) were
+/// skipped whole or refused; two folders that both hold `0000.parquet` gave the same
+/// keys. Now a folder of snappy, zstd, Brotli, LZ4, gzip and uncompressed files stores
+/// every image, the keys name each file relative to the sources' common folder, and a
+/// file whose data cannot be read stops the command naming it.
+#[test]
+fn parquet_in_every_common_codec_is_read_and_keys_stay_unique() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let src = t.join("src");
+    byol_tools::bench::write_synthetic_folder(&src, 12, (32, 40), 90, 2).unwrap();
+    let make = r#"
+import os, sys
+import pyarrow as pa, pyarrow.parquet as pq
+src, out = sys.argv[1], sys.argv[2]
+rows = [open(os.path.join(src, c, f), "rb").read()
+        for c in sorted(os.listdir(src)) for f in sorted(os.listdir(os.path.join(src, c)))]
+codecs = ["snappy", "zstd", "brotli", "lz4", "gzip", "none"]
+os.makedirs(os.path.join(out, "codecs"))
+for k, codec in enumerate(codecs):
+    t = pa.table({"image": pa.array(rows[2 * k: 2 * k + 2], pa.binary()),
+                  "label": pa.array([0, 1], pa.int64())})
+    pq.write_table(t, os.path.join(out, "codecs", f"{codec}.parquet"), compression=codec)
+for part in ("a", "b"):
+    os.makedirs(os.path.join(out, "parts", part))
+    t = pa.table({"image": pa.array(rows[:3], pa.binary()), "label": pa.array([0, 1, 0], pa.int64())})
+    pq.write_table(t, os.path.join(out, "parts", part, "0000.parquet"), compression="zstd")
+"#;
+    let o = Command::new(python())
+        .args(["-c", make, s(&src), s(t)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let ds = t.join("codecs-ds");
+    let r = ok_json(&[
+        "shard",
+        "--src",
+        s(&t.join("codecs")),
+        "--out",
+        s(&ds),
+        "--json",
+    ]);
+    assert_eq!(
+        (r["rows"].as_u64(), r["skipped"].as_u64()),
+        (Some(12), Some(0)),
+        "{r}"
+    );
+
+    let ds = t.join("parts-ds");
+    let r = ok_json(&[
+        "shard",
+        "--src",
+        s(&t.join("parts/a")),
+        "--src",
+        s(&t.join("parts/b")),
+        "--out",
+        s(&ds),
+        "--json",
+    ]);
+    assert_eq!(r["rows"], 6, "{r}");
+    let mut keys: Vec<String> = rows_of(&ds).into_iter().map(|(k, _, _)| k).collect();
+    keys.sort();
+    assert_eq!(keys[0], "a/0000.parquet/000000000", "{keys:?}");
+    assert_eq!(keys[5], "b/0000.parquet/000000002", "{keys:?}");
+
+    // A file whose first page header is damaged: the command fails naming it.
+    let bad = t.join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    let mut bytes = std::fs::read(t.join("codecs/zstd.parquet")).unwrap();
+    for b in &mut bytes[4..24] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(bad.join("zstd.parquet"), &bytes).unwrap();
+    let o = tools(&["shard", "--src", s(&bad), "--out", s(&t.join("bad-ds"))]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("zstd.parquet"), "{e}");
+}

@@ -70,7 +70,10 @@ fn an_exif_block_with_one_bad_pointer_keeps_its_orientation() {
         assert_eq!(v["expected"], serde_json::json!(want), "{key}: {v}");
         assert_eq!(v["stored"], v["expected"], "{key}: {v}");
         let d = v["mean_diff"].as_f64().unwrap();
-        assert!(d < 8.0, "{key}: mean difference {d} to PIL's exif_transpose");
+        assert!(
+            d < 8.0,
+            "{key}: mean difference {d} to PIL's exif_transpose"
+        );
     }
 }
 
