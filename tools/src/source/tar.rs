@@ -12,7 +12,7 @@ use super::tarfile::TarMember;
 use super::{class_index, Item, LayoutKind, Origin, ScanNotes, ScanOptions, Source, SourceError};
 
 /// Image members by key, with the index of the archive each is in: a later member of
-/// the same name replaces an earlier one (tar's rule, also across archives), which is
+/// the same name in the same archive replaces an earlier one (tar's rule), which is
 /// listed as skipped.
 #[derive(Default)]
 pub(super) struct Latest(BTreeMap<String, (usize, TarMember)>);
@@ -44,7 +44,8 @@ impl Latest {
 /// Scans `archives` in order: with class folders or inner tars, members outside them
 /// belong to no class and are ignored, as files next to class folders are; without any,
 /// every image is unlabeled. Class folders and inner tars without images are classes
-/// too, as on disk. With several archives, a member skipped inside one names it.
+/// too, as on disk. With several archives, keys (of rows and of skipped members) start
+/// with the archive's name relative to the archives' common folder.
 ///
 /// # Errors
 /// A missing, unreadable, truncated or corrupt archive (naming it); a class that
@@ -55,14 +56,20 @@ pub fn scan(archives: &[PathBuf], opts: &ScanOptions) -> Result<Source, SourceEr
     let mut notes = ScanNotes::default();
     let mut dirs: BTreeSet<String> = BTreeSet::new();
     let mut cls_members = 0;
-    for (ai, archive) in archives.iter().enumerate() {
+    let names = super::relative_names(archives);
+    for (ai, (archive, name)) in archives.iter().zip(&names).enumerate() {
         let path = read_from.open(archive, opts)?;
         let mut t = super::tarfile::scan(&path, archive)?;
         dirs.extend(t.dirs);
         cls_members += t.cls_members;
         if archives.len() > 1 {
+            // Several archives: keys start with the archive's name, so the same member
+            // name in two archives is two images.
             for x in &mut t.notes.skipped {
-                x.reason = format!("{}: {}", archive.display(), x.reason);
+                x.key = format!("{name}/{}", x.key);
+            }
+            for m in &mut t.members {
+                m.key = format!("{name}/{}", m.key);
             }
         }
         notes.absorb(t.notes);
