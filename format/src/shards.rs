@@ -12,6 +12,12 @@ use serde::{Deserialize, Serialize};
 
 /// Name of the manifest file inside a dataset folder.
 pub const MANIFEST: &str = "manifest.json";
+
+/// The share of stored images that may fail to decode before training stops (the
+/// default of `data.max_decode_failure_rate`; `byol-tools verify` compares with it). A
+/// real dataset has a handful of damaged files in millions; 1 % means the data is
+/// broken (a bad copy, a wrong format), not unlucky.
+pub const DEFAULT_MAX_DECODE_FAILURE_RATE: f64 = 0.01;
 /// Value of [`Manifest::format`].
 pub const FORMAT_NAME: &str = "byol-shards";
 /// Current value of [`Manifest::version`].

@@ -86,7 +86,12 @@ pub struct Stats {
     pub batches: AtomicU64,
     pub failures: AtomicU64,
     pub groups_loaded: AtomicU64,
+    /// The first [`FIRST_FAILURES`] samples that failed to decode: `KEY in SHARD: REASON`.
+    pub first_failures: std::sync::Mutex<Vec<String>>,
 }
+
+/// How many failed samples [`Stats::first_failures`] keeps.
+pub const FIRST_FAILURES: usize = 5;
 
 /// A snapshot of [`Stats`] (seconds).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -227,6 +232,16 @@ impl Loader {
 
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
+    }
+
+    /// The first samples that failed to decode (at most [`FIRST_FAILURES`]), each as
+    /// `KEY in SHARD: REASON`.
+    pub fn first_failures(&self) -> Vec<String> {
+        self.stats
+            .first_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Whether slots are in pinned (page-locked) memory.
@@ -596,6 +611,18 @@ fn decoder(
             Ok(Ok(v)) => Some(v),
             Ok(Err(reason)) => {
                 stats.failures.fetch_add(1, Ordering::Relaxed);
+                let mut first = stats
+                    .first_failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if first.len() < FIRST_FAILURES {
+                    first.push(format!(
+                        "{} in {}: {reason}",
+                        g.keys.value(r),
+                        ds.shard_path(g.info.shard).display()
+                    ));
+                }
+                drop(first);
                 tracing::warn!(
                     shard = %ds.shard_path(g.info.shard).display(),
                     key = g.keys.value(r),

@@ -263,3 +263,67 @@ fn a_rank0_knn_monitor_longer_than_the_collective_timeout_does_not_kill_the_run(
         .count();
     assert!(knn_rows >= 1);
 }
+
+/// A dataset in which no image decodes trained on blank canvases with exit 0. Now the
+/// loop stops once the failures pass `data.max_decode_failure_rate`, naming the count
+/// and the first keys; with the ceiling raised it trains (counted, no crash: the probe
+/// gets no label from a replacement).
+#[test]
+fn a_dataset_in_which_no_image_decodes_stops_training_naming_the_first_keys() {
+    use super::train::{damage_rows, dataset_of};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset_of(tmp.path(), "src12", "ds12", 12, 2);
+    damage_rows(&data, "all");
+    let o = train(
+        tmp.path(),
+        &data,
+        "all-bad",
+        &["--set", "train.batch=4", "--set", "train.epochs=1"],
+    );
+    let e = refused(&o);
+    assert!(
+        e.contains("12 of the 12 samples decoded so far failed")
+            && e.contains("data.max_decode_failure_rate")
+            && e.contains("byol-tools verify"),
+        "{e}"
+    );
+    assert!(
+        e.contains(".parquet") && e.contains("First: class-0"),
+        "names the keys and shards: {e}"
+    );
+    let t = summary(&train(
+        tmp.path(),
+        &data,
+        "all-bad-allowed",
+        &[
+            "--set",
+            "train.batch=4",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "data.max_decode_failure_rate=1.0",
+        ],
+    ));
+    assert_eq!(
+        (t["steps"].as_u64(), t["decode_failures"].as_u64()),
+        (Some(3), Some(12)),
+        "{t}"
+    );
+}
+
+/// Most images of a dataset fail (its first shard of two damaged, half the rows): the
+/// loop stops after 100 samples, before an epoch of blank canvases.
+#[test]
+fn a_dataset_where_most_images_fail_stops_after_a_hundred_samples() {
+    use super::train::damage_rows;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    damage_rows(&data, "first-shard");
+    let e = refused(&train(
+        tmp.path(),
+        &data,
+        "most-bad",
+        &["--set", "train.epochs=1"],
+    ));
+    assert!(e.contains("samples decoded so far failed"), "{e}");
+}

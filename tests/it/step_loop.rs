@@ -81,6 +81,7 @@ fn run_loop(
         latest: None,
         progress: false,
         name: "linear",
+        max_decode_failure_rate: 0.01,
     };
     let cadence = Cadence {
         total: 3 * loader.batches_per_epoch(),

@@ -1,6 +1,7 @@
 //! `byol-tools verify`: re-read every shard, check checksums, schema, row counts,
 //! labels, unique keys, and that every image decodes to its recorded size.
 
+use byol_format::shards::DEFAULT_MAX_DECODE_FAILURE_RATE;
 use std::collections::HashSet;
 use std::path::Path;
 
@@ -31,6 +32,15 @@ pub struct VerifyReport {
     pub shards: usize,
     pub rows: u64,
     pub decoded: u64,
+    /// Images that do not decode (or not to their recorded size).
+    pub decode_failures: u64,
+    /// `decode_failures / decoded`: what `byol train` compares with
+    /// `data.max_decode_failure_rate`.
+    pub decode_failure_rate: f64,
+    /// Whether the rate is above the default ceiling
+    /// ([`byol_format::shards::DEFAULT_MAX_DECODE_FAILURE_RATE`]): `byol train` would
+    /// stop on this dataset unless the ceiling is raised.
+    pub training_would_stop: bool,
     pub problems: Vec<Problem>,
     pub seconds: f64,
 }
@@ -42,6 +52,21 @@ impl VerifyReport {
         for p in &self.problems {
             let key = p.key.as_ref().map(|k| format!(" key {k}"));
             s += &format!("{}{}: {}\n", p.shard, key.unwrap_or_default(), p.problem);
+        }
+        if self.decode_failures > 0 {
+            s += &format!(
+                "{} of {} images do not decode ({:.2} %): {} data.max_decode_failure_rate's default ({} %){}\n",
+                self.decode_failures,
+                self.decoded,
+                100.0 * self.decode_failure_rate,
+                if self.training_would_stop { "above" } else { "within" },
+                100.0 * DEFAULT_MAX_DECODE_FAILURE_RATE,
+                if self.training_would_stop {
+                    ": byol train would stop on this dataset"
+                } else {
+                    ": byol train replaces them in their batches"
+                }
+            );
         }
         s += &format!(
             "{}: {} shard(s), {} rows, {} images decoded, {} problem(s), {:.1} s\n",
@@ -68,6 +93,7 @@ pub fn verify(dir: &Path, workers: usize, progress: bool) -> Result<VerifyReport
         problems: Vec::new(),
         keys: HashSet::new(),
         decoded: 0,
+        decode_failures: 0,
         nclasses: m.classes.len() as i32,
         workers: workers.max(1),
     };
@@ -84,6 +110,7 @@ pub fn verify(dir: &Path, workers: usize, progress: bool) -> Result<VerifyReport
             problem: format!("{rows_seen} rows in shards, totals say {}", m.totals.rows),
         });
     }
+    let rate = c.decode_failures as f64 / c.decoded.max(1) as f64;
     Ok(VerifyReport {
         command: "verify".into(),
         dir: dir.display().to_string(),
@@ -91,6 +118,9 @@ pub fn verify(dir: &Path, workers: usize, progress: bool) -> Result<VerifyReport
         shards: m.shards.len(),
         rows: rows_seen,
         decoded: c.decoded,
+        decode_failures: c.decode_failures,
+        decode_failure_rate: rate,
+        training_would_stop: rate > DEFAULT_MAX_DECODE_FAILURE_RATE,
         problems,
         seconds: t0.elapsed().as_secs_f64(),
     })
@@ -103,6 +133,7 @@ struct Checker {
     /// Every key seen (a key seen again is a duplicate).
     keys: HashSet<String>,
     decoded: u64,
+    decode_failures: u64,
     nclasses: i32,
     workers: usize,
 }
@@ -179,6 +210,7 @@ impl Checker {
         let n = rows.len();
         let mut found = decode_all(file, k, im, (h, w), self.workers);
         self.decoded += n as u64;
+        self.decode_failures += found.iter().filter(|p| p.key.is_some()).count() as u64;
         let nclasses = self.nclasses;
         for i in 0..n {
             let key = k.value(i);

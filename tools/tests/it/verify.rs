@@ -45,4 +45,14 @@ print(t.column("key")[5].as_py())
         "{text}"
     );
     assert!(!text.contains("shard-00000"), "{text}");
+    // The figure byol train compares with data.max_decode_failure_rate.
+    assert!(
+        text.contains("1 of ") && text.contains("images do not decode") && text.contains("within"),
+        "{text}"
+    );
+    let o = tools(&["verify", s(&out), "--json"]);
+    let v: Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(v["decode_failures"], 1, "{v}");
+    assert_eq!(v["training_would_stop"], false, "{v}");
 }

@@ -322,6 +322,12 @@ impl TrainConfig {
             d.window,
             "at least 1 row group",
         )?;
+        check(
+            within(d.max_decode_failure_rate, 0.0, 1.0),
+            "data.max_decode_failure_rate",
+            d.max_decode_failure_rate,
+            "a share in [0, 1]",
+        )?;
         check(a.size >= 1, "augment.size", a.size, "at least 1 pixel")?;
         check(
             a.blur_kernel_224 >= 1,

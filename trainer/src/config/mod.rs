@@ -270,6 +270,10 @@ pub struct DataSection {
     pub decode_threads: usize,
     /// Row groups shuffled together.
     pub window: usize,
+    /// The share of decoded samples that may fail (damaged images, replaced in their
+    /// batch) before training stops with an error naming the first ones; checked once
+    /// 100 samples (or an epoch, if smaller) have been decoded.
+    pub max_decode_failure_rate: f64,
 }
 
 impl Default for DataSection {
@@ -278,6 +282,7 @@ impl Default for DataSection {
             canvas: 256,
             decode_threads: 0,
             window: 8,
+            max_decode_failure_rate: byol_format::shards::DEFAULT_MAX_DECODE_FAILURE_RATE,
         }
     }
 }
@@ -413,6 +418,7 @@ pub const RESUMABLE_CHANGES: &[&str] = &[
     "train.knn_bank",
     "train.knn_queries",
     "data.decode_threads",
+    "data.max_decode_failure_rate",
     "train.collapse_span",
     "train.collapse_threshold",
     "train.collective_timeout_s",

@@ -141,6 +141,7 @@ pub fn finetune(opts: &FinetuneOptions, out: &Path, decode: DecodeFn) -> Result<
         latest,
         progress: opts.progress,
         name: "finetune",
+        max_decode_failure_rate: cfg.data.max_decode_failure_rate,
     };
     let cadence = Cadence {
         total,

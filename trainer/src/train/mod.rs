@@ -248,6 +248,7 @@ pub fn train(
         latest,
         progress: opts.progress,
         name: "train",
+        max_decode_failure_rate: cfg.data.max_decode_failure_rate,
     };
     let mut lp = StepLoop::new(ctx, pos, cadence, &loader)?;
     let mut step = ByolStep::new(run, cfg, learner, (total, spe), (knn, monitor));

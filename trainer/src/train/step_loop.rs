@@ -152,6 +152,8 @@ pub struct LoopContext<'a> {
     pub progress: bool,
     /// The command's name on the progress display.
     pub name: &'static str,
+    /// `data.max_decode_failure_rate`: above it the loop stops ([`StepLoop::run`]).
+    pub max_decode_failure_rate: f64,
 }
 
 /// The counters of one logging interval, and of the whole invocation.
@@ -164,6 +166,8 @@ struct Counters {
     wait: f64,
     comm: f64,
     failures: u64,
+    /// Samples the loader had decoded (or failed to).
+    decoded: u64,
 }
 
 /// What a finished loop reports.
@@ -195,6 +199,7 @@ pub struct StepLoop<'a> {
     batch: BatchPlan,
     stop: StopSignal,
     stop_agreed: bool,
+    max_decode_failure_rate: f64,
     latest: Option<PathBuf>,
     last_ckpt: Option<PathBuf>,
     win: Counters,
@@ -247,6 +252,7 @@ impl<'a> StepLoop<'a> {
             wait: stats.consumer_wait_s,
             comm: ctx.group.as_ref().map_or(0.0, |g| g.comm_seconds()),
             failures: stats.decode_failures,
+            decoded: stats.images,
         };
         Ok(StepLoop {
             run: ctx.run,
@@ -258,6 +264,7 @@ impl<'a> StepLoop<'a> {
             batch: ctx.batch,
             stop: ctx.stop,
             stop_agreed: false,
+            max_decode_failure_rate: ctx.max_decode_failure_rate,
             latest: ctx.latest,
             last_ckpt: None,
             win: now.clone(),
@@ -268,7 +275,8 @@ impl<'a> StepLoop<'a> {
     /// Trains until `cadence.stop_at` or a stop, epoch after epoch.
     ///
     /// # Errors
-    /// A failed step, collective, checkpoint or hook; a non-finite loss.
+    /// A failed step, collective, checkpoint or hook; a non-finite loss; more decode
+    /// failures than `data.max_decode_failure_rate` allows ([`StepLoop::check_decoding`]).
     pub fn run(&mut self, loader: &Loader, task: &mut dyn Step) -> Result<()> {
         'epochs: while self.pos.step < self.cadence.stop_at {
             let mut epoch = loader.start_resumed(self.pos.cursor, &self.pos.splits);
@@ -315,6 +323,7 @@ impl<'a> StepLoop<'a> {
             *w += s;
         }
         task.after_step(&self.pos, loss, &sums);
+        self.check_decoding(loader)?;
         let step = self.pos.step;
         if step.is_multiple_of(self.cadence.log_every.max(1)) || step == self.cadence.stop_at {
             self.log(loader, task)?;
@@ -324,6 +333,31 @@ impl<'a> StepLoop<'a> {
             self.checkpoint(task)?;
         }
         Ok(())
+    }
+
+    /// Stops a loop fed mostly with canvases of replaced samples: when more than
+    /// `data.max_decode_failure_rate` of the samples this invocation decoded failed,
+    /// judged once 100 samples (or this rank's epoch, if smaller) were decoded.
+    ///
+    /// # Errors
+    /// The count, the share, the first failed samples (key, shard, reason) and what to do.
+    fn check_decoding(&self, loader: &Loader) -> Result<()> {
+        let s = loader.stats();
+        let decoded = s.images - self.start.decoded;
+        let failed = s.decode_failures - self.start.failures;
+        if failed == 0 || decoded < 100.min(loader.samples_per_epoch()) {
+            return Ok(());
+        }
+        let rate = failed as f64 / decoded as f64;
+        if rate <= self.max_decode_failure_rate {
+            return Ok(());
+        }
+        bail!(
+            "{failed} of the {decoded} samples decoded so far failed ({:.1} %, above data.max_decode_failure_rate = {}): the dataset is damaged (a bad copy, or images OpenCV cannot read). First: {}. Check it with `byol-tools verify DIR`, re-shard the source, or raise data.max_decode_failure_rate (--set) to train on what decodes",
+            100.0 * rate,
+            self.max_decode_failure_rate,
+            loader.first_failures().join("; ")
+        )
     }
 
     /// Whether to stop before the next step: a signal (one process), or a signal on any
@@ -375,6 +409,7 @@ impl<'a> StepLoop<'a> {
             wait,
             comm: comm.unwrap_or(0.0),
             failures: 0,
+            decoded: 0,
         };
         Ok(())
     }
