@@ -465,22 +465,28 @@ fn torchvision_weights_load_into_torchvision_with_the_same_features() {
 
     // An --out that names a folder (here the run itself) is refused and the folder kept,
     // in both formats; so is an --out in a folder that does not exist.
+    let other = tmp.path().join("a-folder");
+    std::fs::create_dir(&other).unwrap();
     for format in ["torchvision", "onnx"] {
-        let o = Command::new(BIN)
-            .args([
-                "export",
-                "--run",
-                run.to_str().unwrap(),
-                "--format",
-                format,
-                "--out",
-            ])
-            .arg(&run)
-            .output()
-            .unwrap();
-        assert_eq!(o.status.code(), Some(2), "{format}");
-        assert!(String::from_utf8_lossy(&o.stderr).contains("a folder is there"));
+        for (out, says) in [(&run, "is the same path as --run"), (&other, "a folder is there")] {
+            let o = Command::new(BIN)
+                .args([
+                    "export",
+                    "--run",
+                    run.to_str().unwrap(),
+                    "--format",
+                    format,
+                    "--out",
+                ])
+                .arg(out)
+                .output()
+                .unwrap();
+            assert_eq!(o.status.code(), Some(2), "{format}");
+            let e = String::from_utf8_lossy(&o.stderr);
+            assert!(e.contains(says), "{format}: {e}");
+        }
         assert!(run.join("config.toml").exists() && run.join("checkpoints").is_dir());
+        assert!(other.is_dir());
     }
     let o = Command::new(BIN)
         .args([
