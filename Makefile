@@ -34,6 +34,7 @@ compare: build
 	@bash $(ROOT)/scripts/compare
 
 test: build
+	@bash $(ROOT)/scripts/setup_tracking
 	$(CARGO) test --release --workspace
 
 bench: build

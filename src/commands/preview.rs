@@ -5,8 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use byol_format::cli::out;
-use byol_pipeline::augment::{AugmentConfig, Augmenter, SplitMix64};
-use tch::{Device, Kind, Tensor};
+use byol_pipeline::augment::AugmentConfig;
 
 /// Write a grid of augmented pairs: each row the canvas, view 1 and view 2.
 #[derive(clap::Args)]
@@ -43,7 +42,8 @@ pub fn run(a: PreviewArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes a grid: one row per sample with the canvas, view 1 and view 2.
+/// Writes a grid: one row per sample with the canvas, view 1 and view 2
+/// ([`byol_trainer::preview::augmentation_grid`]).
 ///
 /// # Errors
 /// The dataset cannot be read or the PNG cannot be written.
@@ -55,36 +55,13 @@ fn preview(
     canvas: usize,
     cfg: AugmentConfig,
 ) -> Result<()> {
-    use byol_pipeline::{opencv_decoder, Cursor, Dataset, Loader, LoaderConfig};
-    let ds = Dataset::open(data).with_context(|| format!("opening {}", data.display()))?;
-    let lc = LoaderConfig {
-        batch: n,
-        canvas,
-        seed,
-        drop_last: false,
-        slots: 2,
-        ..LoaderConfig::default()
-    };
-    let loader = Loader::new(ds, lc, opencv_decoder())?;
-    let mut epoch = loader.start(Cursor::default());
-    let batch = epoch.next().context("the dataset is empty")??;
-    let dev = Device::cuda_if_available();
-    let canv = batch.images().to_device(dev);
-    let aug = Augmenter::new(cfg);
-    let mut rng = SplitMix64::new(seed);
-    let (v1, v2) = aug.views(&canv, batch.valid_sizes(), &mut rng);
-    let size = aug.cfg.size;
-    let shown = canv
-        .to_kind(Kind::Float)
-        .upsample_bilinear2d([size, size], false, None, None)
-        .round()
-        .clamp(0.0, 255.0)
-        .to_kind(Kind::Uint8);
-    let row = Tensor::cat(&[shown, aug.to_uint8(&v1), aug.to_uint8(&v2)], 3); // [n,3,size,3*size]
-    let grid = row
-        .permute([1, 0, 2, 3])
-        .reshape([3, -1, 3 * size])
-        .to_device(Device::Cpu);
+    let grid = byol_trainer::preview::augmentation_grid(
+        data,
+        (n, seed, canvas),
+        cfg,
+        byol_pipeline::opencv_decoder(),
+        tch::Device::cuda_if_available(),
+    )?;
     // tch picks the image format from the extension: the temporary name keeps it.
     let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("png");
     let tmp = byol_format::fs::temp_path(out).with_extension(format!("tmp.{ext}"));

@@ -5,6 +5,7 @@ use std::process::Command;
 mod finetune;
 mod mishaps;
 mod step_loop;
+mod tracking;
 mod train;
 
 const BIN: &str = env!("CARGO_BIN_EXE_byol");

@@ -82,6 +82,7 @@ fn run_loop(
         progress: false,
         name: "linear",
         max_decode_failure_rate: 0.01,
+        tensorboard: true,
     };
     let cadence = Cadence {
         total: 3 * loader.batches_per_epoch(),

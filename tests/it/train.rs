@@ -468,7 +468,10 @@ fn torchvision_weights_load_into_torchvision_with_the_same_features() {
     let other = tmp.path().join("a-folder");
     std::fs::create_dir(&other).unwrap();
     for format in ["torchvision", "onnx"] {
-        for (out, says) in [(&run, "is the same path as --run"), (&other, "a folder is there")] {
+        for (out, says) in [
+            (&run, "is the same path as --run"),
+            (&other, "a folder is there"),
+        ] {
             let o = Command::new(BIN)
                 .args([
                     "export",

@@ -404,10 +404,35 @@ pub fn evaluate(
         &run.join("eval.json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
+    if cfg.train.tensorboard {
+        crate::run::tensorboard::EventWriter::create(run)?
+            .scalars(report.step, &report.scalars())?;
+    }
     Ok(report)
 }
 
 impl EvalReport {
+    /// The report's accuracies as TensorBoard scalars, at the checkpoint's step:
+    /// `eval/FEATURES/METRIC` (`eval/byol/linear_top1`, …, in %).
+    pub fn scalars(&self) -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        for (name, r) in [
+            ("byol", &self.byol),
+            ("random_init", &self.random_init),
+            ("raw_pixels", &self.raw_pixels),
+        ] {
+            for (metric, v) in [
+                ("linear_top1", r.linear_top1),
+                ("linear_top5", r.linear_top5),
+                ("knn20_top1", r.knn20_top1),
+                ("knn200_top1", r.knn200_top1),
+            ] {
+                out.push((format!("eval/{name}/{metric}"), v));
+            }
+        }
+        out
+    }
+
     pub fn table(&self) -> String {
         let mut s = format!(
             "evaluation of {} (step {}), {} train / {} test images\n{:<14} {:>6} {:>9} {:>9} {:>9} {:>9}\n",

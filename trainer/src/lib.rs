@@ -22,6 +22,7 @@ pub mod export;
 pub mod finetune;
 pub mod model;
 pub mod plot;
+pub mod preview;
 pub mod run;
 pub mod runtime;
 pub mod train;

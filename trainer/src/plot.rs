@@ -197,21 +197,27 @@ pub fn save_panels(
         }
         root.present().map_err(|e| draw_err(&e))?;
     }
-    let mut png_bytes = Vec::new();
-    {
-        let png_err = |source| PlotError::Png {
-            path: path.to_path_buf(),
-            source,
-        };
-        let mut enc = png::Encoder::new(&mut png_bytes, width, height);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut w = enc.write_header().map_err(png_err)?;
-        w.write_image_data(&rgb).map_err(png_err)?;
-        w.finish().map_err(png_err)?;
-    }
+    let png_bytes = encode_rgb_png(&rgb, width, height).map_err(|source| PlotError::Png {
+        path: path.to_path_buf(),
+        source,
+    })?;
     byol_format::fs::write_atomic(path, &png_bytes)?;
     Ok(())
+}
+
+/// PNG bytes of `width` × `height` 8-bit RGB pixels (`rgb`: rows of R, G, B bytes).
+///
+/// # Errors
+/// The encoder's (a buffer that is not `3 × width × height` bytes).
+pub fn encode_rgb_png(rgb: &[u8], width: u32, height: u32) -> Result<Vec<u8>, png::EncodingError> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, width, height);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut w = enc.write_header()?;
+    w.write_image_data(rgb)?;
+    w.finish()?;
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -234,6 +234,9 @@ pub struct TrainSection {
     /// in each collective before failing with the name of the rank that stopped
     /// reporting (seconds; torch's default is 30 minutes).
     pub collective_timeout_s: f64,
+    /// Write TensorBoard event files (`RUN/tb`): every metrics row's numbers, the
+    /// resolved config and the augmentation preview.
+    pub tensorboard: bool,
 }
 
 impl Default for TrainSection {
@@ -257,6 +260,7 @@ impl Default for TrainSection {
             knn_bank: 10000,
             knn_queries: 2000,
             collective_timeout_s: 600.0,
+            tensorboard: true,
         }
     }
 }
@@ -422,6 +426,7 @@ pub const RESUMABLE_CHANGES: &[&str] = &[
     "train.collapse_span",
     "train.collapse_threshold",
     "train.collective_timeout_s",
+    "train.tensorboard",
 ];
 
 mod load;

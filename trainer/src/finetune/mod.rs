@@ -142,6 +142,7 @@ pub fn finetune(opts: &FinetuneOptions, out: &Path, decode: DecodeFn) -> Result<
         progress: opts.progress,
         name: "finetune",
         max_decode_failure_rate: cfg.data.max_decode_failure_rate,
+        tensorboard: cfg.train.tensorboard,
     };
     let cadence = Cadence {
         total,
@@ -149,7 +150,11 @@ pub fn finetune(opts: &FinetuneOptions, out: &Path, decode: DecodeFn) -> Result<
         log_every: cfg.train.log_every,
         checkpoint_every: cfg.train.checkpoint_every,
     };
+    let start_step = pos.step;
     let mut lp = StepLoop::new(ctx, pos, cadence, &loader)?;
+    if let Some(tb) = lp.reporter().tensorboard() {
+        crate::train::log_start(tb, &cfg, start_step, None);
+    }
     let mut step = FinetuneStep::new(
         out,
         cfg.clone(),
@@ -185,7 +190,12 @@ fn test_run(
     report.test_rows = n;
     report.test_top1 = Some(top1);
     report.test_top5 = Some(top5);
-    append_test_row(step.run, report.steps, epoch, top1, top5)?;
+    append_test_row(
+        step.run,
+        (report.steps, epoch),
+        (top1, top5),
+        step.cfg.train.tensorboard,
+    )?;
     step.draw_curves();
     Ok(())
 }
@@ -499,12 +509,17 @@ impl Trial for FinetuneTrial<'_> {
 }
 
 /// Appends the test row to `FT/metrics.jsonl`.
-fn append_test_row(out: &Path, step: u64, epoch: u64, top1: f64, top5: f64) -> Result<()> {
+fn append_test_row(
+    out: &Path,
+    (step, epoch): (u64, u64),
+    (top1, top5): (f64, f64),
+    tensorboard: bool,
+) -> Result<()> {
     let row = run::TestRow {
         step,
         epoch,
         test_top1: top1,
         test_top5: top5,
     };
-    run::open_metrics(out, None, "byol finetune")?.append(&row)
+    run::open_metrics(out, None, "byol finetune", tensorboard)?.append(&row)
 }

@@ -100,6 +100,8 @@ pub fn read_metrics(run: &Path) -> Result<Vec<MetricsRow>> {
 pub struct MetricsFile {
     file: std::fs::File,
     path: PathBuf,
+    /// The same rows as TensorBoard scalars (`train.tensorboard`).
+    tb: Option<super::tensorboard::EventWriter>,
 }
 
 impl MetricsFile {
@@ -110,22 +112,40 @@ impl MetricsFile {
     /// The write failed, naming the file.
     pub fn append(&mut self, row: &impl Serialize) -> Result<()> {
         use std::io::Write;
-        let mut line = serde_json::to_vec(row)?;
+        let value = serde_json::to_value(row)?;
+        let mut line = serde_json::to_vec(&value)?;
         line.push(b'\n');
         self.file
             .write_all(&line)
-            .with_context(|| format!("writing {}", self.path.display()))
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        if let Some(tb) = self.tb.as_mut() {
+            let step = value.get("step").and_then(|s| s.as_u64()).unwrap_or(0);
+            tb.scalars(step, &super::tensorboard::row_scalars(&value))?;
+        }
+        Ok(())
+    }
+
+    /// The TensorBoard event file the rows also go to (`None`: `train.tensorboard` off).
+    pub fn tensorboard(&mut self) -> Option<&mut super::tensorboard::EventWriter> {
+        self.tb.as_mut()
     }
 }
 
 /// Opens `RUN/metrics.jsonl` for appending: a torn last line (a write cut by a crash or a
 /// full disk) is cut off first, and with `keep_through = Some(step)` the rows after
 /// `step` are dropped ([`trim_metrics`]); each repair is said once on stderr, prefixed
-/// with `who` (`byol train`).
+/// with `who` (`byol train`). With `tensorboard`, the rows also go to a new event file in
+/// `RUN/tb`, which with `keep_through` starts with a restart mark at `step + 1` (the
+/// dropped rows are dropped in TensorBoard too).
 ///
 /// # Errors
-/// The file cannot be read, repaired or opened.
-pub fn open_metrics(run: &Path, keep_through: Option<u64>, who: &str) -> Result<MetricsFile> {
+/// The file cannot be read, repaired or opened; the event file cannot be made.
+pub fn open_metrics(
+    run: &Path,
+    keep_through: Option<u64>,
+    who: &str,
+    tensorboard: bool,
+) -> Result<MetricsFile> {
     let path = metrics_path(run);
     let (file, cut) = byol_format::fs::open_append_lines(&path)?;
     if cut > 0 {
@@ -149,7 +169,16 @@ pub fn open_metrics(run: &Path, keep_through: Option<u64>, who: &str) -> Result<
         .append(true)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    Ok(MetricsFile { file, path })
+    let tb = if tensorboard {
+        let mut w = super::tensorboard::EventWriter::create(run)?;
+        if let Some(step) = keep_through {
+            w.restart(step + 1)?;
+        }
+        Some(w)
+    } else {
+        None
+    };
+    Ok(MetricsFile { file, path, tb })
 }
 
 /// Drops the rows of `RUN/metrics.jsonl` after `step`: rows an earlier attempt wrote

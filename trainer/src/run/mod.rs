@@ -6,6 +6,8 @@
 //! RUN/data.json            what it was trained on ([`RunData`])
 //! RUN/.lock                held by the one `byol train` using the folder ([`lock_run`])
 //! RUN/metrics.jsonl        one JSON row per log interval ([`Metrics`]) or kNN run ([`KnnRow`])
+//! RUN/tb/                  the same rows, the config and the augmentation preview as
+//!                          TensorBoard event files ([`tensorboard`])
 //! RUN/curves.png           loss and accuracies against step ([`draw_curves`])
 //! RUN/checkpoints/step-NNNNNNNNN/
 //!     online.safetensors, target.safetensors, optimizer.safetensors, probe.safetensors,
@@ -36,6 +38,7 @@ const PROBE: &str = "probe.safetensors";
 const STATE: &str = "state.json";
 
 mod metrics;
+pub mod tensorboard;
 pub use metrics::{
     draw_curves, metrics_path, open_metrics, read_metrics, trim_metrics, FinetuneMetrics, KnnRow,
     Metrics, MetricsFile, MetricsRow, TestRow,

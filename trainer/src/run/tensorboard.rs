@@ -30,7 +30,7 @@ struct Event {
     wall_time: f64,
     #[prost(int64, tag = "2")]
     step: i64,
-    #[prost(oneof = "What", tags = "3, 5, 6")]
+    #[prost(oneof = "What", tags = "3, 5, 7")]
     what: Option<What>,
 }
 
@@ -40,7 +40,7 @@ enum What {
     FileVersion(String),
     #[prost(message, tag = "5")]
     Summary(Summary),
-    #[prost(message, tag = "6")]
+    #[prost(message, tag = "7")]
     SessionLog(SessionLog),
 }
 
@@ -162,9 +162,9 @@ pub struct EventWriter {
 }
 
 impl EventWriter {
-    /// A new event file `RUN/tb/events.out.tfevents.SECONDS.byol.PID.N` (the folder made
-    /// when missing; names sort in the order they were made, as TensorBoard reads them),
-    /// starting with the file-version event.
+    /// A new event file `RUN/tb/events.out.tfevents.SECONDS.MICROS.byol.PID.N` (the
+    /// folder made when missing; names sort in the order they were made, which is the
+    /// order TensorBoard reads them in), starting with the file-version event.
     ///
     /// # Errors
     /// The folder or file cannot be made or written, naming it.
@@ -173,11 +173,12 @@ impl EventWriter {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+            .unwrap_or_default();
         let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
         let path = dir.join(format!(
-            "events.out.tfevents.{now:010}.byol.{}.{n}",
+            "events.out.tfevents.{:010}.{:06}.byol.{}.{n:04}",
+            now.as_secs(),
+            now.subsec_micros(),
             std::process::id()
         ));
         let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
@@ -245,7 +246,13 @@ impl EventWriter {
     ///
     /// # Errors
     /// The write failed, naming the file.
-    pub fn png(&mut self, step: u64, tag: &str, png: Vec<u8>, (height, width): (u32, u32)) -> Result<()> {
+    pub fn png(
+        &mut self,
+        step: u64,
+        tag: &str,
+        png: Vec<u8>,
+        (height, width): (u32, u32),
+    ) -> Result<()> {
         let image = Image {
             height: height as i32,
             width: width as i32,
@@ -317,31 +324,21 @@ pub fn encode_png(chw: &[u8], height: u32, width: u32) -> Result<Vec<u8>> {
     for i in 0..plane {
         rgb.extend_from_slice(&[chw[i], chw[plane + i], chw[2 * plane + i]]);
     }
-    let mut out = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut out, width, height);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut w = enc.write_header().context("encoding a PNG")?;
-        w.write_image_data(&rgb).context("encoding a PNG")?;
+    match crate::plot::encode_rgb_png(&rgb, width, height) {
+        Ok(png) => Ok(png),
+        Err(e) => crate::bail!("encoding a PNG: {e}"),
     }
-    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// TFRecord's framing checked against a record TensorFlow's writer made: the
-    /// file-version event `brain.Event:2` at wall time 0, step 0.
+    /// CRC-32C is the Castagnoli CRC (RFC 3720's check value); the whole framing is
+    /// checked by TensorBoard's own reader in the integration tests.
     #[test]
-    fn the_masked_crc_is_tensorflows() {
-        // crc32c("123456789") = 0xE3069283 (RFC 3720's check value).
+    fn the_crc_is_crc32c() {
         assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
-        let r = record(b"");
-        assert_eq!(&r[..8], &[0u8; 8]);
-        // masked_crc of 8 zero bytes, as TensorFlow computes it.
-        let c = crc32c::crc32c(&[0u8; 8]);
-        assert_eq!(masked_crc(&[0u8; 8]), ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8));
+        assert_eq!(record(b"ab").len(), 8 + 4 + 2 + 4);
     }
 }

@@ -249,8 +249,13 @@ pub fn train(
         progress: opts.progress,
         name: "train",
         max_decode_failure_rate: cfg.data.max_decode_failure_rate,
+        tensorboard: cfg.train.tensorboard,
     };
+    let start_step = pos.step;
     let mut lp = StepLoop::new(ctx, pos, cadence, &loader)?;
+    if let Some(tb) = lp.reporter().tensorboard() {
+        log_start(tb, &cfg, start_step, Some((data, decode, rt.device)));
+    }
     let mut step = ByolStep::new(run, cfg, learner, (total, spe), (knn, monitor));
     lp.run(&loader, &mut step)?;
     let s = lp.finish(&loader, &mut step)?;
@@ -262,6 +267,38 @@ pub fn train(
         (t_start, knn_in_run),
         (opts.time_budget, budget),
     ))
+}
+
+/// What a run's TensorBoard log starts with at `step`: the resolved config as text and,
+/// for a new BYOL run (`preview` given, step 0), the augmentation preview of the first 8
+/// samples of the training data. Failures are warnings: training goes on.
+pub(crate) fn log_start(
+    tb: &mut crate::run::tensorboard::EventWriter,
+    cfg: &TrainConfig,
+    step: u64,
+    preview: Option<(&Path, DecodeFn, Device)>,
+) {
+    let text = format!("```toml\n{}\n```", cfg.to_toml());
+    let mut done = tb.text(step, "config", &text);
+    if let (Some((data, decode, device)), 0) = (preview, step) {
+        done = done.and_then(|()| {
+            let grid = crate::preview::augmentation_grid(
+                data,
+                (8, cfg.train.seed, cfg.data.canvas),
+                cfg.augment.clone(),
+                decode,
+                device,
+            )?;
+            let (png, hw) = crate::preview::grid_png(&grid)?;
+            tb.png(step, "augmentation (canvas, view 1, view 2)", png, hw)
+        });
+    }
+    if let Err(e) = done {
+        eprintln!(
+            "byol: warning: the TensorBoard log in {} lacks its start: {e}",
+            tb.path().display()
+        );
+    }
 }
 
 /// `--resume auto` decided: resume when the run has a checkpoint (a restart keeps the

@@ -73,6 +73,11 @@ impl Reporter {
     pub fn is_writer(&self) -> bool {
         self.metrics.is_some()
     }
+
+    /// The run's TensorBoard event file (rank 0 with `train.tensorboard`).
+    pub fn tensorboard(&mut self) -> Option<&mut crate::run::tensorboard::EventWriter> {
+        self.metrics.as_mut()?.tensorboard()
+    }
 }
 
 /// What a training loop plugs into [`StepLoop`].
@@ -154,6 +159,8 @@ pub struct LoopContext<'a> {
     pub name: &'static str,
     /// `data.max_decode_failure_rate`: above it the loop stops ([`StepLoop::run`]).
     pub max_decode_failure_rate: f64,
+    /// `train.tensorboard`: the rows also go to `RUN/tb`.
+    pub tensorboard: bool,
 }
 
 /// The counters of one logging interval, and of the whole invocation.
@@ -232,6 +239,7 @@ impl<'a> StepLoop<'a> {
                 ctx.run,
                 Some(step),
                 &format!("byol {}", ctx.name),
+                ctx.tensorboard,
             )?)
         } else {
             None
@@ -270,6 +278,11 @@ impl<'a> StepLoop<'a> {
             win: now.clone(),
             start: now,
         })
+    }
+
+    /// Where the loop reports (rank 0 writes; the others' is empty).
+    pub fn reporter(&mut self) -> &mut Reporter {
+        &mut self.out
     }
 
     /// Trains until `cadence.stop_at` or a stop, epoch after epoch.
