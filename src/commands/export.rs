@@ -14,6 +14,8 @@ pub enum Format {
     Onnx,
     /// safetensors under torchvision's resnet `state_dict` names, for PyTorch.
     Torchvision,
+    /// A timm / Hugging Face model folder: model.safetensors, config.json, README.md.
+    Hf,
 }
 
 /// Export a run's online encoder to ONNX (BatchNorm folded, normalisation inside) and
@@ -27,7 +29,8 @@ pub struct ExportArgs {
     checkpoint: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "onnx")]
     format: Format,
-    /// Output file [default: encoder.onnx, or encoder.safetensors for torchvision].
+    /// Output file [default: encoder.onnx, encoder.safetensors for torchvision, the
+    /// folder encoder-hf for hf].
     #[arg(long)]
     out: Option<PathBuf>,
     /// Compare on the first 256 images of these shards instead of random images.
@@ -52,6 +55,27 @@ pub fn run(a: ExportArgs) -> Result<ExitCode> {
         byol_format::fs::check_outputs(&[("--out", out)], &inputs)?;
     }
     let t = byol_trainer::run::load_online(&a.run, a.checkpoint.as_deref())?;
+    if a.format == Format::Hf {
+        let out = a.out.unwrap_or_else(|| PathBuf::from("encoder-hf"));
+        let r = byol_trainer::export::export_hf(&a.run, &t, &out)?;
+        emit(a.json, &r, || {
+            format!(
+                "wrote {} ({} tensors under timm's {} names, num_classes {}, {} features) from {}\n{}",
+                r.dir,
+                r.tensors,
+                r.arch,
+                r.num_classes,
+                r.num_features,
+                r.checkpoint,
+                if r.timm_builds_it {
+                    format!("timm.create_model(\"local-dir:{}\", pretrained=True) loads it\n", r.dir)
+                } else {
+                    format!("timm's {} differs: {}\n", r.arch, r.differences.join("; "))
+                }
+            )
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if a.format == Format::Torchvision {
         let out = a
             .out

@@ -463,6 +463,48 @@ fn torchvision_weights_load_into_torchvision_with_the_same_features() {
     let d = c["max_abs_diff"].as_f64().unwrap();
     assert!(d < 1e-4 * c["max_abs"].as_f64().unwrap().max(1.0), "{c}");
 
+    // The timm / Hugging Face bundle: loads in timm from the file and from the folder
+    // (config.json), with the same features as byol's encoder.
+    let bundle = tmp.path().join("r18-hf");
+    let h = export("hf", &bundle);
+    assert_eq!(
+        (h["arch"].as_str(), h["num_classes"].as_u64()),
+        (Some("resnet18"), Some(0))
+    );
+    assert_eq!(h["timm_builds_it"], true, "{h}");
+    let card = std::fs::read_to_string(bundle.join("README.md")).unwrap();
+    assert!(
+        card.starts_with("---\nlibrary_name: timm\n") && card.contains("[train]"),
+        "{card}"
+    );
+    let o = Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("scripts/fixtures/check_timm.py"))
+        .args([
+            "--dir",
+            bundle.to_str().unwrap(),
+            "--onnx",
+            onnx.to_str().unwrap(),
+        ])
+        .args(["--config", run.join("config.toml").to_str().unwrap()])
+        .args(["--data", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let t = summary(&o);
+    for way in ["file", "local_dir"] {
+        let r = &t[way];
+        assert_eq!(
+            (r["num_features"].as_u64(), r["num_classes"].as_u64()),
+            (Some(512), Some(0)),
+            "{t}"
+        );
+        assert_eq!(r["mean"], t["config_mean"], "{t}");
+        let d = r["max_abs_diff"].as_f64().unwrap();
+        assert!(
+            d < 1e-4 * r["max_abs"].as_f64().unwrap().max(1.0),
+            "{way}: {t}"
+        );
+    }
+
     // An --out that names a folder (here the run itself) is refused and the folder kept,
     // in both formats; so is an --out in a folder that does not exist.
     let other = tmp.path().join("a-folder");

@@ -18,11 +18,13 @@
 
 pub mod embeddings;
 pub mod graph;
+pub mod hf;
 pub mod onnx_runtime;
 pub mod proto;
 pub mod torchvision;
 
 pub use embeddings::{embed, EmbedReport, Output};
 pub use graph::{export, ExportInfo};
+pub use hf::{export_hf, HfExport};
 pub use onnx_runtime::{export_run, ExportReport, OnnxEncoder, EXPORT_TOL};
 pub use torchvision::{export_torchvision, TorchvisionExport};

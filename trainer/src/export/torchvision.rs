@@ -71,7 +71,7 @@ pub fn torchvision_state_dict(t: &TrainedOnline) -> Vec<(String, Tensor)> {
 }
 
 /// What keeps torchvision's stock model from taking these weights as they are.
-fn differences(t: &TrainedOnline) -> Vec<String> {
+pub(crate) fn differences(t: &TrainedOnline) -> Vec<String> {
     let e = &t.cfg.model.encoder;
     let mut d = Vec::new();
     if e.cifar_stem {
