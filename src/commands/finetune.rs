@@ -74,6 +74,10 @@ pub struct FinetuneArgs {
     /// Fit a new run into this wall time (e.g. 5m): sets finetune.total_steps.
     #[arg(long, value_parser = super::parse_duration)]
     time_budget: Option<f64>,
+    /// Log to this MLflow tracking server (http[s]://HOST:PORT) [default:
+    /// $MLFLOW_TRACKING_URI].
+    #[arg(long, value_name = "URI")]
+    mlflow: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -128,6 +132,7 @@ pub fn run(a: FinetuneArgs) -> Result<ExitCode> {
         progress: true,
         time_budget: a.time_budget,
         stop,
+        mlflow: a.mlflow,
     };
     let r = finetune(&opts, &a.out, byol_pipeline::opencv_decoder())?;
     if r.rank != 0 {

@@ -39,6 +39,10 @@ pub struct TrainArgs {
     /// measures this machine's speed and sets train.total_steps to what fits.
     #[arg(long, value_parser = super::parse_duration)]
     time_budget: Option<f64>,
+    /// Log to this MLflow tracking server (http[s]://HOST:PORT) [default:
+    /// $MLFLOW_TRACKING_URI].
+    #[arg(long, value_name = "URI")]
+    mlflow: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -68,6 +72,7 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         progress: true,
         time_budget: a.time_budget,
         stop,
+        mlflow: a.mlflow,
         sets,
     };
     let s = train(cfg, &a.data, &a.out, &opts, byol_pipeline::opencv_decoder())?;

@@ -82,7 +82,10 @@ fn run_loop(
         progress: false,
         name: "linear",
         max_decode_failure_rate: 0.01,
-        tensorboard: true,
+        tracking: byol_trainer::run::Tracking {
+            tensorboard: true,
+            mlflow: None,
+        },
     };
     let cadence = Cadence {
         total: 3 * loader.batches_per_epoch(),

@@ -64,6 +64,8 @@ pub struct FinetuneOptions {
     pub init: FinetuneInit,
     pub linear: bool,
     /// `key=value` overrides of the fine-tuned run's config.
+    /// `--mlflow URI`: an MLflow tracking server (else `$MLFLOW_TRACKING_URI`).
+    pub mlflow: Option<String>,
     pub sets: Vec<String>,
     pub resume: bool,
     pub resume_auto: bool,
@@ -126,6 +128,8 @@ pub fn finetune(opts: &FinetuneOptions, out: &Path, decode: DecodeFn) -> Result<
         0 => recipe.epochs * spe,
         n => n,
     };
+    let (mlflow, tracking) =
+        crate::train::start_tracking(out, &cfg, &rt, plan.world, opts.mlflow.as_deref());
     let (net, opt, pos) = start(
         &cfg,
         &rt,
@@ -142,7 +146,7 @@ pub fn finetune(opts: &FinetuneOptions, out: &Path, decode: DecodeFn) -> Result<
         progress: opts.progress,
         name: "finetune",
         max_decode_failure_rate: cfg.data.max_decode_failure_rate,
-        tensorboard: cfg.train.tensorboard,
+        tracking: tracking.clone(),
     };
     let cadence = Cadence {
         total,
@@ -167,7 +171,13 @@ pub fn finetune(opts: &FinetuneOptions, out: &Path, decode: DecodeFn) -> Result<
     let mut report = FinetuneReport::new(out, opts, (&recipe, &chosen), (&s, spe), &rt);
     if rt.is_writer() {
         if s.step == total && !s.stopped_by_signal {
-            test_run(&mut report, &step, (&opts.test, s.epoch), decode, rt.device)?;
+            test_run(
+                &mut report,
+                &step,
+                (&opts.test, s.epoch),
+                (decode, rt.device),
+                &tracking,
+            )?;
         }
         report.seconds = t_start.elapsed().as_secs_f64();
         write_atomic(
@@ -175,6 +185,7 @@ pub fn finetune(opts: &FinetuneOptions, out: &Path, decode: DecodeFn) -> Result<
             serde_json::to_string_pretty(&report)?.as_bytes(),
         )?;
     }
+    crate::train::end_tracking(mlflow, out, s.stopped_by_signal);
     Ok(report)
 }
 
@@ -183,19 +194,14 @@ fn test_run(
     report: &mut FinetuneReport,
     step: &FinetuneStep<'_>,
     (test, epoch): (&Path, u64),
-    decode: DecodeFn,
-    device: Device,
+    (decode, device): (DecodeFn, Device),
+    tracking: &run::Tracking,
 ) -> Result<()> {
     let (top1, top5, n) = test_accuracy(&step.net, &step.cfg, test, decode, device)?;
     report.test_rows = n;
     report.test_top1 = Some(top1);
     report.test_top5 = Some(top5);
-    append_test_row(
-        step.run,
-        (report.steps, epoch),
-        (top1, top5),
-        step.cfg.train.tensorboard,
-    )?;
+    append_test_row(step.run, (report.steps, epoch), (top1, top5), tracking)?;
     step.draw_curves();
     Ok(())
 }
@@ -513,7 +519,7 @@ fn append_test_row(
     out: &Path,
     (step, epoch): (u64, u64),
     (top1, top5): (f64, f64),
-    tensorboard: bool,
+    tracking: &run::Tracking,
 ) -> Result<()> {
     let row = run::TestRow {
         step,
@@ -521,5 +527,5 @@ fn append_test_row(
         test_top1: top1,
         test_top5: top5,
     };
-    run::open_metrics(out, None, "byol finetune", tensorboard)?.append(&row)
+    run::open_metrics(out, None, "byol finetune", tracking)?.append(&row)
 }

@@ -96,12 +96,23 @@ pub fn read_metrics(run: &Path) -> Result<Vec<MetricsRow>> {
         .collect()
 }
 
+/// Where a run's rows go besides `metrics.jsonl` (rank 0).
+#[derive(Clone, Default)]
+pub struct Tracking {
+    /// TensorBoard event files in `RUN/tb` (`train.tensorboard`).
+    pub tensorboard: bool,
+    /// An MLflow server (`--mlflow`, `$MLFLOW_TRACKING_URI`).
+    pub mlflow: Option<super::mlflow::MlflowHandle>,
+}
+
 /// `RUN/metrics.jsonl` opened for appending rows ([`open_metrics`]).
 pub struct MetricsFile {
     file: std::fs::File,
     path: PathBuf,
     /// The same rows as TensorBoard scalars (`train.tensorboard`).
     tb: Option<super::tensorboard::EventWriter>,
+    /// And as MLflow metrics.
+    mlflow: Option<super::mlflow::MlflowHandle>,
 }
 
 impl MetricsFile {
@@ -118,9 +129,13 @@ impl MetricsFile {
         self.file
             .write_all(&line)
             .with_context(|| format!("writing {}", self.path.display()))?;
+        let step = value.get("step").and_then(|s| s.as_u64()).unwrap_or(0);
+        let scalars = super::tensorboard::row_scalars(&value);
+        if let Some(m) = &self.mlflow {
+            m.metrics(step, scalars.clone());
+        }
         if let Some(tb) = self.tb.as_mut() {
-            let step = value.get("step").and_then(|s| s.as_u64()).unwrap_or(0);
-            tb.scalars(step, &super::tensorboard::row_scalars(&value))?;
+            tb.scalars(step, &scalars)?;
         }
         Ok(())
     }
@@ -134,9 +149,10 @@ impl MetricsFile {
 /// Opens `RUN/metrics.jsonl` for appending: a torn last line (a write cut by a crash or a
 /// full disk) is cut off first, and with `keep_through = Some(step)` the rows after
 /// `step` are dropped ([`trim_metrics`]); each repair is said once on stderr, prefixed
-/// with `who` (`byol train`). With `tensorboard`, the rows also go to a new event file in
-/// `RUN/tb`, which with `keep_through` starts with a restart mark at `step + 1` (the
-/// dropped rows are dropped in TensorBoard too).
+/// with `who` (`byol train`). With `tracking.tensorboard`, the rows also go to a new
+/// event file in `RUN/tb`, which with `keep_through` starts with a restart mark at
+/// `step + 1` (the dropped rows are dropped in TensorBoard too); with `tracking.mlflow`,
+/// to the MLflow run.
 ///
 /// # Errors
 /// The file cannot be read, repaired or opened; the event file cannot be made.
@@ -144,7 +160,7 @@ pub fn open_metrics(
     run: &Path,
     keep_through: Option<u64>,
     who: &str,
-    tensorboard: bool,
+    tracking: &Tracking,
 ) -> Result<MetricsFile> {
     let path = metrics_path(run);
     let (file, cut) = byol_format::fs::open_append_lines(&path)?;
@@ -169,7 +185,7 @@ pub fn open_metrics(
         .append(true)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    let tb = if tensorboard {
+    let tb = if tracking.tensorboard {
         let mut w = super::tensorboard::EventWriter::create(run)?;
         if let Some(step) = keep_through {
             w.restart(step + 1)?;
@@ -178,7 +194,12 @@ pub fn open_metrics(
     } else {
         None
     };
-    Ok(MetricsFile { file, path, tb })
+    Ok(MetricsFile {
+        file,
+        path,
+        tb,
+        mlflow: tracking.mlflow.clone(),
+    })
 }
 
 /// Drops the rows of `RUN/metrics.jsonl` after `step`: rows an earlier attempt wrote

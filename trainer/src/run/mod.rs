@@ -38,10 +38,11 @@ const PROBE: &str = "probe.safetensors";
 const STATE: &str = "state.json";
 
 mod metrics;
+pub mod mlflow;
 pub mod tensorboard;
 pub use metrics::{
     draw_curves, metrics_path, open_metrics, read_metrics, trim_metrics, FinetuneMetrics, KnnRow,
-    Metrics, MetricsFile, MetricsRow, TestRow,
+    Metrics, MetricsFile, MetricsRow, TestRow, Tracking,
 };
 
 /// `RUN/config.toml`.

@@ -67,6 +67,8 @@ pub struct TrainOptions {
     /// exit.
     pub stop: StopSignal,
     /// `key=value` overrides for a resumed run's saved config (when no config is given).
+    /// `--mlflow URI`: an MLflow tracking server (else `$MLFLOW_TRACKING_URI`).
+    pub mlflow: Option<String>,
     pub sets: Vec<String>,
 }
 
@@ -225,6 +227,7 @@ pub fn train(
     let spe = loader.batches_per_epoch();
     record_config(&mut cfg, &rt, run, (spe, budget.as_ref()), opts.resume)?;
     let total = cfg.total_steps(spe);
+    let (mlflow, tracking) = start_tracking(run, &cfg, &rt, plan.world, opts.mlflow.as_deref());
     let mut learner = Learner::new(&cfg, &rt, labelled, group.clone());
     let pos = start_position(
         &mut learner,
@@ -249,7 +252,7 @@ pub fn train(
         progress: opts.progress,
         name: "train",
         max_decode_failure_rate: cfg.data.max_decode_failure_rate,
-        tensorboard: cfg.train.tensorboard,
+        tracking,
     };
     let start_step = pos.step;
     let mut lp = StepLoop::new(ctx, pos, cadence, &loader)?;
@@ -259,6 +262,7 @@ pub fn train(
     let mut step = ByolStep::new(run, cfg, learner, (total, spe), (knn, monitor));
     lp.run(&loader, &mut step)?;
     let s = lp.finish(&loader, &mut step)?;
+    end_tracking(mlflow, run, s.stopped_by_signal);
     let knn_in_run = step.monitor.seconds - step.monitor.calibration_seconds;
     Ok(summary(
         s,
@@ -267,6 +271,39 @@ pub fn train(
         (t_start, knn_in_run),
         (opts.time_budget, budget),
     ))
+}
+
+/// Where a run's rows go besides `metrics.jsonl` (rank 0): TensorBoard when
+/// `train.tensorboard`, an MLflow server when `--mlflow`/`$MLFLOW_TRACKING_URI` names one
+/// (its tracking thread returned, to end with [`end_tracking`]).
+pub(crate) fn start_tracking(
+    run: &Path,
+    cfg: &TrainConfig,
+    rt: &Runtime,
+    world: usize,
+    mlflow_flag: Option<&str>,
+) -> (Option<run::mlflow::Mlflow>, run::Tracking) {
+    if !rt.is_writer() {
+        return (None, run::Tracking::default());
+    }
+    let mlflow = run::mlflow::tracking_uri(mlflow_flag).map(|uri| {
+        let tags = run::mlflow::run_tags(&format!("{:?}", rt.device), rt.precision.name, world);
+        run::mlflow::Mlflow::start(run, uri, cfg, tags)
+    });
+    let tracking = run::Tracking {
+        tensorboard: cfg.train.tensorboard,
+        mlflow: mlflow.as_ref().map(run::mlflow::Mlflow::handle),
+    };
+    (mlflow, tracking)
+}
+
+/// Ends MLflow tracking: the run folder's summary files and curves as artifacts, the
+/// MLflow run `FINISHED` (`KILLED` when a signal stopped it).
+pub(crate) fn end_tracking(mlflow: Option<run::mlflow::Mlflow>, run: &Path, stopped: bool) {
+    if let Some(m) = mlflow {
+        let status = if stopped { "KILLED" } else { "FINISHED" };
+        m.finish(run::mlflow::run_artifacts(run), status);
+    }
 }
 
 /// What a run's TensorBoard log starts with at `step`: the resolved config as text and,

@@ -159,8 +159,8 @@ pub struct LoopContext<'a> {
     pub name: &'static str,
     /// `data.max_decode_failure_rate`: above it the loop stops ([`StepLoop::run`]).
     pub max_decode_failure_rate: f64,
-    /// `train.tensorboard`: the rows also go to `RUN/tb`.
-    pub tensorboard: bool,
+    /// Where the rows go besides `metrics.jsonl` (TensorBoard, MLflow).
+    pub tracking: run::Tracking,
 }
 
 /// The counters of one logging interval, and of the whole invocation.
@@ -239,7 +239,7 @@ impl<'a> StepLoop<'a> {
                 ctx.run,
                 Some(step),
                 &format!("byol {}", ctx.name),
-                ctx.tensorboard,
+                &ctx.tracking,
             )?)
         } else {
             None
