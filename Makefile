@@ -13,7 +13,7 @@ FMNIST ?= /usr/share/datasets/fashion-mnist
 TOOLS := $(ROOT)/target/release/byol-tools
 BYOL := $(ROOT)/target/release/byol
 
-.PHONY: setup build demo compare test bench fmt clippy device
+.PHONY: setup build demo compare test bench fmt clippy device tensorboard
 
 setup:
 	@bash $(ROOT)/scripts/setup
@@ -36,6 +36,11 @@ compare: build
 test: build
 	@bash $(ROOT)/scripts/setup_tracking
 	$(CARGO) test --release --workspace
+
+# TensorBoard (pinned, in .venv-tracking) on the runs' logs: http://127.0.0.1:6006
+tensorboard:
+	@bash $(ROOT)/scripts/setup_tracking
+	$(ROOT)/.venv-tracking/bin/tensorboard --logdir $(ROOT)/runs --host 127.0.0.1 --port 6006
 
 bench: build
 	@bash $(ROOT)/scripts/bench
