@@ -25,15 +25,20 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// What TensorBoard reads from `RUN/tb`.
-fn read_tb(run: &Path) -> Value {
+/// Runs fixture `script` with `.venv-tracking`'s python; its JSON output.
+fn tracking_fixture(script: &str, args: &[&str]) -> Value {
     let o = Command::new(tracking_python())
-        .arg(fixture("read_tensorboard.py"))
-        .arg(run.join("tb"))
+        .arg(fixture(script))
+        .args(args)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// What TensorBoard reads from `RUN/tb`.
+fn read_tb(run: &Path) -> Value {
+    tracking_fixture("read_tensorboard.py", &[run.join("tb").to_str().unwrap()])
 }
 
 /// A run interrupted after rows it had not checkpointed, then resumed: TensorBoard shows
@@ -190,13 +195,7 @@ impl Drop for MlflowServer {
 fn read_mlflow(uri: &str, run: &Path) -> Value {
     let link: Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("mlflow.json")).unwrap()).unwrap();
-    let o = Command::new(tracking_python())
-        .arg(fixture("read_mlflow.py"))
-        .args([uri, link["run_id"].as_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap()
+    tracking_fixture("read_mlflow.py", &[uri, link["run_id"].as_str().unwrap()])
 }
 
 /// Every number of every metrics row, by key: [(step, value)].

@@ -40,11 +40,7 @@ with tarfile.open(os.path.join(out, "flat.tar"), "w") as tf:
         for f in sorted(os.listdir(os.path.join(src, c))):
             tf.add(os.path.join(src, c, f), arcname=f"{c}-{f}")
 "#;
-    let o = Command::new(python())
-        .args(["-c", make, s(&src), s(t)])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    py_code(make, &[s(&src), s(t)]);
 
     let folder = t.join("folder-ds");
     ok_json(&["shard", "--src", s(&src), "--out", s(&folder), "--json"]);
@@ -177,11 +173,7 @@ for shard in range(2):
             add_bytes(tf, "badlabel.cls", b"cat")
 "#;
     let wds = t.join("wds");
-    let o = Command::new(python())
-        .args(["-c", make, s(&src), s(&wds)])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    py_code(make, &[s(&src), s(&wds)]);
     let folder = t.join("folder-ds");
     ok_json(&["shard", "--src", s(&src), "--out", s(&folder), "--json"]);
     let ds = t.join("wds-ds");
@@ -259,11 +251,7 @@ for shard in range(2):  # the same keys in both: a writer restarted from 0
             add(tf, "dir/empty.jpg", b"")
             add(tf, "dir/empty.cls", b"0")
 "#;
-    let o = Command::new(python())
-        .args(["-c", make, s(&src), s(t)])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    py_code(make, &[s(&src), s(t)]);
     let shards = t.join("shards");
     for (name, srcs, rows) in [
         ("folder", vec![s(&shards)], 8),
@@ -363,11 +351,7 @@ whole = open(os.path.join(out, "part-1.tar"), "rb").read()
 end = (m.offset_data + m.size + 511) // 512 * 512
 open(os.path.join(out, "boundary.tar"), "wb").write(whole[:end])
 "#;
-    let o = Command::new(python())
-        .args(["-c", make, s(&src), s(t)])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    py_code(make, &[s(&src), s(t)]);
     let folder = t.join("folder-ds");
     ok_json(&["shard", "--src", s(&src), "--out", s(&folder), "--json"]);
     let want = rows_of(&folder);

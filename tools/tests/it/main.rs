@@ -64,6 +64,18 @@ fn assert_refused(args: &[&str], text: &str) -> String {
     err
 }
 
+/// Runs inline Python `code` (`python -c`) with the venv's python and `args`, failing
+/// the test with its stderr when it fails; its stdout.
+fn py_code(code: &str, args: &[&str]) -> Vec<u8> {
+    let o = Command::new(python())
+        .args(["-c", code])
+        .args(args)
+        .output()
+        .expect("run venv python");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o.stdout
+}
+
 fn py(script: &str, args: &[&str]) -> Value {
     let o = Command::new(python())
         .arg(root().join("scripts/fixtures").join(script))
@@ -129,12 +141,7 @@ for f in sorted(os.listdir(d)):
         rows += list(zip(t["key"].to_pylist(), t["label"].to_pylist()))
 print(json.dumps(sorted(rows)))
 "#;
-    let o = Command::new(python())
-        .args(["-c", code, s(ds)])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let rows: Vec<(String, i64)> = serde_json::from_slice(&o.stdout).unwrap();
+    let rows: Vec<(String, i64)> = serde_json::from_slice(&py_code(code, &[s(ds)])).unwrap();
     (classes, rows)
 }
 
@@ -151,10 +158,5 @@ for f in sorted(os.listdir(d)):
             rows.append((k, l, hashlib.sha1(b).hexdigest()))
 print(json.dumps(sorted(rows)))
 "#;
-    let o = Command::new(python())
-        .args(["-c", code, s(ds)])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap()
+    serde_json::from_slice(&py_code(code, &[s(ds)])).unwrap()
 }

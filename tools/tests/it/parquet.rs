@@ -51,11 +51,7 @@ bad = pa.table({"image": [None, {"bytes": b"not an image", "path": "x.jpg"},
                 "label": pa.array([0, 1, None, 2], pa.int64())}, schema=schema)
 pq.write_table(bad, os.path.join(out, "bad.parquet"))
 "#;
-    let o = Command::new(python())
-        .args(["-c", make, s(&src), s(t)])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    py_code(make, &[s(&src), s(t)]);
     let folder = t.join("folder-ds");
     ok_json(&["shard", "--src", s(&src), "--out", s(&folder), "--json"]);
     let strip = |rows: Vec<(String, i64, String)>| {
@@ -185,11 +181,7 @@ for part in ("a", "b"):
     t = pa.table({"image": pa.array(rows[:3], pa.binary()), "label": pa.array([0, 1, 0], pa.int64())})
     pq.write_table(t, os.path.join(out, "parts", part, "0000.parquet"), compression="zstd")
 "#;
-    let o = Command::new(python())
-        .args(["-c", make, s(&src), s(t)])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    py_code(make, &[s(&src), s(t)]);
 
     let ds = t.join("codecs-ds");
     let r = ok_json(&[

@@ -77,11 +77,7 @@ with tarfile.open(os.path.join(out, "wds.tar"), "w") as tf:
     add_bytes(tf, "s1.jpg", one); add_bytes(tf, "s1.cls", b"1")
 os.makedirs(os.path.join(out, "noshards"))
 "#;
-    let o = Command::new(python())
-        .args(["-c", make, s(&src), s(t)])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    py_code(make, &[s(&src), s(t)]);
 
     // Hidden members are ignored as hidden files are; link members are listed.
     let ds = t.join("odd-ds");

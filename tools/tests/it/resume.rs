@@ -85,11 +85,7 @@ with tarfile.open(out, "w") as tf:
             tf.add(os.path.join(src, c, f), arcname=f"{c}/{f}")
 "#;
     let archive = t.join("a.tar");
-    let o = Command::new(python())
-        .args(["-c", make, s(&src), s(&archive)])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    py_code(make, &[s(&src), s(&archive)]);
     let args = |out: &Path| -> Vec<String> {
         [
             "shard",

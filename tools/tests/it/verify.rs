@@ -28,12 +28,8 @@ t = t.set_column(2, pa.field("image", pa.binary(), nullable=False), pa.array(img
 pq.write_table(t, p, compression="none")
 print(t.column("key")[5].as_py())
 "#;
-    let o = Command::new(python())
-        .args(["-c", code, s(&out.join("shard-00001.parquet"))])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let key = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let stdout = py_code(code, &[s(&out.join("shard-00001.parquet"))]);
+    let key = String::from_utf8_lossy(&stdout).trim().to_string();
     let o = tools(&["verify", s(&out)]);
     assert_eq!(o.status.code(), Some(1));
     let text = String::from_utf8_lossy(&o.stdout);
