@@ -36,6 +36,15 @@ fn tracking_fixture(script: &str, args: &[&str]) -> Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+/// A `[[step, value], …]` list as pairs (`what` names it when it is missing).
+fn pairs(v: &Value, what: &str) -> Vec<(u64, f64)> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("no {what} in the tracker's answer"))
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+        .collect()
+}
+
 /// What TensorBoard reads from `RUN/tb`.
 fn read_tb(run: &Path) -> Value {
     tracking_fixture("read_tensorboard.py", &[run.join("tb").to_str().unwrap()])
@@ -80,12 +89,7 @@ fn tensorboard_reads_every_metrics_row_once_per_step_after_a_resume() {
             .iter()
             .filter_map(|r| Some((r["step"].as_u64()?, r[tag].as_f64()?)))
             .collect();
-        let got: Vec<(u64, f64)> = tb["scalars"][tag]
-            .as_array()
-            .unwrap_or_else(|| panic!("no scalar {tag}: {}", tb["scalars"]))
-            .iter()
-            .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
-            .collect();
+        let got = pairs(&tb["scalars"][tag], tag);
         assert_eq!(
             got.iter().map(|p| p.0).collect::<Vec<_>>(),
             (1..=8).collect::<Vec<_>>(),
@@ -222,12 +226,7 @@ fn assert_every_metric_step(got: &Value, run: &Path) {
     let want = metrics_by_key(run);
     assert!(!want.is_empty());
     for (k, rows) in &want {
-        let have: Vec<(u64, f64)> = got["metrics"][k]
-            .as_array()
-            .unwrap_or_else(|| panic!("no metric {k}: {}", got["metrics"]))
-            .iter()
-            .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
-            .collect();
+        let have = pairs(&got["metrics"][k], k);
         assert_eq!(
             have.iter().map(|p| p.0).collect::<Vec<_>>(),
             rows.iter().map(|p| p.0).collect::<Vec<_>>(),
