@@ -106,11 +106,27 @@ pub fn write_atomic_with<T, E: From<FileError>>(
     path: &Path,
     write: impl FnOnce(&Path) -> Result<T, E>,
 ) -> Result<T, E> {
+    use std::os::unix::ffi::OsStrExt;
+    // `out/` names a folder: a file is not written there under the name `out`.
+    let wants_folder = path.as_os_str().as_bytes().ends_with(b"/");
+    let given = path;
     let resolved = resolve_output(path).map_err(E::from)?;
     let path = resolved.as_path();
     let tmp = temp_path(path);
     remove_any(&tmp);
     match write(&tmp) {
+        Ok(_) if wants_folder && !tmp.is_dir() => {
+            remove_any(&tmp);
+            Err(FileError {
+                op: "writing",
+                path: given.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "the name ends with / (a folder); give a file name",
+                ),
+            }
+            .into())
+        }
         Ok(v) => match commit(&tmp, path) {
             Ok(()) => Ok(v),
             Err(e) => {
@@ -407,6 +423,15 @@ mod tests {
             resolve_output(&sub.join("x/")).unwrap(),
             real_dir.join("sub/x")
         );
+        let e = write_atomic(Path::new(&format!("{}/f.onnx/", sub.display())), b"x").unwrap_err();
+        assert!(
+            std::error::Error::source(&e)
+                .unwrap()
+                .to_string()
+                .contains("ends with /"),
+            "{e}"
+        );
+        assert!(!sub.join("f.onnx").exists() && !temp_path(&sub.join("f.onnx")).exists());
         assert!(resolve_output(&sub.join("no/x"))
             .unwrap_err()
             .to_string()

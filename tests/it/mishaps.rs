@@ -327,3 +327,45 @@ fn a_dataset_where_most_images_fail_stops_after_a_hundred_samples() {
     ));
     assert!(e.contains("samples decoded so far failed"), "{e}");
 }
+
+/// `byol export --format hf --out DIR` replaced a folder that held other files (the
+/// bundle is written as a folder, which replaces the old one). Now a folder holding
+/// anything but an earlier bundle's files, or a file, is refused and kept; a new folder
+/// and an earlier bundle are written.
+#[test]
+fn an_hf_bundle_over_a_folder_of_other_files_is_refused_and_the_files_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    summary(&train(tmp.path(), &data, "h", &["--max-steps", "2"]));
+    let run = tmp.path().join("h");
+    let export = |out: &Path| {
+        byol(&[
+            "export",
+            "--run",
+            s(&run),
+            "--format",
+            "hf",
+            "--out",
+            s(out),
+            "--json",
+        ])
+    };
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("data.txt"), b"precious").unwrap();
+    let e = refused(&export(&other));
+    assert!(
+        e.contains("data.txt") && e.contains("new or empty folder"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(other.join("data.txt")).unwrap(), b"precious");
+    let file = tmp.path().join("copy.toml");
+    std::fs::write(&file, b"x").unwrap();
+    assert!(refused(&export(&file)).contains("is a file"));
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    let bundle = tmp.path().join("bundle");
+    for _ in 0..2 {
+        summary(&export(&bundle));
+    }
+    assert!(bundle.join("model.safetensors").is_file());
+}

@@ -46,11 +46,39 @@ pub struct HfExport {
     pub differences: Vec<String>,
 }
 
-/// Writes the folder `out` (atomically: a temporary folder renamed when complete).
+/// The files of a bundle: an existing `--out` folder may hold these only (an earlier
+/// bundle, which is replaced).
+const BUNDLE_FILES: [&str; 3] = ["model.safetensors", "config.json", "README.md"];
+
+/// Writes the folder `out` (atomically: a temporary folder renamed when complete, which
+/// replaces an earlier bundle there).
 ///
 /// # Errors
-/// The folder or one of its files cannot be written.
+/// `out` is a file, or a folder holding anything but a bundle's files (it would be
+/// replaced: refused, naming what it holds); the folder or one of its files cannot be
+/// written.
 pub fn export_hf(run: &Path, t: &TrainedOnline, out: &Path) -> Result<HfExport> {
+    if out.is_file() {
+        crate::bail!(
+            "--out {} is a file; the hf bundle is a folder: give a new or empty folder",
+            out.display()
+        );
+    }
+    if out.is_dir() {
+        let others: Vec<String> = std::fs::read_dir(out)
+            .with_context(|| format!("reading {}", out.display()))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !BUNDLE_FILES.contains(&n.as_str()))
+            .collect();
+        if !others.is_empty() {
+            crate::bail!(
+                "--out {} holds files that are not an hf bundle's ({}); the bundle would replace the folder: give a new or empty folder",
+                out.display(),
+                others.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
     let named: Vec<(String, Tensor)> = torchvision_state_dict(t);
     let arch = format!("{:?}", t.cfg.model.encoder.arch).to_lowercase();
     let classes: Vec<String> = t.classes().map(<[String]>::to_vec).unwrap_or_default();
@@ -215,7 +243,7 @@ fn model_card(
         s += "\n";
     }
     s += &format!(
-        "## How it was made\n\n```sh\nbyol train --config config.toml --data {} --out {}\n{}\n```\n\n",
+        "## How it was made\n\nTrained with the config below (the run's `config.toml`, every value resolved) on `{}` into `{}`, then exported with:\n\n```sh\n{}\n```\n\n",
         data.as_ref()
             .and_then(|d| d["path"].as_str())
             .unwrap_or("DATA"),
