@@ -53,12 +53,26 @@ struct Link {
 /// or `https://` server; a local store such as `file:` or `sqlite:` is not a server and
 /// is ignored with a warning).
 pub fn tracking_uri(flag: Option<&str>) -> Option<String> {
+    if flag.is_some_and(|f| f.trim().is_empty()) {
+        eprintln!(
+            "byol: warning: --mlflow \"\" names no server; this run is not tracked in MLflow"
+        );
+        return None;
+    }
     let uri = flag
         .map(str::to_string)
         .or_else(|| std::env::var("MLFLOW_TRACKING_URI").ok())
         .filter(|u| !u.trim().is_empty())?;
-    if uri.starts_with("http://") || uri.starts_with("https://") {
+    let host = uri
+        .split_once("://")
+        .map_or("", |(_, rest)| rest.trim_matches('/'));
+    if (uri.starts_with("http://") || uri.starts_with("https://")) && !host.is_empty() {
         Some(uri.trim_end_matches('/').to_string())
+    } else if host.is_empty() && uri.contains("://") {
+        eprintln!(
+            "byol: warning: MLflow tracking URI {uri:?} names no host (http://HOST:PORT); this run is not tracked in MLflow"
+        );
+        None
     } else {
         eprintln!(
             "byol: warning: MLflow tracking URI {uri:?} is not an http(s) server; byol logs to MLflow servers only (`mlflow server`), so this run is not tracked there"
@@ -561,4 +575,26 @@ pub fn run_artifacts(run: &Path) -> Vec<PathBuf> {
     .iter()
     .map(|n| run.join(n))
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tracking_uri;
+
+    #[test]
+    fn only_http_servers_with_a_host_are_tracking_uris() {
+        assert_eq!(
+            tracking_uri(Some("http://127.0.0.1:5000/")).as_deref(),
+            Some("http://127.0.0.1:5000")
+        );
+        for bad in [
+            "",
+            "http://",
+            "https:///",
+            "file:./mlruns",
+            "sqlite:///x.db",
+        ] {
+            assert_eq!(tracking_uri(Some(bad)), None, "{bad}");
+        }
+    }
 }
