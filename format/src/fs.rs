@@ -153,14 +153,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
     })
 }
 
-/// Opens an append-only file of lines (`RUN/metrics.jsonl`) for appending, repaired
-/// first: a last line without its newline (a write cut short by a crash or a full disk)
-/// is cut off, so the next line does not run into it. Returns the file and the number of
-/// bytes cut (0 when the file was whole or absent; the caller says it once).
+/// Repairs an append-only file of lines (`RUN/metrics.jsonl`) before it is appended to:
+/// a last line without its newline (a write cut short by a crash or a full disk) is cut
+/// off, so the next line does not run into it. The file is created when absent. Returns
+/// the number of bytes cut (0 when the file was whole; the caller says it once).
 ///
 /// # Errors
 /// [`FileError`] naming the file that cannot be opened, read or truncated.
-pub fn open_append_lines(path: &Path) -> Result<(File, u64), FileError> {
+pub fn cut_torn_last_line(path: &Path) -> Result<u64, FileError> {
     use std::io::{Read, Seek, SeekFrom};
     let mut f = std::fs::OpenOptions::new()
         .read(true)
@@ -170,7 +170,7 @@ pub fn open_append_lines(path: &Path) -> Result<(File, u64), FileError> {
         .map_err(FileError::at("opening", path))?;
     let len = f.metadata().map_err(FileError::at("reading", path))?.len();
     if len == 0 {
-        return Ok((f, 0));
+        return Ok(0);
     }
     // Look back in growing windows for the last newline.
     let mut window = 4096u64;
@@ -196,7 +196,7 @@ pub fn open_append_lines(path: &Path) -> Result<(File, u64), FileError> {
             .and_then(|_| f.sync_all())
             .map_err(FileError::at("truncating", path))?;
     }
-    Ok((f, len - keep))
+    Ok(len - keep)
 }
 
 /// An output path resolved for writing: absolute, through the existing folders' real
@@ -368,18 +368,17 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("metrics.jsonl");
         std::fs::write(&p, "{\"step\":1}\n{\"step\":2}\n{\"st").unwrap();
-        let (mut f, cut) = open_append_lines(&p).unwrap();
-        assert_eq!(cut, 4);
+        assert_eq!(cut_torn_last_line(&p).unwrap(), 4);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
         writeln!(f, "{{\"step\":3}}").unwrap();
         assert_eq!(
             std::fs::read_to_string(&p).unwrap(),
             "{\"step\":1}\n{\"step\":2}\n{\"step\":3}\n"
         );
-        let (_, cut) = open_append_lines(&p).unwrap();
-        assert_eq!(cut, 0);
+        assert_eq!(cut_torn_last_line(&p).unwrap(), 0);
         // A file that is one long fragment (longer than the first window).
         std::fs::write(&p, "x".repeat(10_000)).unwrap();
-        assert_eq!(open_append_lines(&p).unwrap().1, 10_000);
+        assert_eq!(cut_torn_last_line(&p).unwrap(), 10_000);
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
     }
 

@@ -63,9 +63,9 @@ pub struct FinetuneOptions {
     pub recipe: FinetuneConfig,
     pub init: FinetuneInit,
     pub linear: bool,
-    /// `key=value` overrides of the fine-tuned run's config.
     /// `--mlflow URI`: an MLflow tracking server (else `$MLFLOW_TRACKING_URI`).
     pub mlflow: Option<String>,
+    /// `key=value` overrides of the fine-tuned run's config.
     pub sets: Vec<String>,
     pub resume: bool,
     pub resume_auto: bool,

@@ -163,7 +163,7 @@ pub fn open_metrics(
     tracking: &Tracking,
 ) -> Result<MetricsFile> {
     let path = metrics_path(run);
-    let (file, cut) = byol_format::fs::open_append_lines(&path)?;
+    let cut = byol_format::fs::cut_torn_last_line(&path)?;
     if cut > 0 {
         eprintln!(
             "{who}: cut an incomplete last line ({cut} bytes) from {}: a write an earlier attempt did not finish",
@@ -179,8 +179,6 @@ pub fn open_metrics(
             );
         }
     }
-    // trim_metrics may have replaced the file: append to the one now at the path.
-    drop(file);
     let file = std::fs::OpenOptions::new()
         .append(true)
         .open(&path)

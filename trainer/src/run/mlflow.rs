@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -101,19 +101,16 @@ pub struct MlflowHandle {
 }
 
 impl MlflowHandle {
-    /// Queues one row's values at `step`. Never blocks: when the channel is full the
-    /// row is dropped (the tracking thread drains it into its own buffer far faster than
-    /// rows come).
+    /// Queues one row's values at `step`. Never blocks: when the channel is full (the
+    /// tracking thread drains it into its own buffer far faster than rows come) or the
+    /// thread has ended, the row is dropped; `metrics.jsonl` keeps it.
     pub fn metrics(&self, step: u64, values: Vec<(String, f64)>) {
         let at_ms = now_ms();
-        match self.tx.try_send(Msg::Metrics {
+        let _dropped_when_full = self.tx.try_send(Msg::Metrics {
             step,
             at_ms,
             values,
-        }) {
-            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
-            Err(TrySendError::Full(_)) => {}
-        }
+        });
     }
 }
 

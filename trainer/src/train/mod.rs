@@ -66,9 +66,9 @@ pub struct TrainOptions {
     /// Set by a signal (see [`install_signal_handlers`]): finish the step, checkpoint,
     /// exit.
     pub stop: StopSignal,
-    /// `key=value` overrides for a resumed run's saved config (when no config is given).
     /// `--mlflow URI`: an MLflow tracking server (else `$MLFLOW_TRACKING_URI`).
     pub mlflow: Option<String>,
+    /// `key=value` overrides for a resumed run's saved config (when no config is given).
     pub sets: Vec<String>,
 }
 
