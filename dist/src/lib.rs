@@ -321,6 +321,29 @@ impl ProcessGroup {
         }
     }
 
+    /// Polls the store every 20 ms until `key` is set; why not, when the store stops
+    /// answering (`since`: when the wait began, for the message).
+    fn wait_for_key(
+        &self,
+        key: &str,
+        since: std::time::Instant,
+    ) -> std::result::Result<(), String> {
+        loop {
+            match store_try_get(self.raw.as_ptr(), key) {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => {
+                    return Err(format!(
+                        "the TCPStore at {}:{} stopped answering after {:.0} s ({e}): rank 0 ended or its host went away",
+                        self.env.master_addr,
+                        self.env.master_port,
+                        since.elapsed().as_secs_f64()
+                    ))
+                }
+            }
+        }
+    }
+
     /// Marks the end of work that rank 0 does alone (writing a checkpoint, the kNN
     /// monitor, evaluation) for the other ranks, which wait for it here on the TCPStore
     /// (polled every 20 ms) instead of in their next collective: however long the work
@@ -344,20 +367,8 @@ impl ProcessGroup {
         let t = std::time::Instant::now();
         if self.env.rank == 0 {
             self.store_set(&key, "done").map_err(failed)?;
-        }
-        loop {
-            match store_try_get(self.raw.as_ptr(), &key) {
-                Ok(Some(_)) => break,
-                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => {
-                    return Err(failed(format!(
-                        "the TCPStore at {}:{} stopped answering after {:.0} s ({e}): rank 0 ended or its host went away",
-                        self.env.master_addr,
-                        self.env.master_port,
-                        t.elapsed().as_secs_f64()
-                    )))
-                }
-            }
+        } else {
+            self.wait_for_key(&key, t).map_err(failed)?;
         }
         self.comm_wait(t.elapsed());
         // Every rank has seen the mark (rank 0, hosting the store, may not end before).
