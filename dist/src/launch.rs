@@ -7,9 +7,9 @@
 //! after the same step, see the trainer). Worker stderr lines are prefixed `[rank R]`;
 //! rank 0's stdout (the `--json` summary) passes through unchanged, other ranks' stdout
 //! is prefixed. When a worker fails, the launcher names it, stops the others (SIGTERM,
-//! then SIGKILL after [`LaunchOptions::grace`]) and exits non-zero: with the workers'
-//! code when they all exited with the same one (a config or data error), 130 after a
-//! second signal, else 1. Workers still running [`LaunchOptions::stop_timeout`] after a
+//! then SIGKILL after [`LaunchOptions::grace`]) and exits non-zero: with the exit code
+//! of the worker that failed first when it exited (a config or data error: 2), 130 after
+//! a second signal, else 1 (the first failure was a signal). Workers still running [`LaunchOptions::stop_timeout`] after a
 //! forwarded signal are killed. A worker whose launcher dies gets SIGHUP
 //! (`PR_SET_PDEATHSIG`), a stop request, and libtorch's C++ warnings are off unless
 //! `TORCH_CPP_LOG_LEVEL` is set.
@@ -126,7 +126,8 @@ fn signal_all(children: &[Child], alive: &[bool], sig: i32) {
 }
 
 /// Runs the workers to completion; returns the launcher's exit code: 0 when every worker
-/// exited 0, else 1 (the failing worker is named on stderr).
+/// exited 0, else the code of the worker that failed first, or 1 when a signal ended it
+/// (130 after a second forwarded signal). The failing worker is named on stderr.
 ///
 /// # Errors
 /// A worker could not be started, or no free port was found.
@@ -210,8 +211,8 @@ pub fn run(opts: &LaunchOptions) -> Result<i32> {
     }
     let mut alive = vec![true; n];
     let mut forwarded = 0usize;
-    let mut failed: Option<(usize, String)> = None;
-    let mut codes: Vec<Option<i32>> = vec![Some(0); n];
+    // The first failure: its description and exit code (None: ended by a signal).
+    let mut failed: Option<(String, Option<i32>)> = None;
     let mut kill_at: Option<Instant> = None;
     let mut stop_deadline: Option<Instant> = None;
     while alive.iter().any(|&a| a) {
@@ -237,14 +238,13 @@ pub fn run(opts: &LaunchOptions) -> Result<i32> {
         // Failures seen in one round: the root cause is preferably a worker killed by a
         // signal other than SIGABRT (the others abort when a peer vanishes), then one
         // that exited non-zero.
-        let mut round: Vec<(u8, usize, String)> = Vec::new();
+        let mut round: Vec<(u8, usize, String, Option<i32>)> = Vec::new();
         for (rank, c) in children.iter_mut().enumerate() {
             if !alive[rank] {
                 continue;
             }
             if let Ok(Some(status)) = c.try_wait() {
                 alive[rank] = false;
-                codes[rank] = status.code();
                 if !status.success() {
                     let what = format!("worker rank {rank} (pid {}) {}", c.id(), describe(status));
                     let priority = match status.signal() {
@@ -252,15 +252,15 @@ pub fn run(opts: &LaunchOptions) -> Result<i32> {
                         Some(_) => 0,
                         None => 1,
                     };
-                    round.push((priority, rank, what));
+                    round.push((priority, rank, what, status.code()));
                 }
             }
         }
         round.sort();
-        for (_, rank, what) in round {
+        for (_, _, what, code) in round {
             if failed.is_none() {
                 eprintln!("byol: {what}; stopping the other workers");
-                failed = Some((rank, what));
+                failed = Some((what, code));
                 signal_all(&children, &alive, libc::SIGTERM);
                 kill_at = Some(Instant::now() + opts.grace);
             } else {
@@ -289,21 +289,11 @@ pub fn run(opts: &LaunchOptions) -> Result<i32> {
             eprintln!("byol: interrupted twice: the workers stopped without a final checkpoint (the run keeps its last complete one)");
             130
         }
-        // The same error on every rank (a config or data error): its exit code.
-        Some(_)
-            if codes
-                .iter()
-                .all(|c| c.is_some_and(|c| c != 0) && *c == codes[0]) =>
-        {
-            let code = codes[0].unwrap_or(1);
-            eprintln!(
-                "byol: the job failed: every worker exited with code {code} (the error is above)"
-            );
-            code
-        }
-        Some((_, what)) => {
+        // The root cause's own code (a config or data error is 2 on every rank, but the
+        // others may be stopped before they reach it): deterministic whatever the timing.
+        Some((what, code)) => {
             eprintln!("byol: the job failed: {what}");
-            1
+            code.filter(|&c| c != 0).unwrap_or(1)
         }
     })
 }
@@ -330,5 +320,27 @@ mod tests {
             .map(|s| s.to_string_lossy().into_owned())
             .collect();
         assert_eq!(b, ["train", "--out", "r"]);
+    }
+
+    /// Regression: a config error that rank 0 reached first made the launcher exit 1,
+    /// not 2, when the others were stopped before reaching it.
+    #[test]
+    fn a_config_error_exits_with_its_code_when_the_other_workers_are_stopped_first() {
+        let opts = LaunchOptions {
+            nproc: 2,
+            program: "/bin/sh".into(),
+            args: vec![
+                "-c".into(),
+                "if [ \"$RANK\" = 0 ]; then exit 2; else exec sleep 60; fi".into(),
+            ],
+            grace: Duration::from_secs(5),
+            stop_timeout: Duration::from_secs(5),
+        };
+        let t0 = Instant::now();
+        assert_eq!(run(&opts).unwrap(), 2);
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "rank 1 was not stopped"
+        );
     }
 }
