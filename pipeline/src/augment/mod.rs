@@ -18,8 +18,9 @@
 //! 6. normalisation by mean and std.
 //!
 //! Modules: [`params`] draws every per-sample parameter (pure Rust); [`tensor`] applies
-//! them as batched tch ops on any device; [`cpu`] runs the colour stages fused per
-//! sample on the CPU. [`Augmenter`] chooses between the two paths.
+//! them as batched tch ops on any device; [`cpu`] makes each sample's views fused on
+//! the CPU, straight from its uint8 canvas (bilinear) or from the tensor path's crops
+//! (bicubic). [`Augmenter`] chooses between the paths.
 
 pub mod cpu;
 pub mod params;
@@ -70,16 +71,22 @@ impl Augmenter {
         valid: &[(i32, i32)],
         rng: &mut SplitMix64,
     ) -> (Tensor, Tensor, ViewParams, ViewParams) {
-        let mut img = canvas.to_kind(Kind::Float) / 255.0;
-        if self.cfg.interpolation == Interpolation::Bicubic {
-            img = replicate_beyond_valid(&img, valid);
-        }
         let p1 = draw_view(rng, &self.cfg.view1, valid);
         let p2 = draw_view(rng, &self.cfg.view2, valid);
         let (t1, t2) = (
             self.cfg.view1.solarize_threshold,
             self.cfg.view2.solarize_threshold,
         );
+        if self.fuses(canvas) {
+            let mut v = self.fused_views(canvas, &[(&p1, t1), (&p2, t2)]);
+            let b = v.pop().expect("two views");
+            let a = v.pop().expect("two views");
+            return (a, b, p1, p2);
+        }
+        let mut img = canvas.to_kind(Kind::Float) / 255.0;
+        if self.cfg.interpolation == Interpolation::Bicubic {
+            img = replicate_beyond_valid(&img, valid);
+        }
         let a = apply_view_with(&img, &p1, &self.cfg, t1, self.fused_cpu);
         let b = apply_view_with(&img, &p2, &self.cfg, t2, self.fused_cpu);
         (
@@ -104,10 +111,6 @@ impl Augmenter {
         (scale, ratio, flip_p): ([f64; 2], [f64; 2], f64),
         rng: &mut SplitMix64,
     ) -> Tensor {
-        let mut img = canvas.to_kind(Kind::Float) / 255.0;
-        if self.cfg.interpolation == Interpolation::Bicubic {
-            img = replicate_beyond_valid(&img, valid);
-        }
         let view = ViewConfig {
             crop_scale: scale,
             crop_ratio: ratio,
@@ -119,6 +122,13 @@ impl Augmenter {
             ..ViewConfig::default()
         };
         let p = draw_view(rng, &view, valid);
+        if self.fuses(canvas) {
+            return self.fused_views(canvas, &[(&p, 1.0)]).remove(0);
+        }
+        let mut img = canvas.to_kind(Kind::Float) / 255.0;
+        if self.cfg.interpolation == Interpolation::Bicubic {
+            img = replicate_beyond_valid(&img, valid);
+        }
         let x = resized_crop_flip(
             &img,
             &p.boxes,
@@ -127,6 +137,55 @@ impl Augmenter {
             self.cfg.interpolation,
         );
         normalize(&x, self.cfg.mean, self.cfg.std)
+    }
+
+    /// Whether views of `canvas` are made by [`cpu::views_from_canvas`]: a uint8 canvas
+    /// on the CPU, bilinear sampling, a blur kernel whose reflect padding fits the view.
+    fn fuses(&self, canvas: &Tensor) -> bool {
+        self.fused_cpu
+            && canvas.device() == Device::Cpu
+            && canvas.kind() == Kind::Uint8
+            && self.cfg.interpolation == Interpolation::Bilinear
+            && self.cfg.blur_kernel() / 2 < self.cfg.size
+    }
+
+    /// Normalised views `[B, 3, size, size]` of a CPU uint8 canvas `[B, 3, S, S]`, one per
+    /// (parameters, solarize threshold), fused per sample ([`cpu::views_from_canvas`]).
+    fn fused_views(&self, canvas: &Tensor, views: &[(&ViewParams, f64)]) -> Vec<Tensor> {
+        let canvas = canvas.contiguous();
+        let sz = canvas.size();
+        let (b, s) = (sz[0], sz[3] as usize);
+        assert_eq!((sz[1], sz[2]), (3, sz[3]), "canvases are [B, 3, S, S]");
+        let size = self.cfg.size;
+        let outs: Vec<Tensor> = views
+            .iter()
+            .map(|_| Tensor::empty([b, 3, size, size], (Kind::Float, Device::Cpu)))
+            .collect();
+        // Safety: `canvas` is a contiguous uint8 CPU tensor, read only; each output is a
+        // fresh contiguous float32 CPU tensor nothing else references; all outlive the
+        // call, and the slices cover exactly their storage.
+        let input =
+            unsafe { std::slice::from_raw_parts(canvas.data_ptr() as *const u8, canvas.numel()) };
+        let mut slots: Vec<cpu::ViewOut> = views
+            .iter()
+            .zip(&outs)
+            .map(|(&(params, threshold), o)| cpu::ViewOut {
+                params,
+                threshold,
+                out: unsafe { std::slice::from_raw_parts_mut(o.data_ptr() as *mut f32, o.numel()) },
+            })
+            .collect();
+        let threads = tch::get_num_threads().max(1) as usize;
+        cpu::views_from_canvas(
+            input,
+            s,
+            &mut slots,
+            size as usize,
+            self.cfg.blur_kernel() as usize,
+            (self.cfg.mean, self.cfg.std),
+            threads,
+        );
+        outs
     }
 
     /// Un-normalised uint8 views, for previews.
