@@ -25,16 +25,22 @@ pub fn default_python() -> PathBuf {
     if let Some(p) = std::env::var_os("BYOL_PYTHON") {
         return PathBuf::from(p);
     }
-    let exe_root = std::env::current_exe().ok().and_then(|e| {
-        e.parent()
-            .and_then(|p| p.parent())
-            .and_then(|p| p.parent())
-            .map(|p| p.join(".venv/bin/python"))
-    });
-    match exe_root {
-        Some(p) if p.exists() => p,
-        _ => PathBuf::from("python3"),
+    let p = project_path(".venv/bin/python");
+    if p.exists() {
+        p
+    } else {
+        PathBuf::from("python3")
     }
+}
+
+/// `rel` inside the checkout this binary was built in (`target/release/byol` → the
+/// folder holding `target/`), else relative to the working directory.
+pub fn project_path(rel: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent()?.parent()?.parent().map(|p| p.join(rel)))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(rel))
 }
 
 /// A duration such as `20m`, `1h30m` or `90s` (humantime's syntax), in seconds.

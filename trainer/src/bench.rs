@@ -1,7 +1,7 @@
 //! `byol bench train`: training images/s (an image = both views) against the
 //! compute-only ceiling and a plain PyTorch BYOL script, measured in the same run.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::error::{Context, Result};
@@ -248,40 +248,77 @@ fn reference(
     (warmup, steps): (usize, usize),
     bf16: bool,
 ) -> Result<serde_json::Value> {
-    let local = Path::new("benches/reference/byol_torch.py");
-    let script = if local.exists() {
-        local.to_path_buf()
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/reference/byol_torch.py")
-    };
+    let script = reference_script("byol_torch.py");
     // The effective config (after --set), so both sides run the same settings.
     let eff = std::env::temp_dir().join(format!("byol-bench-{}.toml", std::process::id()));
     byol_format::fs::write_atomic(&eff, cfg.to_toml().as_bytes())?;
-    let o = std::process::Command::new(py)
-        .arg(&script)
-        .arg("--config")
-        .arg(&eff)
-        .args([
-            "--steps",
-            &steps.to_string(),
-            "--warmup",
-            &warmup.to_string(),
-            "--precision",
-            if bf16 { "bf16" } else { "fp32" },
-            "--json",
-        ])
-        .args(cfg.train.channels_last.then_some("--channels-last"))
-        .output()
-        .with_context(|| format!("running {} {}", py.display(), script.display()));
+    let mut args: Vec<std::ffi::OsString> = vec!["--config".into(), eff.clone().into()];
+    for a in [
+        "--steps",
+        &steps.to_string(),
+        "--warmup",
+        &warmup.to_string(),
+        "--precision",
+        if bf16 { "bf16" } else { "fp32" },
+        "--json",
+    ] {
+        args.push(a.into());
+    }
+    if cfg.train.channels_last {
+        args.push("--channels-last".into());
+    }
+    let r = run_reference(py, &script, &args);
     let _ = std::fs::remove_file(&eff);
-    let o = o?;
+    r
+}
+
+/// `benches/reference/NAME`: from the working directory when run in a checkout, else
+/// next to this crate's sources.
+pub fn reference_script(name: &str) -> PathBuf {
+    let local = Path::new("benches/reference").join(name);
+    if local.exists() {
+        local
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../benches/reference")
+            .join(name)
+    }
+}
+
+/// Runs a reference script with `py` and `args`; returns the JSON object its standard
+/// output ends with.
+///
+/// # Errors
+/// The interpreter cannot be started, the script fails (its standard error is quoted),
+/// or its last line is not JSON.
+pub fn run_reference(
+    py: &Path,
+    script: &Path,
+    args: &[std::ffi::OsString],
+) -> Result<serde_json::Value> {
+    let o = std::process::Command::new(py)
+        .arg(script)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {} {}", py.display(), script.display()))?;
     if !o.status.success() {
         crate::bail!(
-            "reference script failed: {}",
-            String::from_utf8_lossy(&o.stderr)
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&o.stderr).trim_end()
         );
     }
-    Ok(serde_json::from_slice::<serde_json::Value>(
-        o.stdout.trim_ascii(),
-    )?)
+    let last = o
+        .stdout
+        .trim_ascii()
+        .rsplit(|&b| b == b'\n')
+        .next()
+        .unwrap_or_default();
+    serde_json::from_slice::<serde_json::Value>(last).with_context(|| {
+        format!(
+            "{} printed no JSON line: {}",
+            script.display(),
+            String::from_utf8_lossy(&o.stdout)
+        )
+    })
 }

@@ -1,10 +1,8 @@
 //! `byol bench augment`: the two views per sample against a baseline in the same run.
 
-#[cfg(feature = "opencv")]
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-#[cfg(feature = "opencv")]
 use anyhow::Context;
 use anyhow::Result;
 use serde::Serialize;
@@ -33,6 +31,98 @@ pub struct AugmentBench {
     pub decode_threads: Option<usize>,
     /// Share of the time the augmentation waited for the loader.
     pub data_stall: Option<f64>,
+    /// With `--reference`: the same two views made by other tools from the same shards,
+    /// with the same thread count, measured after byol in the same run.
+    pub references: Vec<ReferenceRate>,
+}
+
+/// Another tool's two-view rate on the same data, threads, batch and size.
+#[derive(Debug, Serialize)]
+pub struct ReferenceRate {
+    /// `torchvision` or `dali`.
+    pub name: String,
+    pub images_per_s: f64,
+    /// byol's images/s ÷ this tool's.
+    pub byol_ratio: f64,
+    /// The script's own JSON report.
+    pub report: serde_json::Value,
+}
+
+/// The reference tools `byol bench augment --reference` knows: name, script, the
+/// script's thread-count option, and the Python that runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Reference {
+    /// A torchvision DataLoader (`--workers` processes), the project's venv.
+    Torchvision,
+    /// NVIDIA DALI's CPU pipeline (`num_threads`), `.venv-dali` (made by `make bench`).
+    Dali,
+}
+
+impl Reference {
+    pub fn name(self) -> &'static str {
+        match self {
+            Reference::Torchvision => "torchvision",
+            Reference::Dali => "dali",
+        }
+    }
+
+    fn python(self) -> std::path::PathBuf {
+        match self {
+            Reference::Torchvision => crate::commands::default_python(),
+            Reference::Dali => match std::env::var_os("BYOL_DALI_PYTHON") {
+                Some(p) => p.into(),
+                None => crate::commands::project_path(".venv-dali/bin/python"),
+            },
+        }
+    }
+
+    /// Runs this tool on `data` with `threads` threads; `byol` is byol's images/s.
+    ///
+    /// # Errors
+    /// Its interpreter is missing (DALI: says to run `make bench` or
+    /// `scripts/setup_dali`), or the script fails.
+    pub fn measure(
+        self,
+        data: &Path,
+        (batch, size, threads, seconds): (usize, i64, usize, f64),
+        byol: f64,
+    ) -> Result<ReferenceRate> {
+        let py = self.python();
+        if self == Reference::Dali && !py.exists() {
+            anyhow::bail!(
+                "DALI's Python {} is missing: `scripts/setup_dali` (or `make bench`) makes it",
+                py.display()
+            );
+        }
+        let (script, threads_flag) = match self {
+            Reference::Torchvision => ("torchvision_two_views.py", "--workers"),
+            Reference::Dali => ("dali_two_views.py", "--threads"),
+        };
+        let script = byol_trainer::bench::reference_script(script);
+        let args: Vec<std::ffi::OsString> = vec![
+            "--data".into(),
+            data.into(),
+            "--batch".into(),
+            batch.to_string().into(),
+            "--size".into(),
+            size.to_string().into(),
+            threads_flag.into(),
+            threads.to_string().into(),
+            "--seconds".into(),
+            seconds.to_string().into(),
+            "--json".into(),
+        ];
+        let report = byol_trainer::bench::run_reference(&py, &script, &args)?;
+        let images_per_s = report["images_per_s"]
+            .as_f64()
+            .with_context(|| format!("{} reported no images_per_s", script.display()))?;
+        Ok(ReferenceRate {
+            name: self.name().into(),
+            images_per_s,
+            byol_ratio: byol / images_per_s,
+            report,
+        })
+    }
 }
 
 use byol_trainer::bench::sync;
@@ -101,6 +191,7 @@ pub fn bench_synthetic(
         data: None,
         decode_threads: None,
         data_stall: None,
+        references: Vec::new(),
     })
 }
 
@@ -174,5 +265,6 @@ pub fn bench_data(
         data: Some(data.display().to_string()),
         decode_threads: Some(threads),
         data_stall: Some(stall),
+        references: Vec::new(),
     })
 }

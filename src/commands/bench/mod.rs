@@ -48,11 +48,16 @@ pub enum BenchCmd {
         canvas: usize,
         #[arg(long)]
         data: Option<PathBuf>,
-        /// Decode threads with --data [default: all cores].
+        /// Decode threads with --data [default: all cores]; also the references'
+        /// threads (DALI's num_threads, torchvision's DataLoader workers).
         #[arg(long)]
         threads: Option<usize>,
         #[arg(long, default_value_t = 20.0)]
         seconds: f64,
+        /// With --data: also measure these tools making the same two views from the
+        /// same shards with as many threads, in the same run (comma-separated).
+        #[arg(long, value_enum, value_delimiter = ',', requires = "data")]
+        reference: Vec<augment::Reference>,
         #[arg(long)]
         json: bool,
     },
@@ -96,8 +101,16 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
             data,
             threads,
             seconds,
+            reference,
             json,
-        } => augment(batch, size, canvas, data, threads, seconds, json),
+        } => augment(
+            (batch, size, canvas),
+            data,
+            threads,
+            seconds,
+            &reference,
+            json,
+        ),
         #[cfg(feature = "opencv")]
         BenchCmd::Pipeline {
             data,
@@ -175,12 +188,11 @@ fn train(
 }
 
 fn augment(
-    batch: usize,
-    size: i64,
-    canvas: usize,
+    (batch, size, canvas): (usize, i64, usize),
     data: Option<PathBuf>,
     threads: Option<usize>,
     seconds: f64,
+    references: &[augment::Reference],
     json: bool,
 ) -> Result<ExitCode> {
     #[cfg(feature = "opencv")]
@@ -190,25 +202,26 @@ fn augment(
         size,
         ..Default::default()
     };
-    let r = match data {
+    let threads = threads.unwrap_or_else(byol_format::cores);
+    let mut r = match &data {
         #[cfg(feature = "opencv")]
-        Some(d) => bench_data(
-            &d,
-            batch,
-            canvas,
-            threads.unwrap_or_else(byol_format::cores),
-            seconds,
-            cfg,
-        )?,
+        Some(d) => bench_data(d, batch, canvas, threads, seconds, cfg)?,
         #[cfg(not(feature = "opencv"))]
-        Some(_) => {
-            let _ = threads;
-            anyhow::bail!("--data needs a build with the `opencv` feature")
-        }
+        Some(_) => anyhow::bail!("--data needs a build with the `opencv` feature"),
         None => bench_synthetic(batch as i64, canvas as i64, seconds, cfg)?,
     };
+    if let Some(d) = &data {
+        for reference in references {
+            eprintln!(
+                "byol: measuring {} on the same shards ({threads} threads)",
+                reference.name()
+            );
+            let m = reference.measure(d, (batch, size, threads, seconds), r.images_per_s)?;
+            r.references.push(m);
+        }
+    }
     emit(json, &r, || {
-        format!(
+        let mut out = format!(
             "{:.0} images/s ({:.0} views/s) on {}, batch {}, canvas {} -> {}{}\n",
             r.images_per_s,
             r.views_per_s,
@@ -217,15 +230,27 @@ fn augment(
             r.canvas,
             r.size,
             match (&r.data, r.data_stall) {
-                (Some(d), Some(s)) => format!(", from {d} (data stall {:.0} %)", 100.0 * s),
+                (Some(d), Some(s)) => format!(
+                    ", from {d}, {threads} threads (data stall {:.0} %)",
+                    100.0 * s
+                ),
                 _ => " (random canvases)".into(),
             }
-        ) + &match (r.tensor_path_images_per_s, r.ratio_to_tensor_path) {
-            (Some(t), Some(x)) => {
-                format!("batched tensor path: {t:.0} images/s (fused is {x:.2}x)\n")
-            }
-            _ => String::new(),
+        );
+        if let (Some(t), Some(x)) = (r.tensor_path_images_per_s, r.ratio_to_tensor_path) {
+            out += &format!("batched tensor path: {t:.0} images/s (fused is {x:.2}x)\n");
         }
+        if !r.references.is_empty() {
+            out += &format!("{:<12} {:>9}  {:>10}\n", "two views", "images/s", "byol is");
+            out += &format!("{:<12} {:>9.0}  {:>10}\n", "byol", r.images_per_s, "");
+            for m in &r.references {
+                out += &format!(
+                    "{:<12} {:>9.0}  {:>9.2}x\n",
+                    m.name, m.images_per_s, m.byol_ratio
+                );
+            }
+        }
+        out
     })?;
     Ok(ExitCode::SUCCESS)
 }
