@@ -6,22 +6,21 @@
 //! them. Here each sample goes through all its steps while it stays in cache, samples
 //! split over libtorch's intra-op thread count:
 //!
-//! - [`views_from_canvas`] (bilinear, the default): each view is cut straight from the
-//!   sample's uint8 canvas (no float copy of the canvas), resized, put through the
-//!   colour stages and normalised into the batch tensor, both views of a sample one
-//!   after the other while its canvas is in cache;
-//! - [`colour_stages`]: the colour stages alone, on float crops the tensor path made
-//!   (bicubic sampling).
+//! - [`views_from_canvas`] (the default): each view is cut straight from the sample's
+//!   uint8 canvas (no float copy of the canvas), resized (bilinear or bicubic),
+//!   put through the colour stages and normalised into the batch tensor, both views of
+//!   a sample one after the other while its canvas is in cache;
+//! - [`colour_stages`]: the colour stages alone, on float crops the tensor path made.
 //!
 //! The arithmetic is the tensor path's, step for step, in float32: the same sampling
-//! positions as libtorch's `grid_sampler_2d` (bilinear, `align_corners=False`, border
-//! padding), the same colour formulas and clamps, the same normalisation. Only the
-//! order of additions differs (the bilinear weights applied row then column, the
-//! contrast mean, the blur taps), so the two agree to about 1e-6 (tests hold them to
-//! 1e-5 after normalisation). Every loop runs over contiguous `f32` lanes without
+//! positions and weights as libtorch's `grid_sampler_2d` (bilinear or bicubic,
+//! `align_corners=False`, border padding), the same colour formulas and clamps, the same normalisation. Only the
+//! order of additions differs (the bilinear weights applied along x first, the contrast
+//! mean, the blur taps) and blur taps under 1e-9 are skipped, so the two agree to about
+//! 2e-6 in [0, 1] (tests hold them to 2e-5 after normalisation). Every loop runs over contiguous `f32` lanes without
 //! branches on pixel values, so the compiler vectorises it for the CPU's SIMD width.
 
-use super::params::{axis_coords, gaussian_kernel1d, CropBox, ViewParams};
+use super::params::{axis_coords, gaussian_kernel1d, AugmentConfig, Interpolation, ViewParams};
 
 /// One sample's planes: `[3, h, w]` contiguous.
 struct Sample<'a> {
@@ -358,11 +357,31 @@ fn one_sample(
     }
 }
 
+/// One output index of a separable resampling: `N` source indices and their weights.
+#[derive(Clone, Copy)]
+struct Tap<const N: usize> {
+    idx: [usize; N],
+    w: [f32; N],
+}
+
+impl<const N: usize> Tap<N> {
+    /// `Σ_k src[idx[k]] · w[k]`, summed in order.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    fn apply(&self, src: &[u8]) -> f32 {
+        let mut a = src[self.idx[0]] as f32 * self.w[0];
+        for k in 1..N {
+            a += src[self.idx[k]] as f32 * self.w[k];
+        }
+        a
+    }
+}
+
 /// One output axis of a bilinear resized crop: for each output index the two source
 /// indices and their weights, as libtorch's `grid_sampler_2d` (bilinear,
 /// `align_corners=False`, border padding) computes them from the normalised grid of
 /// [`axis_coords`] (clamped to the crop).
-fn bilinear_taps(start: i64, len: i64, out: usize, canvas: usize, flip: bool) -> Vec<Tap> {
+fn bilinear_taps(start: i64, len: i64, out: usize, canvas: usize, flip: bool) -> Vec<Tap<2>> {
     let size = canvas as f32;
     axis_coords(start, len, out as i64, canvas as i64, flip, true)
         .map(|g| {
@@ -372,21 +391,47 @@ fn bilinear_taps(start: i64, len: i64, out: usize, canvas: usize, flip: bool) ->
             let w1 = x - x0;
             let i0 = x0 as usize;
             Tap {
-                i0,
-                i1: (i0 + 1).min(canvas - 1),
-                w0: 1.0 - w1,
-                w1,
+                idx: [i0, (i0 + 1).min(canvas - 1)],
+                w: [1.0 - w1, w1],
             }
         })
         .collect()
 }
 
-#[derive(Clone, Copy)]
-struct Tap {
-    i0: usize,
-    i1: usize,
-    w0: f32,
-    w1: f32,
+/// One output axis of a bicubic resized crop, as libtorch's `grid_sampler_2d` (bicubic,
+/// A = −0.75, `align_corners=False`, border padding) computes it from [`axis_coords`]:
+/// four taps, each clamped to `[0, valid)` (the tensor path replicates the last valid
+/// row and column over the rest of the canvas, see
+/// [`super::tensor::replicate_beyond_valid`]).
+fn bicubic_taps(
+    (start, len): (i64, i64),
+    out: usize,
+    canvas: usize,
+    valid: usize,
+    flip: bool,
+) -> Vec<Tap<4>> {
+    let size = canvas as f32;
+    let last = valid.clamp(1, canvas) as isize - 1;
+    axis_coords(start, len, out as i64, canvas as i64, flip, false)
+        .map(|g| {
+            let x = ((g + 1.0) * size - 1.0) / 2.0;
+            let x0 = x.floor();
+            let t = x - x0;
+            let i = x0 as isize;
+            Tap {
+                idx: [0, 1, 2, 3].map(|k| (i - 1 + k).clamp(0, last) as usize),
+                w: cubic_coefficients(t),
+            }
+        })
+        .collect()
+}
+
+/// libtorch's `get_cubic_upsample_coefficients` (A = −0.75) at fraction `t`.
+fn cubic_coefficients(t: f32) -> [f32; 4] {
+    const A: f32 = -0.75;
+    let near = |x: f32| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let far = |x: f32| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)]
 }
 
 /// Per-thread scratch buffers.
@@ -406,20 +451,30 @@ struct Frame {
     blur_k: usize,
     mean: [f32; 3],
     std: [f32; 3],
+    bicubic: bool,
 }
 
-/// One view of one sample, start to end: `cv` its canvas `[3, S, S]`, `px` its output
-/// `[3, size, size]`.
+/// One view of one sample, start to end: `cv` its canvas `[3, S, S]` whose valid
+/// region is `valid` (height, width), `px` its output `[3, size, size]`.
 #[inline(always)]
 fn view_of_sample(
-    cv: &[u8],
+    (cv, valid): (&[u8], (i32, i32)),
     f: &Frame,
     (p, i, threshold): (&ViewParams, usize, f64),
     px: &mut [f32],
     sc: &mut Scratch,
 ) {
-    let size = f.size;
-    resized_crop_u8(cv, f.canvas, &p.boxes[i], p.flips[i], size, px, &mut sc.row);
+    let (size, s, bx) = (f.size, f.canvas, &p.boxes[i]);
+    if f.bicubic {
+        let (vh, vw) = (valid.0.max(1) as usize, valid.1.max(1) as usize);
+        let xs = bicubic_taps((bx.left, bx.width), size, s, vw, p.flips[i]);
+        let ys = bicubic_taps((bx.top, bx.height), size, s, vh, false);
+        resized_crop_u8(cv, s, (&xs, &ys), size, px, &mut sc.row);
+    } else {
+        let xs = bilinear_taps(bx.left, bx.width, size, s, p.flips[i]);
+        let ys = bilinear_taps(bx.top, bx.height, size, s, false);
+        resized_crop_u8(cv, s, (&xs, &ys), size, px, &mut sc.row);
+    }
     let mut smp = Sample {
         px,
         h: size,
@@ -447,7 +502,7 @@ fn px_planes(px: &mut [f32], size: usize) -> impl Iterator<Item = (usize, &mut [
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn view_of_sample_avx2(
-    cv: &[u8],
+    cv: (&[u8], (i32, i32)),
     f: &Frame,
     view: (&ViewParams, usize, f64),
     px: &mut [f32],
@@ -468,40 +523,48 @@ pub fn uses_avx2() -> bool {
     }
 }
 
-/// Bilinear resized crop (and flip) of one sample's uint8 canvas `[3, S, S]` into
-/// `out` `[3, size, size]` in [0, 1]: each source row the crop uses is resampled along
-/// x once (`rows`, `[rows used, size]`), then output rows blend two of them (contiguous
-/// lanes). A crop has fewer rows than the view in all but the largest crops, so this
-/// gathers less than resampling each output row.
+/// Resized crop (and flip) of one sample's uint8 canvas `[3, S, S]` into `out`
+/// `[3, size, size]` in [0, 1], given each axis' taps: each source row the crop uses is
+/// resampled along x once (`rows`, `[rows used, size]`), then each output row sums `N`
+/// of them (contiguous lanes) — libtorch's order for bicubic (x, then y). A crop has
+/// fewer rows than the view in all but the largest crops, so this gathers less than
+/// resampling each output row.
 #[inline(always)]
-fn resized_crop_u8(
+fn resized_crop_u8<const N: usize>(
     canvas: &[u8],
     s: usize,
-    bx: &CropBox,
-    flip: bool,
+    (xs, ys): (&[Tap<N>], &[Tap<N>]),
     size: usize,
     out: &mut [f32],
     rows: &mut Vec<f32>,
 ) {
-    let xs = bilinear_taps(bx.left, bx.width, size, s, flip);
-    let ys = bilinear_taps(bx.top, bx.height, size, s, false);
-    let y_lo = ys.iter().map(|t| t.i0).min().unwrap_or(0);
-    let y_hi = ys.iter().map(|t| t.i1).max().unwrap_or(0) + 1;
+    let y_lo = ys.iter().map(|t| t.idx[0]).min().unwrap_or(0);
+    let y_hi = ys.iter().map(|t| t.idx[N - 1]).max().unwrap_or(0) + 1;
     rows.resize((y_hi - y_lo) * size, 0.0);
     for c in 0..3 {
         let plane = &canvas[c * s * s..(c + 1) * s * s];
         for (y, hrow) in (y_lo..y_hi).zip(rows.chunks_exact_mut(size)) {
             let src = &plane[y * s..(y + 1) * s];
-            for (o, tx) in hrow.iter_mut().zip(&xs) {
-                *o = src[tx.i0] as f32 * tx.w0 + src[tx.i1] as f32 * tx.w1;
+            for (o, tx) in hrow.iter_mut().zip(xs) {
+                *o = tx.apply(src);
             }
         }
         let dst = &mut out[c * size * size..(c + 1) * size * size];
         for (ty, orow) in ys.iter().zip(dst.chunks_exact_mut(size)) {
-            let r0 = &rows[(ty.i0 - y_lo) * size..(ty.i0 - y_lo + 1) * size];
-            let r1 = &rows[(ty.i1 - y_lo) * size..(ty.i1 - y_lo + 1) * size];
-            for ((o, &a), &b) in orow.iter_mut().zip(r0).zip(r1) {
-                *o = (a * ty.w0 + b * ty.w1) * (1.0 / 255.0);
+            let r: [&[f32]; N] = ty
+                .idx
+                .map(|y| &rows[(y - y_lo) * size..(y - y_lo + 1) * size]);
+            // Term by term over whole rows (contiguous lanes), in the order of the sum.
+            for (o, &a) in orow.iter_mut().zip(r[0]) {
+                *o = a * ty.w[0];
+            }
+            for (rk, &wk) in r.iter().zip(&ty.w).skip(1) {
+                for (o, &a) in orow.iter_mut().zip(*rk) {
+                    *o += a * wk;
+                }
+            }
+            for o in orow.iter_mut() {
+                *o *= 1.0 / 255.0;
             }
         }
     }
@@ -516,27 +579,28 @@ pub struct ViewOut<'a> {
 }
 
 /// BYOL's views of a batch straight from its uint8 canvases: for each sample and view,
-/// the bilinear resized crop and flip, the colour stages and the normalisation by
-/// `mean`/`std`, written into the view's output; samples split over `threads` threads.
+/// the resized crop and flip (`cfg.interpolation`), the colour stages and the
+/// normalisation by `cfg.mean`/`cfg.std`, written into the view's output; samples split
+/// over `threads` threads.
 ///
 /// # Shapes
-/// `canvas`: `[B, 3, S, S]` uint8, contiguous; each view's `out`: `[B, 3, size, size]`.
+/// `canvas`: `[B, 3, S, S]` uint8, contiguous, sample `i` valid over `valid[i]`
+/// (height, width) from the top-left; each view's `out`: `[B, 3, size, size]`.
 ///
 /// # Panics
 /// Lengths that do not match those shapes, or parameters for another batch size.
-#[allow(clippy::too_many_arguments)]
 pub fn views_from_canvas(
-    canvas: &[u8],
+    (canvas, valid): (&[u8], &[(i32, i32)]),
     s: usize,
     views: &mut [ViewOut],
-    size: usize,
-    blur_k: usize,
-    (mean, std): ([f64; 3], [f64; 3]),
+    cfg: &AugmentConfig,
     threads: usize,
 ) {
+    let size = cfg.size as usize;
     let per_in = 3 * s * s;
     let b = canvas.len() / per_in;
     assert_eq!(b * per_in, canvas.len());
+    assert_eq!(valid.len(), b);
     let per = 3 * size * size;
     for v in views.iter() {
         assert_eq!(v.out.len(), b * per);
@@ -554,9 +618,10 @@ pub fn views_from_canvas(
     let frame = Frame {
         canvas: s,
         size,
-        blur_k,
-        mean: mean.map(|m| m as f32),
-        std: std.map(|s| s as f32),
+        blur_k: cfg.blur_kernel() as usize,
+        mean: cfg.mean.map(|m| m as f32),
+        std: cfg.std.map(|s| s as f32),
+        bicubic: cfg.interpolation == Interpolation::Bicubic,
     };
     let avx2 = uses_avx2();
     std::thread::scope(|scope| {
@@ -567,6 +632,7 @@ pub fn views_from_canvas(
                 let mut sc = Scratch::default();
                 for (j, cv) in canvas.chunks_exact(per_in).enumerate() {
                     let i = t * chunk + j;
+                    let cv = (cv, valid[i]);
                     for (p, threshold, out) in outs.iter_mut() {
                         let px = &mut out[j * per..(j + 1) * per];
                         let view = (&**p, i, *threshold);

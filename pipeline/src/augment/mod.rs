@@ -78,7 +78,7 @@ impl Augmenter {
             self.cfg.view2.solarize_threshold,
         );
         if self.fuses(canvas) {
-            let mut v = self.fused_views(canvas, &[(&p1, t1), (&p2, t2)]);
+            let mut v = self.fused_views(canvas, valid, &[(&p1, t1), (&p2, t2)]);
             let b = v.pop().expect("two views");
             let a = v.pop().expect("two views");
             return (a, b, p1, p2);
@@ -123,7 +123,7 @@ impl Augmenter {
         };
         let p = draw_view(rng, &view, valid);
         if self.fuses(canvas) {
-            return self.fused_views(canvas, &[(&p, 1.0)]).remove(0);
+            return self.fused_views(canvas, valid, &[(&p, 1.0)]).remove(0);
         }
         let mut img = canvas.to_kind(Kind::Float) / 255.0;
         if self.cfg.interpolation == Interpolation::Bicubic {
@@ -136,22 +136,27 @@ impl Augmenter {
             self.cfg.size,
             self.cfg.interpolation,
         );
-        normalize(&x, self.cfg.mean, self.cfg.std)
+        // Clamped as a uint8 image's crop is (bicubic overshoots), as the BYOL views are.
+        normalize(&x.clamp(0.0, 1.0), self.cfg.mean, self.cfg.std)
     }
 
     /// Whether views of `canvas` are made by [`cpu::views_from_canvas`]: a uint8 canvas
-    /// on the CPU, bilinear sampling, a blur kernel whose reflect padding fits the view.
+    /// on the CPU and a blur kernel whose reflect padding fits the view.
     fn fuses(&self, canvas: &Tensor) -> bool {
         self.fused_cpu
             && canvas.device() == Device::Cpu
             && canvas.kind() == Kind::Uint8
-            && self.cfg.interpolation == Interpolation::Bilinear
             && self.cfg.blur_kernel() / 2 < self.cfg.size
     }
 
     /// Normalised views `[B, 3, size, size]` of a CPU uint8 canvas `[B, 3, S, S]`, one per
     /// (parameters, solarize threshold), fused per sample ([`cpu::views_from_canvas`]).
-    fn fused_views(&self, canvas: &Tensor, views: &[(&ViewParams, f64)]) -> Vec<Tensor> {
+    fn fused_views(
+        &self,
+        canvas: &Tensor,
+        valid: &[(i32, i32)],
+        views: &[(&ViewParams, f64)],
+    ) -> Vec<Tensor> {
         let canvas = canvas.contiguous();
         let sz = canvas.size();
         let (b, s) = (sz[0], sz[3] as usize);
@@ -176,15 +181,7 @@ impl Augmenter {
             })
             .collect();
         let threads = tch::get_num_threads().max(1) as usize;
-        cpu::views_from_canvas(
-            input,
-            s,
-            &mut slots,
-            size as usize,
-            self.cfg.blur_kernel() as usize,
-            (self.cfg.mean, self.cfg.std),
-            threads,
-        );
+        cpu::views_from_canvas((input, valid), s, &mut slots, &self.cfg, threads);
         outs
     }
 

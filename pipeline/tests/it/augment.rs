@@ -299,7 +299,8 @@ fn parameters_are_drawn_per_sample_not_per_batch() {
 }
 
 /// Views cut and processed per sample straight from the uint8 canvas (the CPU's
-/// default, bilinear) give the batched tensor path's values: both views with every op,
+/// default) give the batched tensor path's values, bilinear and bicubic (whose taps
+/// past the valid region read its edge): both views with every op,
 /// order and subset, and fine-tuning's crop-and-flip, at 224 px from 256-px canvases and
 /// at small sizes, with valid regions of every shape. Tolerance 2e-5 after
 /// normalisation, i.e. 4.5e-6 in [0, 1] units (measured: at most 8.1e-6 after
@@ -318,9 +319,13 @@ fn fused_views_from_the_uint8_canvas_match_the_tensor_path() {
         (64, 80, 24, all.clone(), ViewConfig::byol_view2()),
         (28, 28, 24, all, ViewConfig::default()),
     ];
-    for (case, (size, canvas, n, v1, v2)) in cases.into_iter().enumerate() {
+    let cases = cases
+        .into_iter()
+        .flat_map(|c| [Interpolation::Bilinear, Interpolation::Bicubic].map(|i| (i, c.clone())));
+    for (case, (interpolation, (size, canvas, n, v1, v2))) in cases.enumerate() {
         let cfg = AugmentConfig {
             size,
+            interpolation,
             view1: v1,
             view2: v2,
             ..AugmentConfig::default()
@@ -331,7 +336,7 @@ fn fused_views_from_the_uint8_canvas_match_the_tensor_path() {
             .to_kind(Kind::Uint8);
         let valid: Vec<(i32, i32)> = (0..n as i32)
             .map(|i| {
-                let short = canvas as i32 - 3 * i;
+                let short = canvas as i32 - (3 * i) % (canvas as i32 / 2);
                 if i % 2 == 0 {
                     (short, canvas as i32)
                 } else {
