@@ -26,7 +26,6 @@ import sys
 import time
 import tomllib
 
-import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
@@ -34,28 +33,18 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from byol_torch import Lars, ResNet, mlp, train_step  # noqa: E402
-from torchvision_two_views import Shards, TwoViews, view  # noqa: E402
+from torchvision_two_views import Shards, TwoViews, load_augment  # noqa: E402
 
 
 def views(c):
-    a = c.get("augment", {})
-    size = a.get("size", 224)
-    mean = a.get("mean", [0.485, 0.456, 0.406])
-    std = a.get("std", [0.229, 0.224, 0.225])
-    k224 = a.get("blur_kernel_224", 23)
-    out = []
-    for name, (blur, sol) in (("view1", (1.0, 0.0)), ("view2", (0.1, 0.2))):
-        v = a.get(name, {})
-        fixed = {"jitter_p": 0.8, "grayscale_p": 0.2, "flip_p": 0.5, "crop_ratio": [3 / 4, 4 / 3],
-                 "blur_sigma": [0.1, 2.0], "solarize_threshold": 0.5}
-        for key, want in fixed.items():
-            if key in v and not np.allclose(np.atleast_1d(v[key]), np.atleast_1d(want)):
-                raise SystemExit(f"augment.{name}.{key} = {v[key]} is not mirrored by this reference script")
-        jitter = tuple(v.get(k, d) for k, d in (("brightness", 0.4), ("contrast", 0.4), ("saturation", 0.2),
-                                                ("hue", 0.1)))
-        out.append(view(size, v.get("blur_p", blur), v.get("solarize_p", sol), v.get("crop_scale", [0.08, 1.0]),
-                        mean, std, k224, jitter))
-    return size, out
+    """byol's augmentation settings for config `c`: its [augment] over the defaults."""
+    a = load_augment(None)
+    for key, value in c.get("augment", {}).items():
+        if key in ("view1", "view2"):
+            a[key].update(value)
+        else:
+            a[key] = value
+    return a
 
 
 def main():
@@ -93,8 +82,7 @@ def main():
     online.to(dev, memory_format=mf)
     target.to(dev, memory_format=mf)
 
-    size, (t1, t2) = views(c)
-    ds = TwoViews(Shards(a.data), size, t1, t2)
+    ds = TwoViews(Shards(a.data), views(c))
     gen = torch.Generator().manual_seed(seed)
     dl = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=a.workers, drop_last=True,
                     persistent_workers=a.workers > 0, generator=gen, pin_memory=dev == "cuda")

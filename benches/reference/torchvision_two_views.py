@@ -1,13 +1,15 @@
 """Reference: a torchvision DataLoader doing BYOL's two-view augmentation on the same
 shards byol reads (run with the project's venv).
 
-  torchvision_two_views.py --data DIR [--batch 64] [--size 224] [--workers 2] [--seconds 20] [--json]
+  torchvision_two_views.py --data DIR [--batch 64] [--augment SETTINGS.json] [--size N]
+                           [--workers 2] [--seconds 20] [--json]
 
 Each sample: the stored JPEG decoded with PIL, then per view torchvision.transforms.v2:
 RandomResizedCrop(size, scale 0.08-1, bilinear, antialias) + horizontal flip,
 ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2, Gaussian blur (kernel 23
 at 224 px, sigma 0.1-2.0) p 1.0 / 0.1, solarize p 0.0 / 0.2, float + normalise: the
-usual way a PyTorch BYOL script feeds its model. Prints images/s (an image = both
+usual way a PyTorch BYOL script feeds its model. --augment takes byol's settings as
+JSON (`byol bench augment --config` passes a preset's), so both sides run the same. Prints images/s (an image = both
 views) measured after the first batch.
 """
 
@@ -44,26 +46,49 @@ class Shards(Dataset):
         return t.column("image")[r].as_py(), t.column("label")[r].as_py()
 
 
-def view(size, blur_p, sol_p, scale=(0.08, 1.0), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-         kernel_224=23, jitter=(0.4, 0.4, 0.2, 0.1)):
-    k = int(round(kernel_224 * size / 224)) | 1
+# byol's defaults (AugmentConfig: BYOL's two views at 224 px); --augment replaces them.
+VIEW1 = dict(crop_scale=[0.08, 1.0], crop_ratio=[3 / 4, 4 / 3], flip_p=0.5, jitter_p=0.8, brightness=0.4,
+             contrast=0.4, saturation=0.2, hue=0.1, grayscale_p=0.2, blur_p=1.0, blur_sigma=[0.1, 2.0],
+             solarize_p=0.0, solarize_threshold=0.5)
+AUGMENT = dict(size=224, interpolation="bilinear", blur_kernel_224=23, mean=[0.485, 0.456, 0.406],
+               std=[0.229, 0.224, 0.225], view1=VIEW1, view2=dict(VIEW1, blur_p=0.1, solarize_p=0.2))
+
+
+def blur_kernel(a):
+    """byol's AugmentConfig::blur_kernel: scaled with the size, odd, at least 3."""
+    k = round(a["blur_kernel_224"] * a["size"] / 224)
+    return max(k + 1 if k % 2 == 0 else k, 3)
+
+
+def view(a, v):
+    """One view as torchvision.transforms.v2 ops, from byol's settings `a` and view `v`."""
+    interp = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}[a["interpolation"]]
     return v2.Compose([
-        v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(*jitter)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(max(k, 3), sigma=(0.1, 2.0))], p=blur_p),
-        v2.RandomSolarize(0.5, p=sol_p),
+        v2.RandomResizedCrop(a["size"], scale=tuple(v["crop_scale"]), ratio=tuple(v["crop_ratio"]),
+                             interpolation=interp, antialias=True),
+        v2.RandomHorizontalFlip(v["flip_p"]),
+        v2.RandomApply([v2.ColorJitter(v["brightness"], v["contrast"], v["saturation"], v["hue"])], p=v["jitter_p"]),
+        v2.RandomGrayscale(p=v["grayscale_p"]),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel(a), sigma=tuple(v["blur_sigma"]))], p=v["blur_p"]),
+        v2.RandomSolarize(v["solarize_threshold"] * 255, p=v["solarize_p"]),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
+        v2.Normalize(list(a["mean"]), list(a["std"])),
     ])
 
 
+def load_augment(path, size=None):
+    """byol's augmentation settings: the JSON `byol bench augment` writes, else the defaults."""
+    a = json.load(open(path)) if path else json.loads(json.dumps(AUGMENT))
+    if size:
+        a["size"] = size
+    return a
+
+
 class TwoViews(Dataset):
-    def __init__(self, shards, size, t1=None, t2=None):
+    def __init__(self, shards, augment):
         self.s = shards
-        self.t1 = t1 or view(size, 1.0, 0.0)
-        self.t2 = t2 or view(size, 0.1, 0.2)
+        self.t1 = view(augment, augment["view1"])
+        self.t2 = view(augment, augment["view2"])
         self.to_image = v2.ToImage()
 
     def __len__(self):
@@ -79,12 +104,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--size", type=int, help="view side (default: the settings')")
+    ap.add_argument("--augment", help="byol's augmentation settings as JSON (default: BYOL's at 224 px)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    ds = TwoViews(Shards(a.data), a.size)
+    aug = load_augment(a.augment, a.size)
+    ds = TwoViews(Shards(a.data), aug)
     dl = DataLoader(ds, batch_size=a.batch, shuffle=True, num_workers=a.workers, drop_last=True,
                     persistent_workers=a.workers > 0)
     n, t0 = 0, None
@@ -100,7 +127,7 @@ def main():
             continue
         break
     s = time.perf_counter() - t0
-    r = {"command": "torchvision_two_views", "images_per_s": n / s, "batch": a.batch, "size": a.size,
+    r = {"command": "torchvision_two_views", "images_per_s": n / s, "batch": a.batch, "size": aug["size"],
          "workers": a.workers, "seconds": s, "torch_threads": torch.get_num_threads()}
     print(json.dumps(r) if a.json else f"{r['images_per_s']:.0f} images/s (torchvision DataLoader, {a.workers} workers)")
 

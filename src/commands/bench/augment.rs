@@ -84,7 +84,7 @@ impl Reference {
     pub fn measure(
         self,
         data: &Path,
-        (batch, size, threads, seconds): (usize, i64, usize, f64),
+        (batch, cfg, threads, seconds): (usize, &AugmentConfig, usize, f64),
         byol: f64,
     ) -> Result<ReferenceRate> {
         let py = self.python();
@@ -99,20 +99,30 @@ impl Reference {
             Reference::Dali => ("dali_two_views.py", "--threads"),
         };
         let script = byol_trainer::bench::reference_script(script);
+        // The same settings on both sides: the augmentation as JSON (AugmentConfig's
+        // fields, as in a config's [augment] section).
+        let settings = std::env::temp_dir().join(format!(
+            "byol-bench-augment-{}-{}.json",
+            std::process::id(),
+            self.name()
+        ));
+        byol_format::fs::write_atomic(&settings, serde_json::to_string(cfg)?.as_bytes())?;
         let args: Vec<std::ffi::OsString> = vec![
             "--data".into(),
             data.into(),
             "--batch".into(),
             batch.to_string().into(),
-            "--size".into(),
-            size.to_string().into(),
+            "--augment".into(),
+            settings.clone().into(),
             threads_flag.into(),
             threads.to_string().into(),
             "--seconds".into(),
             seconds.to_string().into(),
             "--json".into(),
         ];
-        let report = byol_trainer::bench::run_reference(&py, &script, &args)?;
+        let report = byol_trainer::bench::run_reference(&py, &script, &args);
+        let _ = std::fs::remove_file(&settings);
+        let report = report?;
         let images_per_s = report["images_per_s"]
             .as_f64()
             .with_context(|| format!("{} reported no images_per_s", script.display()))?;

@@ -40,12 +40,20 @@ pub enum BenchCmd {
     /// Two-view augmentation throughput on the current device; with --data, the loader
     /// feeding it (shards in, both views out).
     Augment {
+        /// Take the augmentation settings and the canvas from this training config
+        /// (e.g. a preset in configs/) [default: BYOL's settings at 224 px].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long = "set", requires = "config")]
+        sets: Vec<String>,
         #[arg(long, default_value_t = 256)]
         batch: usize,
-        #[arg(long, default_value_t = 224)]
-        size: i64,
-        #[arg(long, default_value_t = 256)]
-        canvas: usize,
+        /// View side [default: the config's, else 224].
+        #[arg(long)]
+        size: Option<i64>,
+        /// Canvas side [default: the config's, else 256].
+        #[arg(long)]
+        canvas: Option<usize>,
         #[arg(long)]
         data: Option<PathBuf>,
         /// Decode threads with --data [default: all cores]; also the references'
@@ -95,6 +103,8 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
             json,
         } => train(config, sets, data, steps, python, no_reference, json),
         BenchCmd::Augment {
+            config,
+            sets,
             batch,
             size,
             canvas,
@@ -103,14 +113,22 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
             seconds,
             reference,
             json,
-        } => augment(
-            (batch, size, canvas),
-            data,
-            threads,
-            seconds,
-            &reference,
-            json,
-        ),
+        } => {
+            let (mut cfg, mut canv) = (byol_pipeline::augment::AugmentConfig::default(), 256);
+            if let Some(c) = &config {
+                let t = super::read_config(c, &sets)?;
+                (cfg, canv) = (t.augment, t.data.canvas);
+            }
+            cfg.size = size.unwrap_or(cfg.size);
+            augment(
+                (batch, cfg, canvas.unwrap_or(canv)),
+                data,
+                threads,
+                seconds,
+                &reference,
+                json,
+            )
+        }
         #[cfg(feature = "opencv")]
         BenchCmd::Pipeline {
             data,
@@ -188,7 +206,7 @@ fn train(
 }
 
 fn augment(
-    (batch, size, canvas): (usize, i64, usize),
+    (batch, cfg, canvas): (usize, byol_pipeline::augment::AugmentConfig, usize),
     data: Option<PathBuf>,
     threads: Option<usize>,
     seconds: f64,
@@ -198,17 +216,13 @@ fn augment(
     #[cfg(feature = "opencv")]
     use augment::bench_data;
     use augment::bench_synthetic;
-    let cfg = byol_pipeline::augment::AugmentConfig {
-        size,
-        ..Default::default()
-    };
     let threads = threads.unwrap_or_else(byol_format::cores);
     let mut r = match &data {
         #[cfg(feature = "opencv")]
-        Some(d) => bench_data(d, batch, canvas, threads, seconds, cfg)?,
+        Some(d) => bench_data(d, batch, canvas, threads, seconds, cfg.clone())?,
         #[cfg(not(feature = "opencv"))]
         Some(_) => anyhow::bail!("--data needs a build with the `opencv` feature"),
-        None => bench_synthetic(batch as i64, canvas as i64, seconds, cfg)?,
+        None => bench_synthetic(batch as i64, canvas as i64, seconds, cfg.clone())?,
     };
     if let Some(d) = &data {
         for reference in references {
@@ -216,7 +230,7 @@ fn augment(
                 "byol: measuring {} on the same shards ({threads} threads)",
                 reference.name()
             );
-            let m = reference.measure(d, (batch, size, threads, seconds), r.images_per_s)?;
+            let m = reference.measure(d, (batch, &cfg, threads, seconds), r.images_per_s)?;
             r.references.push(m);
         }
     }
