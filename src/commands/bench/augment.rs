@@ -54,8 +54,12 @@ pub struct ReferenceRate {
 pub enum Reference {
     /// A torchvision DataLoader (`--workers` processes), the project's venv.
     Torchvision,
-    /// NVIDIA DALI's CPU pipeline (`num_threads`), `.venv-dali` (made by `make bench`).
+    /// NVIDIA DALI's CPU pipeline (`num_threads`), `.venv-dali` (made by `make bench`),
+    /// the colour-jitter order random per sample as torchvision's and byol's.
     Dali,
+    /// The same with DALI's usual single `color_twist` (fixed order, contrast about
+    /// grey 128): cheaper, not the same augmentation.
+    DaliFixed,
 }
 
 impl Reference {
@@ -63,13 +67,14 @@ impl Reference {
         match self {
             Reference::Torchvision => "torchvision",
             Reference::Dali => "dali",
+            Reference::DaliFixed => "dali-fixed",
         }
     }
 
     fn python(self) -> std::path::PathBuf {
         match self {
             Reference::Torchvision => crate::commands::default_python(),
-            Reference::Dali => match std::env::var_os("BYOL_DALI_PYTHON") {
+            Reference::Dali | Reference::DaliFixed => match std::env::var_os("BYOL_DALI_PYTHON") {
                 Some(p) => p.into(),
                 None => crate::commands::project_path(".venv-dali/bin/python"),
             },
@@ -88,7 +93,7 @@ impl Reference {
         byol: f64,
     ) -> Result<ReferenceRate> {
         let py = self.python();
-        if self == Reference::Dali && !py.exists() {
+        if self != Reference::Torchvision && !py.exists() {
             anyhow::bail!(
                 "DALI's Python {} is missing: `scripts/setup_dali` (or `make bench`) makes it",
                 py.display()
@@ -96,7 +101,7 @@ impl Reference {
         }
         let (script, threads_flag) = match self {
             Reference::Torchvision => ("torchvision_two_views.py", "--workers"),
-            Reference::Dali => ("dali_two_views.py", "--threads"),
+            Reference::Dali | Reference::DaliFixed => ("dali_two_views.py", "--threads"),
         };
         let script = byol_trainer::bench::reference_script(script);
         // The same settings on both sides: the augmentation as JSON (AugmentConfig's
@@ -120,6 +125,10 @@ impl Reference {
             seconds.to_string().into(),
             "--json".into(),
         ];
+        let mut args = args;
+        if self == Reference::DaliFixed {
+            args.extend(["--jitter-order".into(), "fixed".into()]);
+        }
         let report = byol_trainer::bench::run_reference(&py, &script, &args);
         let _ = std::fs::remove_file(&settings);
         let report = report?;
