@@ -164,7 +164,11 @@ impl Augmenter {
         let size = self.cfg.size;
         let outs: Vec<Tensor> = views
             .iter()
-            .map(|_| Tensor::empty([b, 3, size, size], (Kind::Float, Device::Cpu)))
+            .map(|_| {
+                let t = Tensor::empty([b, 3, size, size], (Kind::Float, Device::Cpu));
+                advise_huge_pages(t.data_ptr() as *mut u8, 4 * t.numel());
+                t
+            })
             .collect();
         // Safety: `canvas` is a contiguous uint8 CPU tensor, read only; each output is a
         // fresh contiguous float32 CPU tensor nothing else references; all outlive the
@@ -199,6 +203,26 @@ impl Augmenter {
             .clamp(0.0, 255.0)
             .to_kind(Kind::Uint8)
     }
+}
+
+/// Asks the kernel for transparent huge pages under a fresh, untouched buffer of `len`
+/// bytes (Linux with THP in `madvise` mode, Debian's default): a batch of views (38 MB
+/// at batch 64 and 224 px, a fresh mapping each batch) is then faulted in 2 MiB at a
+/// time instead of 4 KiB. Advice only: without THP nothing changes.
+fn advise_huge_pages(ptr: *mut u8, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (ptr as usize).next_multiple_of(HUGE);
+        let end = (ptr as usize + len) / HUGE * HUGE;
+        if end > start {
+            // Safety: the range lies inside an allocation this caller owns; madvise only
+            // advises the kernel and never changes the memory's contents or validity.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (ptr, len);
 }
 
 /// The device views are made on: CUDA when available.
