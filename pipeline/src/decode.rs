@@ -57,6 +57,15 @@ pub fn decode_to_canvas(
         });
     }
     let (vh, vw) = canvas_fit(h, w, s);
+    let shrinks = img.rows() >= vh && img.cols() >= vw && (img.rows(), img.cols()) != (vh, vw);
+    let integer = is_area_fast(img.cols(), vw) && is_area_fast(img.rows(), vh);
+    if shrinks && !integer && img.typ() == opencv::core::CV_8UC3 && img.is_continuous() {
+        let px = img.data_bytes().map_err(cv_err)?;
+        let size = (img.rows() as usize, img.cols() as usize);
+        if area_fit_bgr_to_planes(px, size, (vh, vw), s, out) {
+            return Ok((vh, vw));
+        }
+    }
     let img = if (img.rows(), img.cols()) == (vh, vw) {
         img
     } else {
@@ -100,6 +109,152 @@ pub fn decode_to_canvas(
     Ok((vh as i32, vw as i32))
 }
 
+/// Whether OpenCV shrinks this axis by an integer factor, which it does with its own
+/// fast box filter (`is_area_fast` in imgproc/src/resize.cpp, with another rounding).
+fn is_area_fast(ssize: i32, dsize: i32) -> bool {
+    let scale = 1.0 / (dsize as f64 / ssize as f64);
+    (scale - scale.round()).abs() < f64::EPSILON
+}
+
+/// One axis of OpenCV's `INTER_AREA` shrink (`computeResizeAreaTab` in
+/// imgproc/src/resize.cpp): `(output index, source index, weight)` in OpenCV's order,
+/// each output covering `ssize / dsize` source pixels, partly covered ones weighed by
+/// their share.
+fn area_tab(ssize: usize, dsize: usize) -> Vec<(usize, usize, f32)> {
+    let scale = 1.0 / (dsize as f64 / ssize as f64);
+    let mut tab = Vec::with_capacity(2 * ssize + dsize);
+    for dx in 0..dsize {
+        let fsx1 = dx as f64 * scale;
+        let fsx2 = fsx1 + scale;
+        let cell = scale.min(ssize as f64 - fsx1);
+        let mut sx2 = fsx2.floor() as i64;
+        sx2 = sx2.min(ssize as i64 - 1);
+        let sx1 = (fsx1.ceil() as i64).min(sx2);
+        if sx1 as f64 - fsx1 > 1e-3 {
+            tab.push((dx, (sx1 - 1) as usize, ((sx1 as f64 - fsx1) / cell) as f32));
+        }
+        for sx in sx1..sx2 {
+            tab.push((dx, sx as usize, (1.0 / cell) as f32));
+        }
+        if fsx2 - sx2 as f64 > 1e-3 {
+            let a = (fsx2 - sx2 as f64).min(1.0).min(cell) / cell;
+            tab.push((dx, sx2 as usize, a as f32));
+        }
+    }
+    tab
+}
+
+/// Most source pixels an output of [`area_fit_bgr_to_planes`] covers along x: shrinks
+/// by less than 3 (JPEGs after DCT scaling always; larger factors go to OpenCV).
+const AREA_TAPS: usize = 4;
+
+/// One output of an area shrink along x: `n` consecutive sources from `start`, with
+/// their weights.
+#[derive(Clone, Copy, Default)]
+struct Span {
+    start: usize,
+    n: usize,
+    w: [f32; AREA_TAPS],
+}
+
+/// [`area_tab`] grouped by output, or `None` when an output covers more than
+/// [`AREA_TAPS`] sources.
+fn area_spans(ssize: usize, dsize: usize) -> Option<Vec<Span>> {
+    let mut spans = vec![Span::default(); dsize];
+    for (d, s, w) in area_tab(ssize, dsize) {
+        let span = &mut spans[d];
+        if span.n == 0 {
+            span.start = s;
+        }
+        debug_assert_eq!(span.start + span.n, s, "consecutive sources");
+        if span.n == AREA_TAPS {
+            return None;
+        }
+        span.w[span.n] = w;
+        span.n += 1;
+    }
+    Some(spans)
+}
+
+/// Rounds half to even, as `cvRound` does, for `0 ≤ v < 2²³`: adding and subtracting 2²³
+/// leaves the nearest integer (ties to even) under the default rounding mode.
+fn round_ties_even_small(v: f32) -> f32 {
+    const BIG: f32 = 8_388_608.0;
+    (v + BIG) - BIG
+}
+
+/// OpenCV's `INTER_AREA` shrink of a BGR image `[rows, cols, 3]` to `(vh, vw)`, written
+/// as RGB planes into the top-left of the canvas `out` `[3, S, S]` (the rest zeroed):
+/// the fit and the layout change in one pass, in OpenCV's float arithmetic and order
+/// (each source row summed along x, the rows then weighed along y; rounded half to
+/// even), so the pixels equal `cv::resize(INTER_AREA)`'s (tested). OpenCV's generic
+/// area path (fractional factors) was the loader's slowest step.
+///
+/// Returns false, writing nothing, when the shrink is 3× or more along x.
+fn area_fit_bgr_to_planes(
+    px: &[u8],
+    (rows, cols): (usize, usize),
+    (vh, vw): (i32, i32),
+    s: usize,
+    out: &mut [u8],
+) -> bool {
+    let (vh, vw) = (vh as usize, vw as usize);
+    let Some(xs) = area_spans(cols, vw) else {
+        return false;
+    };
+    let ytab = area_tab(rows, vh);
+    let mut buf = vec![0f32; vw * 3];
+    let mut sum = vec![0f32; vw * 3];
+    out.fill(0);
+    let plane = s * s;
+    let flush = |dy: usize, sum: &[f32], out: &mut [u8]| {
+        let (r, rest) = out.split_at_mut(plane);
+        let (g, b) = rest.split_at_mut(plane);
+        let row = dy * s..dy * s + vw;
+        for (((v, r), g), b) in sum
+            .chunks_exact(3)
+            .zip(&mut r[row.clone()])
+            .zip(&mut g[row.clone()])
+            .zip(&mut b[row])
+        {
+            let q = |x: f32| round_ties_even_small(x.clamp(0.0, 255.0)) as u8;
+            (*b, *g, *r) = (q(v[0]), q(v[1]), q(v[2]));
+        }
+    };
+    let mut prev = ytab.first().map_or(0, |t| t.0);
+    let mut summed = usize::MAX;
+    for &(dy, sy, beta) in &ytab {
+        // A source row shared by two outputs comes twice in a row: summed once.
+        if sy != summed {
+            let src = &px[sy * cols * 3..(sy + 1) * cols * 3];
+            for (o, sp) in buf.chunks_exact_mut(3).zip(&xs) {
+                let p = &src[sp.start * 3..(sp.start + sp.n) * 3];
+                let mut a = [0f32; 3];
+                for (p, &w) in p.chunks_exact(3).zip(&sp.w) {
+                    a[0] += p[0] as f32 * w;
+                    a[1] += p[1] as f32 * w;
+                    a[2] += p[2] as f32 * w;
+                }
+                o.copy_from_slice(&a);
+            }
+            summed = sy;
+        }
+        if dy != prev {
+            flush(prev, &sum, out);
+            for (s, &b) in sum.iter_mut().zip(&buf) {
+                *s = beta * b;
+            }
+            prev = dy;
+        } else {
+            for (s, &b) in sum.iter_mut().zip(&buf) {
+                *s += beta * b;
+            }
+        }
+    }
+    flush(prev, &sum, out);
+    true
+}
+
 /// Decode only (no fit, no canvas): for the benchmark's decode-only rate.
 ///
 /// # Errors
@@ -119,6 +274,81 @@ mod tests {
         assert_eq!(canvas_fit(28, 28, 32), (32, 32));
         assert_eq!(canvas_fit(10, 1000, 64), (1, 64));
         assert_eq!(canvas_fit(500, 375, 224), (224, 168));
+    }
+
+    /// The fused area fit equals OpenCV's `resize(INTER_AREA)` followed by the BGR →
+    /// RGB-planes copy, at fractional and unequal factors (integer ones stay OpenCV's).
+    #[test]
+    fn area_fit_equals_opencv_inter_area() {
+        use opencv::core::{Mat, MatTraitManual, Scalar, CV_8UC3};
+        let mut state = 12345u64;
+        for (rows, cols, s) in [
+            (375, 500, 256),
+            (500, 375, 256),
+            (512, 512, 256),
+            (300, 299, 256),
+            (1000, 10, 64),
+            (257, 700, 256),
+            (600, 700, 256),
+            (200, 800, 256),
+            (48, 40, 28),
+        ] {
+            let mut img =
+                Mat::new_rows_cols_with_default(rows, cols, CV_8UC3, Scalar::all(0.0)).unwrap();
+            for v in img.data_bytes_mut().unwrap() {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                *v = (state >> 56) as u8;
+            }
+            let (vh, vw) = canvas_fit(rows, cols, s);
+            if is_area_fast(cols, vw) && is_area_fast(rows, vh) {
+                // OpenCV's own fast path is used there.
+                assert_eq!((rows, cols), (512, 512));
+                continue;
+            }
+            let mut ours = vec![7u8; 3 * s * s];
+            let done = area_fit_bgr_to_planes(
+                img.data_bytes().unwrap(),
+                (rows as usize, cols as usize),
+                (vh, vw),
+                s,
+                &mut ours,
+            );
+            if !done {
+                // Outputs covering more than AREA_TAPS sources: left to OpenCV, untouched.
+                assert!(cols > 3 * vw && ours.iter().all(|&v| v == 7), "{rows}x{cols}");
+                continue;
+            }
+            let mut r = Mat::default();
+            imgproc::resize(
+                &img,
+                &mut r,
+                Size::new(vw, vh),
+                0.0,
+                0.0,
+                imgproc::INTER_AREA,
+            )
+            .unwrap();
+            let cv = r.data_bytes().unwrap();
+            let mut worst = 0i32;
+            let mut differ = 0usize;
+            for y in 0..s {
+                for x in 0..s {
+                    for c in 0..3 {
+                        let o = ours[(2 - c) * s * s + y * s + x] as i32;
+                        let want = if y < vh as usize && x < vw as usize {
+                            cv[(y * vw as usize + x) * 3 + c] as i32
+                        } else {
+                            0
+                        };
+                        worst = worst.max((o - want).abs());
+                        differ += usize::from(o != want);
+                    }
+                }
+            }
+            assert_eq!((worst, differ), (0, 0), "{rows}x{cols} -> {vh}x{vw}");
+        }
     }
 
     #[test]
