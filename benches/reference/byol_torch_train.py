@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from byol_torch import Lars, ResNet, mlp, train_step  # noqa: E402
-from torchvision_two_views import Shards, TwoViews, load_augment  # noqa: E402
+from byol_settings import load_augment  # noqa: E402
+from torchvision_two_views import Shards, TwoViews  # noqa: E402
 
 
 def views(c):

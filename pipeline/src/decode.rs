@@ -317,7 +317,10 @@ mod tests {
             );
             if !done {
                 // Outputs covering more than AREA_TAPS sources: left to OpenCV, untouched.
-                assert!(cols > 3 * vw && ours.iter().all(|&v| v == 7), "{rows}x{cols}");
+                assert!(
+                    cols > 3 * vw && ours.iter().all(|&v| v == 7),
+                    "{rows}x{cols}"
+                );
                 continue;
             }
             let mut r = Mat::default();

@@ -298,6 +298,17 @@ fn parameters_are_drawn_per_sample_not_per_batch() {
     }
 }
 
+/// A view whose samples take every op: jitter always, grayscale, blur and solarize often.
+fn every_op_view() -> ViewConfig {
+    ViewConfig {
+        jitter_p: 1.0,
+        grayscale_p: 0.3,
+        blur_p: 1.0,
+        solarize_p: 0.5,
+        ..ViewConfig::default()
+    }
+}
+
 /// Views cut and processed per sample straight from the uint8 canvas (the CPU's
 /// default) give the batched tensor path's values, bilinear and bicubic (whose taps
 /// past the valid region read its edge): both views with every op,
@@ -307,13 +318,7 @@ fn parameters_are_drawn_per_sample_not_per_batch() {
 /// normalisation, the float32 rounding of a different order of additions).
 #[test]
 fn fused_views_from_the_uint8_canvas_match_the_tensor_path() {
-    let all = ViewConfig {
-        jitter_p: 1.0,
-        grayscale_p: 0.3,
-        blur_p: 1.0,
-        solarize_p: 0.5,
-        ..ViewConfig::default()
-    };
+    let all = every_op_view();
     let cases = [
         (224, 256, 6, ViewConfig::default(), ViewConfig::byol_view2()),
         (64, 80, 24, all.clone(), ViewConfig::byol_view2()),
@@ -383,13 +388,7 @@ fn fused_views_from_the_uint8_canvas_match_the_tensor_path() {
 /// subset, at the ImageNet-style and the Fashion-MNIST-style size.
 #[test]
 fn fused_cpu_stages_match_the_tensor_path() {
-    let all = ViewConfig {
-        jitter_p: 1.0,
-        grayscale_p: 0.3,
-        blur_p: 1.0,
-        solarize_p: 0.5,
-        ..ViewConfig::default()
-    };
+    let all = every_op_view();
     let cases = [
         (
             64,
