@@ -20,7 +20,11 @@ def blur_kernel(a):
 
 def load_augment(path, size=None):
     """byol's augmentation settings: the JSON `byol bench augment` writes, else the defaults."""
-    a = json.load(open(path)) if path else json.loads(json.dumps(AUGMENT))
+    if path:
+        with open(path) as f:
+            a = json.load(f)
+    else:
+        a = json.loads(json.dumps(AUGMENT))
     if size:
         a["size"] = size
     return a

@@ -144,8 +144,9 @@ fn area_tab(ssize: usize, dsize: usize) -> Vec<(usize, usize, f32)> {
     tab
 }
 
-/// Most source pixels an output of [`area_fit_bgr_to_planes`] covers along x: shrinks
-/// by less than 3 (JPEGs after DCT scaling always; larger factors go to OpenCV).
+/// Most source pixels an output of [`area_fit_bgr_to_planes`] covers along x: every
+/// shrink up to 3× and some beyond (JPEGs after DCT scaling always shrink by less than
+/// 2×); larger ones go to OpenCV.
 const AREA_TAPS: usize = 4;
 
 /// One output of an area shrink along x: `n` consecutive sources from `start`, with
@@ -190,7 +191,8 @@ fn round_ties_even_small(v: f32) -> f32 {
 /// even), so the pixels equal `cv::resize(INTER_AREA)`'s (tested). OpenCV's generic
 /// area path (fractional factors) was the loader's slowest step.
 ///
-/// Returns false, writing nothing, when the shrink is 3× or more along x.
+/// Returns false, writing nothing, when an output covers more than [`AREA_TAPS`]
+/// source pixels along x (shrinks beyond about 3×).
 fn area_fit_bgr_to_planes(
     px: &[u8],
     (rows, cols): (usize, usize),

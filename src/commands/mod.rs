@@ -34,13 +34,13 @@ pub fn default_python() -> PathBuf {
 }
 
 /// `rel` inside the checkout this binary was built in (`target/release/byol` → the
-/// folder holding `target/`), else relative to the working directory.
+/// folder holding `target/` and `Cargo.toml`), else relative to the working directory.
 pub fn project_path(rel: &str) -> PathBuf {
     std::env::current_exe()
         .ok()
-        .and_then(|e| e.parent()?.parent()?.parent().map(|p| p.join(rel)))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from(rel))
+        .and_then(|e| e.parent()?.parent()?.parent().map(PathBuf::from))
+        .filter(|root| root.join("Cargo.toml").exists())
+        .map_or_else(|| PathBuf::from(rel), |root| root.join(rel))
 }
 
 /// A duration such as `20m`, `1h30m` or `90s` (humantime's syntax), in seconds.

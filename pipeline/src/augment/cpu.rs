@@ -14,11 +14,13 @@
 //!
 //! The arithmetic is the tensor path's, step for step, in float32: the same sampling
 //! positions and weights as libtorch's `grid_sampler_2d` (bilinear or bicubic,
-//! `align_corners=False`, border padding), the same colour formulas and clamps, the same normalisation. Only the
-//! order of additions differs (the bilinear weights applied along x first, the contrast
-//! mean, the blur taps) and blur taps under 1e-9 are skipped, so the two agree to about
-//! 2e-6 in [0, 1] (tests hold them to 2e-5 after normalisation). Every loop runs over contiguous `f32` lanes without
-//! branches on pixel values, so the compiler vectorises it for the CPU's SIMD width.
+//! `align_corners=False`, border padding), the same colour formulas and clamps, the
+//! same normalisation. What differs: the order of additions (the crop's weights applied
+//! along x first, the contrast mean, the blur taps), the crop interpolating the uint8
+//! values and then multiplying by 1/255 (the tensor path divides first), and blur taps
+//! under 1e-9 skipped; so the two agree to about 2e-6 in [0, 1] (tests hold them to 2e-5
+//! after normalisation). Every loop runs over contiguous `f32` lanes without branches on
+//! pixel values, so the compiler vectorises it for the CPU's SIMD width.
 
 use super::params::{axis_coords, gaussian_kernel1d, AugmentConfig, Interpolation, ViewParams};
 
@@ -588,7 +590,9 @@ pub struct ViewOut<'a> {
 /// (height, width) from the top-left; each view's `out`: `[B, 3, size, size]`.
 ///
 /// # Panics
-/// Lengths that do not match those shapes, or parameters for another batch size.
+/// Lengths that do not match those shapes, parameters for another batch size, an empty
+/// canvas or view, or a blur kernel whose half is not smaller than the view (reflect
+/// padding needs it).
 pub fn views_from_canvas(
     (canvas, valid): (&[u8], &[(i32, i32)]),
     s: usize,
@@ -597,6 +601,15 @@ pub fn views_from_canvas(
     threads: usize,
 ) {
     let size = cfg.size as usize;
+    assert!(
+        s > 0 && size > 0,
+        "canvas {s} and view {size} must not be empty"
+    );
+    assert!(
+        (cfg.blur_kernel() as usize) / 2 < size,
+        "blur kernel {} too large for {size}-px views",
+        cfg.blur_kernel()
+    );
     let per_in = 3 * s * s;
     let b = canvas.len() / per_in;
     assert_eq!(b * per_in, canvas.len());
@@ -624,6 +637,8 @@ pub fn views_from_canvas(
         bicubic: cfg.interpolation == Interpolation::Bicubic,
     };
     let avx2 = uses_avx2();
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = avx2;
     std::thread::scope(|scope| {
         for (t, mut outs) in parts.into_iter().enumerate() {
             let canvas = &canvas[t * chunk * per_in..((t + 1) * chunk).min(b) * per_in];

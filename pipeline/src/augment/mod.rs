@@ -7,8 +7,9 @@
 //!
 //! 1. random resized crop inside each sample's valid region (torchvision's
 //!    `RandomResizedCrop.get_params`: 10 tries, then the centre-crop fallback) and
-//!    horizontal flip, for the whole batch in one `grid_sample` (bilinear by default,
-//!    bicubic selectable; no antialiasing, i.e. `antialias=False`);
+//!    horizontal flip, `grid_sample`'s sampling (bilinear by default, bicubic
+//!    selectable; no antialiasing, i.e. `antialias=False`): one batched op on a GPU,
+//!    per sample from the uint8 canvas on the CPU;
 //! 2. colour jitter with probability p: brightness, contrast, saturation, hue, factors
 //!    and the order of the four drawn per sample;
 //! 3. grayscale with probability p;
@@ -19,8 +20,8 @@
 //!
 //! Modules: [`params`] draws every per-sample parameter (pure Rust); [`tensor`] applies
 //! them as batched tch ops on any device; [`cpu`] makes each sample's views fused on
-//! the CPU, straight from its uint8 canvas (bilinear) or from the tensor path's crops
-//! (bicubic). [`Augmenter`] chooses between the paths.
+//! the CPU, straight from its uint8 canvas (bilinear or bicubic), or runs the colour
+//! stages alone on float crops ([`apply_view`]). [`Augmenter`] chooses between the paths.
 
 pub mod cpu;
 pub mod params;
@@ -35,8 +36,9 @@ use tch::{Device, Kind, Tensor};
 #[derive(Debug, Clone)]
 pub struct Augmenter {
     pub cfg: AugmentConfig,
-    /// On the CPU, run the colour stages fused per sample (the default; false: the
-    /// batched tensor ops every device uses, for comparison).
+    /// On the CPU, make each view per sample from the uint8 canvas, crop included
+    /// ([`cpu::views_from_canvas`], the default); false: the batched tensor ops every
+    /// device uses, for comparison.
     pub fused_cpu: bool,
 }
 
@@ -162,6 +164,13 @@ impl Augmenter {
         let (b, s) = (sz[0], sz[3] as usize);
         assert_eq!((sz[1], sz[2]), (3, sz[3]), "canvases are [B, 3, S, S]");
         let size = self.cfg.size;
+        if b == 0 || size == 0 {
+            // No storage to hand out as slices (an empty tensor's data pointer is null).
+            return views
+                .iter()
+                .map(|_| Tensor::empty([b, 3, size, size], (Kind::Float, Device::Cpu)))
+                .collect();
+        }
         let outs: Vec<Tensor> = views
             .iter()
             .map(|_| {
@@ -250,7 +259,12 @@ pub fn apply_view_with(
 ) -> Tensor {
     let x = resized_crop_flip(img, &p.boxes, &p.flips, cfg.size, cfg.interpolation);
     let k = cfg.blur_kernel();
-    if fused_cpu && x.device() == Device::Cpu && x.kind() == Kind::Float && k / 2 < cfg.size {
+    if fused_cpu
+        && x.device() == Device::Cpu
+        && x.kind() == Kind::Float
+        && k / 2 < cfg.size
+        && x.numel() > 0
+    {
         let x = x.contiguous();
         let n = x.numel();
         let s = cfg.size as usize;

@@ -31,9 +31,46 @@ pub struct AugmentBench {
     pub decode_threads: Option<usize>,
     /// Share of the time the augmentation waited for the loader.
     pub data_stall: Option<f64>,
+    /// libtorch's intra-op threads, which make the views on the CPU (`--threads`).
+    pub view_threads: usize,
     /// With `--reference`: the same two views made by other tools from the same shards,
     /// with the same thread count, measured after byol in the same run.
     pub references: Vec<ReferenceRate>,
+}
+
+/// Restricts this process (and the reference scripts it starts, which inherit it) to
+/// `n` of the cores it may run on, so that every tool of a comparison gets the same
+/// cores; returns how many it runs on.
+///
+/// # Errors
+/// The affinity cannot be read or set.
+pub fn pin_to_cores(n: usize) -> Result<usize> {
+    // Safety: a zeroed cpu_set_t is a valid empty set; the calls only read and write it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        anyhow::ensure!(
+            libc::sched_getaffinity(0, size, &mut set) == 0,
+            "reading the CPU affinity: {}",
+            std::io::Error::last_os_error()
+        );
+        let allowed: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect();
+        if n == 0 || n >= allowed.len() {
+            return Ok(allowed.len());
+        }
+        let mut pinned: libc::cpu_set_t = std::mem::zeroed();
+        for &c in &allowed[..n] {
+            libc::CPU_SET(c, &mut pinned);
+        }
+        anyhow::ensure!(
+            libc::sched_setaffinity(0, size, &pinned) == 0,
+            "pinning to {n} cores: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(n)
+    }
 }
 
 /// Another tool's two-view rate on the same data, threads, batch and size.
@@ -71,34 +108,39 @@ impl Reference {
         }
     }
 
-    fn python(self) -> std::path::PathBuf {
+    /// The interpreter that runs this tool's script.
+    ///
+    /// # Errors
+    /// DALI's default `.venv-dali` is missing (says how to make it).
+    pub fn python(self) -> Result<std::path::PathBuf> {
         match self {
-            Reference::Torchvision => crate::commands::default_python(),
-            Reference::Dali | Reference::DaliFixed => match std::env::var_os("BYOL_DALI_PYTHON") {
-                Some(p) => p.into(),
-                None => crate::commands::project_path(".venv-dali/bin/python"),
-            },
+            Reference::Torchvision => Ok(crate::commands::default_python()),
+            Reference::Dali | Reference::DaliFixed => {
+                if let Some(p) = std::env::var_os("BYOL_DALI_PYTHON") {
+                    return Ok(p.into());
+                }
+                let py = crate::commands::project_path(".venv-dali/bin/python");
+                anyhow::ensure!(
+                    py.exists(),
+                    "DALI's Python {} is missing: `scripts/setup_dali` (or `make bench`) makes it, or set BYOL_DALI_PYTHON",
+                    py.display()
+                );
+                Ok(py)
+            }
         }
     }
 
     /// Runs this tool on `data` with `threads` threads; `byol` is byol's images/s.
     ///
     /// # Errors
-    /// Its interpreter is missing (DALI: says to run `make bench` or
-    /// `scripts/setup_dali`), or the script fails.
+    /// Its interpreter is missing (see [`Reference::python`]), or the script fails.
     pub fn measure(
         self,
         data: &Path,
         (batch, cfg, threads, seconds): (usize, &AugmentConfig, usize, f64),
         byol: f64,
     ) -> Result<ReferenceRate> {
-        let py = self.python();
-        if self != Reference::Torchvision && !py.exists() {
-            anyhow::bail!(
-                "DALI's Python {} is missing: `scripts/setup_dali` (or `make bench`) makes it",
-                py.display()
-            );
-        }
+        let py = self.python()?;
         let (script, threads_flag) = match self {
             Reference::Torchvision => ("torchvision_two_views.py", "--workers"),
             Reference::Dali | Reference::DaliFixed => ("dali_two_views.py", "--threads"),
@@ -210,6 +252,7 @@ pub fn bench_synthetic(
         data: None,
         decode_threads: None,
         data_stall: None,
+        view_threads: tch::get_num_threads() as usize,
         references: Vec::new(),
     })
 }
@@ -284,6 +327,7 @@ pub fn bench_data(
         data: Some(data.display().to_string()),
         decode_threads: Some(threads),
         data_stall: Some(stall),
+        view_threads: tch::get_num_threads() as usize,
         references: Vec::new(),
     })
 }

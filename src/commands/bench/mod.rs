@@ -44,6 +44,8 @@ pub enum BenchCmd {
         /// (e.g. a preset in configs/) [default: BYOL's settings at 224 px].
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Override a value of --config, e.g. --set augment.interpolation=bicubic
+        /// (repeatable).
         #[arg(long = "set", requires = "config")]
         sets: Vec<String>,
         #[arg(long, default_value_t = 256)]
@@ -56,8 +58,8 @@ pub enum BenchCmd {
         canvas: Option<usize>,
         #[arg(long)]
         data: Option<PathBuf>,
-        /// Decode threads with --data [default: all cores]; also the references'
-        /// threads (DALI's num_threads, torchvision's DataLoader workers).
+        /// Threads [default: all cores]: byol's decode threads (with --data) and the
+        /// views' threads, DALI's num_threads, torchvision's DataLoader workers.
         #[arg(long)]
         threads: Option<usize>,
         #[arg(long, default_value_t = 20.0)]
@@ -217,6 +219,14 @@ fn augment(
     use augment::bench_data;
     use augment::bench_synthetic;
     let threads = threads.unwrap_or_else(byol_format::cores);
+    // The views' threads too; and the same cores for every tool: byol's decode and view
+    // threads run side by side, so the fair unit is the core, not the thread.
+    tch::set_num_threads(threads as i32);
+    let cpus = augment::pin_to_cores(threads)?;
+    // Every reference's interpreter is there before byol's own measurement.
+    for reference in references {
+        reference.python()?;
+    }
     let mut r = match &data {
         #[cfg(feature = "opencv")]
         Some(d) => bench_data(d, batch, canvas, threads, seconds, cfg.clone())?,
@@ -236,7 +246,7 @@ fn augment(
     }
     emit(json, &r, || {
         let mut out = format!(
-            "{:.0} images/s ({:.0} views/s) on {}, batch {}, canvas {} -> {}{}\n",
+            "{:.0} images/s ({:.0} views/s) on {} ({cpus} cores), batch {}, canvas {} -> {}{}\n",
             r.images_per_s,
             r.views_per_s,
             r.device,

@@ -366,6 +366,19 @@ impl TrainConfig {
                 format!("crop_ratio {:?}", v.crop_ratio),
                 "crop_ratio must be [min, max] with 0 < min ≤ max",
             )?;
+            // torchvision's ColorJitter ranges: hue in [0, 0.5], the others ≥ 0.
+            check(
+                within(v.hue, 0.0, 0.5)
+                    && [v.brightness, v.contrast, v.saturation]
+                        .iter()
+                        .all(|&f| within(f, 0.0, f64::MAX)),
+                key,
+                format!(
+                    "brightness {}, contrast {}, saturation {}, hue {}",
+                    v.brightness, v.contrast, v.saturation, v.hue
+                ),
+                "jitter strengths must be ≥ 0, hue at most 0.5 (torchvision's ColorJitter)",
+            )?;
         }
         Ok(())
     }
@@ -465,6 +478,11 @@ mod tests {
         );
         let e = refused("", &["augment.view1.crop_scale=[0.9, 0.2]"]);
         assert!(e.contains("crop_scale"), "{e}");
+        // Regression: a hue above torchvision's 0.5 gave wrong CPU views silently.
+        let e = refused("", &["augment.view2.hue=0.7"]);
+        assert!(e.contains("augment.view2") && e.contains("hue 0.7"), "{e}");
+        let e = refused("", &["augment.view1.brightness=-0.1"]);
+        assert!(e.contains("brightness -0.1"), "{e}");
         // Defaults and the shipped presets load.
         TrainConfig::from_toml("", &[]).expect("defaults are valid");
         for f in ["fmnist", "imagenet-resnet50", "imagenet100-resnet18"] {
