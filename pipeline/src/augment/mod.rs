@@ -164,13 +164,6 @@ impl Augmenter {
         let (b, s) = (sz[0], sz[3] as usize);
         assert_eq!((sz[1], sz[2]), (3, sz[3]), "canvases are [B, 3, S, S]");
         let size = self.cfg.size;
-        if b == 0 || size == 0 {
-            // No storage to hand out as slices (an empty tensor's data pointer is null).
-            return views
-                .iter()
-                .map(|_| Tensor::empty([b, 3, size, size], (Kind::Float, Device::Cpu)))
-                .collect();
-        }
         let outs: Vec<Tensor> = views
             .iter()
             .map(|_| {
@@ -179,6 +172,10 @@ impl Augmenter {
                 t
             })
             .collect();
+        if b == 0 || size == 0 {
+            // No storage to hand out as slices (an empty tensor's data pointer is null).
+            return outs;
+        }
         // Safety: `canvas` is a contiguous uint8 CPU tensor, read only; each output is a
         // fresh contiguous float32 CPU tensor nothing else references; all outlive the
         // call, and the slices cover exactly their storage.
